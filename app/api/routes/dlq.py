@@ -1,0 +1,62 @@
+"""/v1/dlq: the dead-letter queue: list, replay (one, many, by filter), remove."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Response
+
+from app.api.deps import AdminDep, DispatcherDep, PrincipalDep, SessionDep
+from app.api.routes.jobs import ERRORS
+from app.jobs import queries, service
+from app.jobs.queries import Cursor, JobFilter
+from app.jobs.schemas import QUEUE_PATTERN, TYPE_PATTERN, Job, JobPage, ReplayRequest, ReplayResult
+
+router = APIRouter(prefix="/v1/dlq", tags=["dead-letter queue"])
+
+
+@router.get("", responses=ERRORS)
+async def list_dead(
+    session: SessionDep,
+    principal: PrincipalDep,
+    queue: Annotated[str | None, Query(pattern=QUEUE_PATTERN)] = None,
+    type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobPage:
+    """Dead jobs with their full error history, most recently dead first."""
+    owner = None if principal.admin else principal.name
+    f = JobFilter(type=type, queue=queue, owner=owner)
+    rows, nxt = await queries.list_dead(
+        session, f, limit, Cursor.decode(cursor) if cursor else None
+    )
+    return JobPage(
+        items=[Job.model_validate(r) for r in rows], next_cursor=nxt.encode() if nxt else None
+    )
+
+
+@router.post("/replay", status_code=202, responses=ERRORS)
+async def replay_many(
+    body: ReplayRequest, session: SessionDep, dispatcher: DispatcherDep, principal: AdminDep
+) -> ReplayResult:
+    """Replay dead jobs by `ids`, or all matching `type` and/or `queue`."""
+    n = await service.replay_many(
+        session, dispatcher, principal, ids=body.ids, type=body.type, queue=body.queue
+    )
+    return ReplayResult(replayed=n)
+
+
+@router.post("/{job_id}/replay", status_code=202, responses=ERRORS)
+async def replay_one(
+    job_id: UUID, session: SessionDep, dispatcher: DispatcherDep, principal: AdminDep
+) -> Job:
+    """Queue a dead job again: attempts back to 0, error history kept."""
+    return Job.model_validate(await service.replay_one(session, dispatcher, job_id, principal))
+
+
+@router.delete("/{job_id}", status_code=204, responses=ERRORS)
+async def remove(job_id: UUID, session: SessionDep, principal: AdminDep) -> Response:
+    """Take a job out of the DLQ; it stays `dead`."""
+    await service.remove_from_dlq(session, job_id, principal)
+    return Response(status_code=204)

@@ -1,0 +1,121 @@
+"""/v1/jobs: submit, batch submit, read, list, cancel, history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Query, Response
+
+from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep
+from app.jobs import queries, service
+from app.jobs.queries import Cursor, JobFilter
+from app.jobs.schemas import (
+    QUEUE_PATTERN,
+    TYPE_PATTERN,
+    ErrorBody,
+    Job,
+    JobBatch,
+    JobBatchCreate,
+    JobCreate,
+    JobEventOut,
+    JobPage,
+)
+from app.jobs.status import JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody},
+    403: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    409: {"model": ErrorBody},
+    413: {"model": ErrorBody},
+    415: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+    429: {"model": ErrorBody},
+    503: {"model": ErrorBody},
+}
+IdempotencyHeader = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+]
+
+
+@router.post(
+    "",
+    status_code=202,
+    responses={200: {"model": Job, "description": "Repeat of an idempotent request"}, **ERRORS},
+)
+async def submit_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+    registry: RegistryDep,
+    principal: PrincipalDep,
+    idempotency_key: IdempotencyHeader = None,
+) -> Job:
+    """Submit one job. A repeat with the same idempotency key and request returns 200."""
+    if idempotency_key is not None and body.idempotency_key is None:
+        body = body.model_copy(update={"idempotency_key": idempotency_key})
+    [done] = await service.submit(session, dispatcher, registry, [body], principal)
+    response.status_code = 202 if done.created else 200
+    response.headers["Location"] = f"/v1/jobs/{done.job.id}"
+    return Job.model_validate(done.job)
+
+
+@router.post("/batch", status_code=202, responses=ERRORS)
+async def submit_batch(
+    body: JobBatchCreate,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+    registry: RegistryDep,
+    principal: PrincipalDep,
+) -> JobBatch:
+    """Submit up to 1000 jobs at once: all are created, or none (422 names each bad index)."""
+    done = await service.submit(session, dispatcher, registry, body.jobs, principal)
+    return JobBatch(jobs=[Job.model_validate(d.job) for d in done])
+
+
+@router.get("", responses=ERRORS)
+async def list_jobs(
+    session: SessionDep,
+    principal: PrincipalDep,
+    status: JobStatus | None = None,
+    type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
+    queue: Annotated[str | None, Query(pattern=QUEUE_PATTERN)] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobPage:
+    """Jobs newest first, filtered; follow `next_cursor` for the next page."""
+    owner = None if principal.admin else principal.name
+    f = JobFilter(status, type, queue, created_after, created_before, owner)
+    rows, nxt = await queries.list_jobs(
+        session, f, limit, Cursor.decode(cursor) if cursor else None
+    )
+    return JobPage(
+        items=[Job.model_validate(r) for r in rows], next_cursor=nxt.encode() if nxt else None
+    )
+
+
+@router.get("/{job_id}", responses=ERRORS)
+async def get_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) -> Job:
+    return Job.model_validate(await service.get(session, job_id, principal))
+
+
+@router.post("/{job_id}/cancel", responses=ERRORS)
+async def cancel_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) -> Job:
+    """Cancel a queued, scheduled or retrying job. Running or finished jobs give 409."""
+    return Job.model_validate(await service.cancel(session, job_id, principal))
+
+
+@router.get("/{job_id}/events", responses=ERRORS)
+async def job_events(
+    job_id: UUID, session: SessionDep, principal: PrincipalDep
+) -> list[JobEventOut]:
+    """Every transition of the job, oldest first."""
+    await service.get(session, job_id, principal)
+    return [JobEventOut.model_validate(e) for e in await queries.events(session, job_id)]

@@ -1,0 +1,119 @@
+"""Operations: queues, workers, job types, health, readiness, metrics, dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+
+from fastapi import APIRouter, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+from sqlalchemy import text
+
+from app.api.deps import PrincipalDep, SessionDep, StateDep
+from app.api.routes.jobs import ERRORS
+from app.jobs import queries
+from app.jobs.schemas import (
+    Health,
+    JobTypeList,
+    JobTypeOut,
+    QueueList,
+    QueueStats,
+    WorkerList,
+    WorkerOut,
+)
+from app.metrics import render_metrics
+
+router = APIRouter(tags=["operations"])
+READY_TIMEOUT = 1.5
+
+
+@router.get("/v1/queues", responses=ERRORS)
+async def queues(session: SessionDep, state: StateDep, principal: PrincipalDep) -> QueueList:
+    """Per queue: waiting, running, scheduled, retrying and dead counts, and stream pending."""
+    counts = await queries.queue_counts(session)
+    names = sorted(counts)
+    keys, partitions = state.stream.keys, state.settings.partitions
+    pending = await state.stream.pending_counts(
+        [s for q in names for s in keys.queue_streams(q, partitions)]
+    )
+    per_queue = len(keys.queue_streams("x", partitions))
+    items = []
+    for i, name in enumerate(names):
+        c = counts[name]
+        items.append(
+            QueueStats(
+                queue=name,
+                waiting=c.get("queued", 0),
+                running=c.get("running", 0),
+                scheduled=c.get("scheduled", 0),
+                retrying=c.get("retrying", 0),
+                dead=c.get("dead", 0),
+                pending=sum(pending[i * per_queue : (i + 1) * per_queue]),
+            )
+        )
+    return QueueList(items=items)
+
+
+@router.get("/v1/workers", responses=ERRORS)
+async def workers(session: SessionDep, state: StateDep, principal: PrincipalDep) -> WorkerList:
+    """Workers whose heartbeat is recent."""
+    rows = await queries.live_workers(session, state.settings.claim_idle_seconds)
+    return WorkerList(items=[WorkerOut.model_validate(r) for r in rows])
+
+
+@router.get("/v1/job-types", responses=ERRORS)
+async def job_types(state: StateDep, principal: PrincipalDep) -> JobTypeList:
+    """Every registered job type with the JSON Schema its payload must match."""
+    return JobTypeList(
+        items=[
+            JobTypeOut(
+                name=t.name,
+                description=t.description,
+                timeout_seconds=t.timeout_seconds,
+                payload_schema=t.json_schema(),
+            )
+            for t in state.registry.all()
+        ]
+    )
+
+
+@router.get("/healthz")
+async def healthz() -> Health:
+    """The process is up."""
+    return Health(status="ok")
+
+
+async def _check(coro_factory: object) -> bool:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await coro_factory  # type: ignore[misc]
+        return True
+    except Exception:
+        return False
+
+
+@router.get("/readyz", responses={503: {"model": Health}})
+async def readyz(state: StateDep) -> Response:
+    """200 when Postgres and Redis both answer; 503 otherwise."""
+
+    async def pg() -> None:
+        async with state.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    postgres, redis = await asyncio.gather(_check(pg()), _check(state.stream.ping()))
+    ok = postgres and redis
+    body = Health(status="ok" if ok else "unavailable", postgres=postgres, redis=redis)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(session: SessionDep) -> Response:
+    """Prometheus text format."""
+    body, content_type = render_metrics(await queries.queue_counts(session))
+    return Response(body, media_type=content_type)
+
+
+@router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+async def dashboard() -> HTMLResponse:
+    page = resources.files("app").joinpath("ui", "index.html").read_text()
+    return HTMLResponse(page)

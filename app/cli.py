@@ -1,0 +1,90 @@
+"""The ``conveyor`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from app.settings import get_settings
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from alembic import command
+    from alembic.config import Config
+
+    import migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["database_url"] = get_settings().database_url
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+    print("migrations applied")
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        timeout_graceful_shutdown=10,
+        log_level=get_settings().log_level.lower(),
+        server_header=False,
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from workers.__main__ import run_worker
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    return run_worker(queues, args.concurrency, args.name)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from app.dev import run_dev
+
+    return run_dev(args.host, args.port, args.data_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dev", help="run everything locally with embedded Redis and Postgres")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=_dev)
+
+    p = sub.add_parser("migrate", help="apply database migrations (idempotent)")
+    p.set_defaults(func=_migrate)
+
+    p = sub.add_parser("api", help="run the HTTP gateway")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=_api)
+
+    p = sub.add_parser("worker", help="run one worker process")
+    p.add_argument("--queues", default="default")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--name", default=None)
+    p.set_defaults(func=_worker)
+
+    from app.operator import add_operator_commands
+
+    add_operator_commands(sub)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

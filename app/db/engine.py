@@ -1,0 +1,35 @@
+"""Engine and session factory. One pool per process; nothing is created at import time."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from app.settings import Settings
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """A pool with a short checkout timeout so overload turns into 503s, not 30 s hangs."""
+    connect_args: dict[str, object] = {"timeout": 5, "command_timeout": 30}
+    if settings.db_statement_timeout_ms:
+        connect_args["server_settings"] = {
+            "statement_timeout": str(settings.db_statement_timeout_ms),
+            "application_name": "conveyor",
+        }
+    return create_async_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args=connect_args,
+    )
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)

@@ -1,0 +1,155 @@
+"""ORM models. Postgres is the record: every job state lives here, never only in Redis."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Json = dict[str, Any]
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+TERMINAL_SQL = "('succeeded', 'dead', 'cancelled')"
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    type: Mapped[str] = mapped_column(Text)
+    queue: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, server_default="0")
+    payload: Mapped[Json] = mapped_column(JSONB)
+    result: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default="3")
+    errors: Mapped[list[Json]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    idempotency_scope: Mapped[str] = mapped_column(Text, server_default="")
+    request_hash: Mapped[str | None] = mapped_column(Text, nullable=True)
+    owner: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dlq_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('scheduled', 'queued', 'running', 'retrying', 'succeeded', 'dead',"
+            " 'cancelled')",
+            name="status_valid",
+        ),
+        CheckConstraint(
+            f"(finished_at IS NOT NULL) = (status IN {TERMINAL_SQL})", name="finished_iff_terminal"
+        ),
+        CheckConstraint("attempts >= 0 AND max_attempts BETWEEN 1 AND 100", name="attempts_range"),
+        Index(
+            "uq_jobs_idempotency",
+            "idempotency_scope",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        # Listing, newest first, with optional filters.
+        Index("ix_jobs_created", text("created_at DESC"), text("id DESC")),
+        Index("ix_jobs_status_created", "status", text("created_at DESC"), text("id DESC")),
+        Index("ix_jobs_queue_created", "queue", text("created_at DESC"), text("id DESC")),
+        Index("ix_jobs_type_created", "type", text("created_at DESC"), text("id DESC")),
+        # Queue stats over the non-finished rows only.
+        Index(
+            "ix_jobs_open",
+            "queue",
+            "status",
+            postgresql_where=text("status NOT IN ('succeeded', 'cancelled')"),
+        ),
+        # Maintenance: promotion, re-dispatch, lease expiry.
+        Index("ix_jobs_scheduled_due", "run_at", postgresql_where=text("status = 'scheduled'")),
+        Index(
+            "ix_jobs_retrying_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'retrying'"),
+        ),
+        Index(
+            "ix_jobs_undispatched",
+            "enqueued_at",
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+        ),
+        Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        Index(
+            "ix_jobs_dlq",
+            text("finished_at DESC"),
+            text("id DESC"),
+            postgresql_where=text("status = 'dead' AND dlq_removed_at IS NULL"),
+        ),
+    )
+
+
+class JobEventRow(Base):
+    """Append-only history of every transition, written in the transition's own statement."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    event: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(Text, nullable=True)
+    actor: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (Index("ix_job_events_job", "job_id", "id"),)
+
+
+class WorkerRow(Base):
+    """Live workers, refreshed by each worker's heartbeat."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    concurrency: Mapped[int] = mapped_column(Integer)
+    in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_seen_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )

@@ -1,0 +1,77 @@
+"""The domain error tree. The API maps each class to one status code (``app/api/errors.py``).
+
+::
+
+    ConveyorError
+    ├── NotFound                 404  unknown job / not in the DLQ
+    ├── InvalidInput             422  unknown type, payload failing its schema, bad filter
+    ├── Conflict                 409  idempotency key reused with another request,
+    │                                 cancel of a running or finished job
+    ├── Unauthenticated          401  missing or unknown API key
+    ├── Forbidden                403  key lacks the role for the operation
+    ├── PayloadTooLarge          413
+    ├── UnsupportedMediaType     415
+    ├── RateLimited              429  carries ``retry_after``
+    └── Unavailable              503  Postgres or Redis unreachable; nothing was written
+
+    PermanentError               raised by a handler: fail the job now, skip remaining attempts
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConveyorError(Exception):
+    """Base of every error the API turns into a 4xx/503 response."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class NotFound(ConveyorError):
+    code = "not_found"
+
+
+class InvalidInput(ConveyorError):
+    code = "invalid"
+
+
+class Conflict(ConveyorError):
+    code = "conflict"
+
+
+class Unauthenticated(ConveyorError):
+    code = "unauthenticated"
+
+
+class Forbidden(ConveyorError):
+    code = "forbidden"
+
+
+class PayloadTooLarge(ConveyorError):
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ConveyorError):
+    code = "unsupported_media_type"
+
+
+class RateLimited(ConveyorError):
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(ConveyorError):
+    code = "unavailable"
+
+
+class PermanentError(Exception):
+    """Raise from a handler to fail the job at once, without further attempts."""

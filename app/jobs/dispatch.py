@@ -1,0 +1,109 @@
+"""Sending queued jobs to their streams, and confirming that they were sent.
+
+Postgres commits first; then the entry is XADDed; then ``dispatched_at`` is set. A crash between
+any two steps leaves ``dispatched_at`` NULL, and the dispatcher sweep sends the job again after a
+grace period. Two entries for one job are harmless: only one claim can move it to ``running``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from uuid import UUID
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.jobs import repository
+from app.jobs.repository import Target
+from app.streams.client import StreamClient
+from app.streams.keys import band_for, partition_for
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        stream: StreamClient,
+        sessions: async_sessionmaker[AsyncSession],
+        partitions: int,
+        *,
+        confirm_interval: float = 0.05,
+    ) -> None:
+        self.stream = stream
+        self.sessions = sessions
+        self.partitions = partitions
+        self.confirm_interval = confirm_interval
+        self._unconfirmed: list[UUID] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def stream_of(self, target: Target) -> str:
+        return self.stream.keys.stream(
+            target.queue, partition_for(target.id, self.partitions), band_for(target.priority)
+        )
+
+    async def send(self, targets: Sequence[Target]) -> set[UUID]:
+        """XADD the entries; returns the ids sent (those over the stream bound wait)."""
+        if not targets:
+            return set()
+        return await self.stream.dispatch([(self.stream_of(t), t.id) for t in targets])
+
+    async def send_and_confirm(self, session: AsyncSession, targets: Sequence[Target]) -> int:
+        """Send jobs that were already ``queued`` when the caller's transaction began (and that
+        it holds locked), then mark them in that transaction."""
+        sent = await self.send(targets)
+        await repository.confirm_dispatched(session, list(sent))
+        return len(sent)
+
+    async def send_committed(self, targets: Sequence[Target]) -> int:
+        """Send jobs whose move to ``queued`` is committed, then confirm in a new transaction.
+
+        The commit must come first: a worker that reads the entry before the commit would
+        find the job not yet queued and drop the delivery.
+        """
+        sent = await self.send(targets)
+        if sent:
+            async with self.sessions.begin() as session:
+                await repository.confirm_dispatched(session, list(sent))
+        return len(sent)
+
+    async def send_after_commit(self, targets: Sequence[Target]) -> None:
+        """For the API: send now, confirm in the background in batches. Never raises."""
+        try:
+            sent = await self.send(targets)
+        except Exception as exc:  # Redis is down: the dispatcher sweep sends them later.
+            log.warning("dispatch deferred: %s (%d jobs)", type(exc).__name__, len(targets))
+            return
+        if sent:
+            self._unconfirmed.extend(sent)
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._confirm_loop(), name="dispatch-confirm")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._flush()
+
+    async def _confirm_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.confirm_interval)
+            try:
+                await self._flush()
+            except Exception as exc:  # Postgres is down: the sweep re-sends; duplicates are safe.
+                log.warning("dispatch confirmation failed: %s", type(exc).__name__)
+
+    async def _flush(self) -> None:
+        ids, self._unconfirmed = self._unconfirmed, []
+        if not ids:
+            return
+        async with self.sessions.begin() as session:
+            await repository.confirm_dispatched(session, ids)

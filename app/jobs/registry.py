@@ -1,0 +1,121 @@
+"""Job types: ``@job_type("demo.echo")`` ties a name to a payload model and an async handler.
+
+The API validates payloads with the model and publishes its JSON Schema; workers call the
+handler. Both load the same modules (``CONVEYOR_HANDLER_MODULES``), so they agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, get_type_hints
+from uuid import UUID
+
+from pydantic import BaseModel, ValidationError
+
+from app.errors import InvalidInput
+
+Json = Any
+PayloadT = TypeVar("PayloadT", bound=BaseModel)
+PayloadT_contra = TypeVar("PayloadT_contra", bound=BaseModel, contravariant=True)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a handler may know about the attempt it runs in."""
+
+    job_id: UUID
+    type: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    worker: str
+
+
+class Handler(Protocol[PayloadT_contra]):
+    def __call__(self, payload: PayloadT_contra, ctx: JobContext, /) -> Awaitable[Json]: ...
+
+
+@dataclass(frozen=True)
+class JobType:
+    name: str
+    model: type[BaseModel]
+    handler: Callable[[Any, JobContext], Awaitable[Json]]
+    timeout_seconds: float | None
+    description: str
+
+    def validate(self, payload: Any) -> BaseModel:
+        try:
+            return self.model.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidInput(
+                f"payload does not match the schema of {self.name!r}",
+                details=exc.errors(include_url=False, include_context=False),
+            ) from exc
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.model.model_json_schema()
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._types: dict[str, JobType] = {}
+
+    def register(self, job: JobType) -> None:
+        existing = self._types.get(job.name)
+        if existing is not None and existing.handler is not job.handler:
+            raise ValueError(f"job type {job.name!r} is registered twice")
+        self._types[job.name] = job
+
+    def get(self, name: str) -> JobType:
+        try:
+            return self._types[name]
+        except KeyError:
+            raise InvalidInput(
+                f"unknown job type {name!r}", details={"known": sorted(self._types)}
+            ) from None
+
+    def find(self, name: str) -> JobType | None:
+        return self._types.get(name)
+
+    def all(self) -> list[JobType]:
+        return [self._types[k] for k in sorted(self._types)]
+
+
+REGISTRY = Registry()
+
+
+def job_type(
+    name: str, *, timeout_seconds: float | None = None
+) -> Callable[[Handler[PayloadT]], Handler[PayloadT]]:
+    """Register an async handler whose first parameter is annotated with its payload model."""
+
+    def decorate(fn: Handler[PayloadT]) -> Handler[PayloadT]:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"handler of {name!r} must be an async function")
+        hints = get_type_hints(fn)
+        params = list(inspect.signature(fn).parameters)
+        model = hints.get(params[0]) if params else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"the first parameter of {name!r} needs a pydantic model annotation")
+        REGISTRY.register(
+            JobType(
+                name=name,
+                model=model,
+                handler=fn,
+                timeout_seconds=timeout_seconds,
+                description=inspect.getdoc(fn) or "",
+            )
+        )
+        return fn
+
+    return decorate
+
+
+def load_handlers(modules: Iterable[str]) -> Registry:
+    """Import the handler modules (the built-in ones always) and return the registry."""
+    for module in ("workers.handlers", *modules):
+        importlib.import_module(module)
+    return REGISTRY

@@ -1,0 +1,181 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from app.jobs.status import JobStatus
+
+QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+MAX_DELAY_SECONDS = 366 * 24 * 3600
+
+
+class JobCreate(BaseModel):
+    """A job to submit. `payload` must match the registered schema of `type`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"type": "demo.echo", "payload": {"hello": "world"}}]},
+    )
+
+    type: str = Field(pattern=TYPE_PATTERN, description="A registered job type.")
+    payload: dict[str, Any] = Field(default_factory=dict)
+    queue: str = Field(default="default", pattern=QUEUE_PATTERN)
+    priority: int = Field(
+        default=0,
+        ge=-1000,
+        le=1000,
+        description="Higher starts first. Bands: > 0 high, 0 default, < 0 low; FIFO within a band.",
+    )
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    run_at: AwareDatetime | None = Field(default=None, description="Not started before this.")
+    delay_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False
+    )
+    timeout_seconds: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> JobCreate:
+        if self.run_at is not None and self.delay_seconds is not None:
+            raise ValueError("give run_at or delay_seconds, not both")
+        return self
+
+
+class JobBatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobCreate] = Field(min_length=1, max_length=1000)
+
+
+class JobError(BaseModel):
+    """One failed attempt."""
+
+    attempt: int
+    error: str
+    at: datetime
+    type: str | None = None
+    traceback: str | None = None
+    worker: str | None = None
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: UUID
+    type: str
+    queue: str
+    status: JobStatus
+    priority: int
+    payload: dict[str, Any]
+    result: Any = None
+    attempts: int
+    max_attempts: int
+    errors: list[JobError]
+    idempotency_key: str | None
+    timeout_seconds: float | None = None
+    created_at: datetime
+    run_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_attempt_at: datetime | None
+
+
+class JobBatch(BaseModel):
+    jobs: list[Job]
+
+
+class JobPage(BaseModel):
+    items: list[Job]
+    next_cursor: str | None
+
+
+class JobEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    at: datetime
+    event: str
+    attempt: int
+    worker: str | None
+    actor: str | None
+
+
+class ReplayRequest(BaseModel):
+    """Replay dead jobs by ids, or every dead job matching a filter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[UUID] | None = Field(default=None, max_length=10000)
+    type: str | None = Field(default=None, pattern=TYPE_PATTERN)
+    queue: str | None = Field(default=None, pattern=QUEUE_PATTERN)
+
+    @model_validator(mode="after")
+    def _some_selector(self) -> ReplayRequest:
+        if self.ids is None and self.type is None and self.queue is None:
+            raise ValueError("give ids, or a type and/or queue filter")
+        return self
+
+
+class ReplayResult(BaseModel):
+    replayed: int
+
+
+class QueueStats(BaseModel):
+    queue: str
+    waiting: int
+    running: int
+    scheduled: int
+    retrying: int
+    dead: int
+    pending: int = Field(description="Stream entries delivered to a worker and not yet acked.")
+
+
+class QueueList(BaseModel):
+    items: list[QueueStats]
+
+
+class WorkerOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    in_flight: int
+    started_at: datetime
+    last_seen_at: datetime
+
+
+class WorkerList(BaseModel):
+    items: list[WorkerOut]
+
+
+class JobTypeOut(BaseModel):
+    name: str
+    description: str
+    timeout_seconds: float | None
+    payload_schema: dict[str, Any]
+
+
+class JobTypeList(BaseModel):
+    items: list[JobTypeOut]
+
+
+class ErrorBody(BaseModel):
+    """Every error response has this shape."""
+
+    error: str = Field(description="A stable machine-readable code.")
+    message: str
+    details: Any = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    postgres: bool | None = None
+    redis: bool | None = None

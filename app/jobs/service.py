@@ -1,0 +1,206 @@
+"""Submit, cancel, replay: the operations behind the API. The service commits, then XADDs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.models import JobRow
+from app.errors import Conflict, InvalidInput, NotFound
+from app.jobs import queries, repository
+from app.jobs.dispatch import Dispatcher
+from app.jobs.registry import Registry
+from app.jobs.repository import Target
+from app.jobs.schemas import JobCreate
+from app.jobs.status import CANCELLABLE, JobStatus
+
+log = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``scope`` namespaces idempotency keys; ``name`` is recorded as actor."""
+
+    name: str | None
+    scope: str
+    admin: bool
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: JobRow
+    created: bool
+
+
+def _request_hash(item: JobCreate) -> str:
+    body = item.model_dump(mode="json", exclude={"idempotency_key"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _row(
+    item: JobCreate, registry: Registry, principal: Principal, now: datetime
+) -> dict[str, Any]:
+    job_type = registry.get(item.type)
+    payload = job_type.validate(item.payload).model_dump(mode="json")
+    run_at = item.run_at
+    if item.delay_seconds is not None:
+        run_at = now + timedelta(seconds=item.delay_seconds)
+    scheduled = run_at is not None and run_at > now
+    return {
+        "id": str(uuid.uuid4()),
+        "type": item.type,
+        "queue": item.queue,
+        "status": JobStatus.SCHEDULED if scheduled else JobStatus.QUEUED,
+        "priority": item.priority,
+        "payload": payload,
+        "max_attempts": item.max_attempts,
+        "timeout_seconds": item.timeout_seconds,
+        "idempotency_key": item.idempotency_key,
+        "idempotency_scope": principal.scope,
+        "request_hash": _request_hash(item) if item.idempotency_key else None,
+        "owner": principal.name,
+        "run_at": run_at.isoformat() if run_at else None,
+    }
+
+
+def _rows(items: list[JobCreate], registry: Registry, principal: Principal) -> list[dict[str, Any]]:
+    """Validate every item; a batch with any bad item is rejected whole, naming each index."""
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    problems: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            rows.append(_row(item, registry, principal, now))
+        except InvalidInput as exc:
+            problems.append({"index": index, "message": exc.message, "details": exc.details})
+    if problems:
+        if len(items) == 1:
+            raise InvalidInput(problems[0]["message"], details=problems[0]["details"])
+        raise InvalidInput(f"{len(problems)} invalid job(s) in the batch", details=problems)
+    return rows
+
+
+async def submit(
+    session: AsyncSession,
+    dispatcher: Dispatcher,
+    registry: Registry,
+    items: list[JobCreate],
+    principal: Principal,
+) -> list[Submitted]:
+    """Insert the jobs in one statement, commit, then XADD the queued ones in one pipeline."""
+    rows = _rows(items, registry, principal)
+    inserted = {row.id: row for row in await repository.insert_jobs(session, rows)}
+    keys = [r["idempotency_key"] for r in rows if UUID(r["id"]) not in inserted]
+    existing = await repository.find_by_keys(session, principal.scope, keys) if keys else {}
+    results: list[Submitted] = []
+    for row in rows:
+        job = inserted.get(UUID(row["id"]))
+        if job is None:
+            job = existing.get(row["idempotency_key"])
+            if job is None or job.request_hash != row["request_hash"]:
+                await session.rollback()
+                raise Conflict(
+                    "idempotency key was used with a different request",
+                    details={"idempotency_key": row["idempotency_key"]},
+                )
+            results.append(Submitted(job, created=False))
+        else:
+            results.append(Submitted(job, created=True))
+    await session.commit()
+    fresh = [
+        Target(s.job.id, s.job.queue, s.job.priority)
+        for s in results
+        if s.created and s.job.status == JobStatus.QUEUED
+    ]
+    await dispatcher.send_after_commit(fresh)
+    for s in results:
+        if s.created:
+            log.info("job submitted", extra={"job_id": str(s.job.id), "job_type": s.job.type})
+    return results
+
+
+async def get(session: AsyncSession, job_id: UUID, principal: Principal) -> JobRow:
+    job = await queries.get_job(session, job_id)
+    if job is None or not _visible(job, principal):
+        raise NotFound("job not found")
+    return job
+
+
+def _visible(job: JobRow, principal: Principal) -> bool:
+    return principal.admin or principal.name is None or job.owner == principal.name
+
+
+async def cancel(session: AsyncSession, job_id: UUID, principal: Principal) -> JobRow:
+    await get(session, job_id, principal)
+    job = await repository.cancel(session, job_id, principal.name)
+    await session.commit()
+    if job is not None:
+        log.info("job cancelled", extra={"job_id": str(job_id)})
+        return job
+    current = await get(session, job_id, principal)
+    if current.status in CANCELLABLE:  # raced with a promotion; the row moved under us
+        raise Conflict("job changed state; try again", details={"status": current.status})
+    raise Conflict(
+        f"a {current.status} job cannot be cancelled", details={"status": current.status}
+    )
+
+
+async def replay_one(
+    session: AsyncSession, dispatcher: Dispatcher, job_id: UUID, principal: Principal
+) -> JobRow:
+    rows = await repository.replay(session, principal.name, ids=[job_id])
+    await session.commit()
+    if not rows:
+        raise NotFound("job is not in the dead-letter queue")
+    await dispatcher.send_after_commit([Target(r.id, r.queue, r.priority) for r in rows])
+    log.info("job replayed", extra={"job_id": str(job_id)})
+    return rows[0]
+
+
+async def replay_many(
+    session: AsyncSession,
+    dispatcher: Dispatcher,
+    principal: Principal,
+    *,
+    ids: list[UUID] | None,
+    type: str | None,
+    queue: str | None,
+) -> int:
+    """Replay in chunks, each its own transaction, so a huge DLQ never holds one long lock."""
+
+    async def chunk(chunk_ids: list[UUID] | None) -> int:
+        rows = await repository.replay(
+            session, principal.name, ids=chunk_ids, type=type, queue=queue, limit=REPLAY_CHUNK
+        )
+        await session.commit()
+        await dispatcher.send_after_commit([Target(r.id, r.queue, r.priority) for r in rows])
+        return len(rows)
+
+    total = 0
+    if ids is not None:
+        for start in range(0, len(ids), REPLAY_CHUNK):
+            total += await chunk(ids[start : start + REPLAY_CHUNK])
+    else:
+        while (moved := await chunk(None)) > 0:
+            total += moved
+            if moved < REPLAY_CHUNK:
+                break
+    log.info("bulk replay", extra={"replayed": total})
+    return total
+
+
+async def remove_from_dlq(session: AsyncSession, job_id: UUID, principal: Principal) -> None:
+    removed = await repository.remove_from_dlq(session, job_id, principal.name)
+    await session.commit()
+    if not removed:
+        raise NotFound("job is not in the dead-letter queue")

@@ -1,0 +1,100 @@
+"""The HTTP gateway: ``create_app()``; the lifespan opens the engine and Redis."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from app.api import errors
+from app.api.auth import Authenticator, parse_keys
+from app.api.deps import AppState
+from app.api.routes import dlq, jobs, ops
+from app.db.engine import create_engine, create_session_factory
+from app.jobs.dispatch import Dispatcher
+from app.jobs.registry import Registry, load_handlers
+from app.settings import Settings, get_settings
+from app.streams.client import StreamClient, create_redis
+from app.streams.keys import Keys
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Submit jobs over HTTP; Conveyor records them in PostgreSQL, delivers them through Redis
+Streams to worker processes, retries failures with backoff, and keeps jobs that exhaust
+their attempts in a dead-letter queue you can replay.
+
+Each registered job type's payload schema is under `components/schemas/Payload.<type>`
+and at `GET /v1/job-types`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    registry = load_handlers(settings.handler_module_list)
+    auth = Authenticator(parse_keys(settings.api_keys))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        sessions = create_session_factory(engine)
+        stream = StreamClient(
+            create_redis(settings), Keys(settings.redis_prefix), maxlen=settings.stream_maxlen
+        )
+        dispatcher = Dispatcher(stream, sessions, settings.partitions)
+        dispatcher.start()
+        app.state.conveyor = AppState(
+            settings, engine, sessions, stream, dispatcher, registry, auth
+        )
+        try:
+            yield
+        finally:
+            await dispatcher.stop()
+            await stream.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Conveyor",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(jobs.router)
+    app.include_router(dlq.router)
+    app.include_router(ops.router)
+    app.openapi = lambda: _openapi(app, registry)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
+    """The generated document, plus one component schema per job type's payload."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for job_type in registry.all():
+        payload = job_type.json_schema()
+        for name, sub in payload.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        payload["description"] = job_type.description or f"Payload of {job_type.name}"
+        components[f"Payload.{job_type.name}"] = _rewrite_refs(payload)
+    app.openapi_schema = schema
+    return schema
+
+
+def _rewrite_refs(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" else _rewrite_refs(v))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_rewrite_refs(v) for v in node]
+    return node

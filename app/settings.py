@@ -1,0 +1,55 @@
+"""Configuration from ``CONVEYOR_*`` environment variables (or a ``.env`` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/conveyor"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Every knob Conveyor reads. Reach it only through :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_cluster: bool = False
+    partitions: int = Field(default=1, ge=1, le=1024)
+    redis_prefix: str = Field(default="conveyor", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    api_keys: str | None = None
+    handler_modules: str = "workers.handlers"
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    retry_max_seconds: float = Field(default=300.0, ge=0)
+    claim_idle_seconds: float = Field(default=30.0, gt=0)
+    reconcile_seconds: float = Field(default=30.0, gt=0)
+    max_payload_bytes: int = Field(default=262144, ge=1024)
+    stream_maxlen: int = Field(default=100000, ge=100)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    promote_interval_seconds: float = Field(default=0.25, gt=0)
+    dispatch_grace_seconds: float = Field(default=5.0, ge=0)
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_pool_timeout_seconds: float = Field(default=2.0, gt=0)
+    db_statement_timeout_ms: int = Field(default=15000, ge=0)
+    redis_timeout_seconds: float = Field(default=2.0, gt=0)
+    rate_limit_per_second: float = Field(default=0.0, ge=0)
+    rate_limit_burst: int = Field(default=0, ge=0)
+    http_allowed_hosts: str = ""
+    http_signing_secret: str | None = None
+    log_level: str = "INFO"
+
+    @property
+    def handler_module_list(self) -> list[str]:
+        return [m.strip() for m in self.handler_modules.split(",") if m.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

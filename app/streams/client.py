@@ -1,0 +1,250 @@
+"""Every Redis command Conveyor sends goes through :class:`StreamClient`.
+
+A stream entry only says "look at job X": ``{"job": "<uuid>"}``. Postgres decides whether the
+delivery starts an attempt, so duplicate entries are harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, cast
+from uuid import UUID
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from app.settings import Settings
+from app.streams.keys import GROUP, Keys
+
+log = logging.getLogger(__name__)
+
+RedisClient = Redis | RedisCluster
+
+
+def create_redis(settings: Settings, *, block_seconds: float = 0.0) -> RedisClient:
+    """A client whose socket timeout outlasts the longest blocking read it will make."""
+    timeout = settings.redis_timeout_seconds + block_seconds
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+        "health_check_interval": 30,
+    }
+    if settings.redis_cluster:
+        return cast(RedisClient, RedisCluster.from_url(settings.redis_url, **options))
+    return Redis.from_url(settings.redis_url, **options)
+
+
+def _script(name: str) -> str:
+    return resources.files("app.streams").joinpath("lua", f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    stream: str
+    entry_id: str
+    job_id: UUID | None  # None when the entry's body is unreadable
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    deliveries: list[Delivery]
+    deleted: list[str]  # pending ids whose entries no longer exist (Redis >= 7 XAUTOCLAIM)
+
+
+def _parse_job(fields: dict[str, str] | None) -> UUID | None:
+    try:
+        return UUID((fields or {})["job"])
+    except (KeyError, ValueError):
+        return None
+
+
+class StreamClient:
+    def __init__(self, redis: RedisClient, keys: Keys, *, maxlen: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.maxlen = maxlen
+        self._dispatch = redis.register_script(_script("dispatch"))
+        self._ratelimit = redis.register_script(_script("ratelimit"))
+        self._groups: set[str] = set()
+        self.data_loss = asyncio.Event()  # set when a consumer group had vanished
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # -- groups -----------------------------------------------------------------------------
+
+    async def ensure_groups(self, streams: Iterable[str], *, force: bool = False) -> None:
+        """Create the consumer group at id 0 (so nothing is skipped), with MKSTREAM."""
+        for stream in streams:
+            if stream in self._groups and not force:
+                continue
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._groups.add(stream)
+
+    def forget_groups(self) -> None:
+        self._groups.clear()
+
+    # -- producing --------------------------------------------------------------------------
+
+    async def dispatch(self, targets: Sequence[tuple[str, UUID]]) -> set[UUID]:
+        """Add ``(stream, job_id)`` entries; returns the ids that were added.
+
+        Ids that do not fit under the stream bound are left out; the dispatcher sends them
+        once the backlog shrinks.
+        """
+        by_stream: dict[str, list[UUID]] = defaultdict(list)
+        for stream, job_id in targets:
+            by_stream[stream].append(job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                args = [self.maxlen, *map(str, ids)]
+                await self._dispatch(keys=[stream], args=args, client=pipe)  # type: ignore[arg-type]
+            counts = await pipe.execute()
+        sent: set[UUID] = set()
+        for (_, ids), count in zip(by_stream.items(), counts, strict=True):
+            sent.update(ids[: int(count)])
+        return sent
+
+    async def add_dead_letter(self, fields: dict[str, str]) -> None:
+        entry: dict[Any, Any] = dict(fields)
+        await self.redis.xadd(self.keys.dlq, entry, maxlen=self.maxlen, approximate=True)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    async def read(
+        self, streams: Sequence[str], consumer: str, count: int, block_ms: int | None
+    ) -> list[Delivery]:
+        """XREADGROUP new entries from ``streams`` (all in one cluster slot)."""
+        try:
+            reply = await self.redis.xreadgroup(
+                GROUP, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("consumer group missing (Redis lost its data?); recreating it")
+            self.data_loss.set()
+            await self.ensure_groups(streams, force=True)
+            return []
+        return [
+            Delivery(stream, entry_id, _parse_job(fields))
+            for stream, entries in _stream_items(reply)
+            for entry_id, fields in entries
+        ]
+
+    async def ack(self, deliveries: Iterable[Delivery]) -> None:
+        """XACK and XDEL finished entries, so streams hold only live work."""
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for d in deliveries:
+            by_stream[d.stream].append(d.entry_id)
+        if not by_stream:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
+            await pipe.execute()
+
+    async def refresh(self, consumer: str, deliveries: Iterable[Delivery]) -> None:
+        """Reset the idle time of our own pending entries so nobody reclaims a live job."""
+        by_stream: dict[str, list[Any]] = defaultdict(list)
+        for d in deliveries:
+            by_stream[d.stream].append(d.entry_id)
+        if not by_stream:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
+            await pipe.execute(raise_on_error=False)
+
+    async def autoclaim(
+        self, stream: str, consumer: str, min_idle_ms: int, count: int = 100
+    ) -> Reclaimed:
+        """XAUTOCLAIM idle entries of dead consumers, following the cursor to the end."""
+        deliveries: list[Delivery] = []
+        deleted: list[str] = []
+        cursor = "0-0"
+        for _ in range(100):
+            try:
+                reply = await self.redis.xautoclaim(
+                    stream, GROUP, consumer, min_idle_ms, start_id=cursor, count=count
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self.data_loss.set()
+                await self.ensure_groups([stream], force=True)
+                break
+            cursor, entries = reply[0], reply[1]
+            deleted.extend(reply[2] if len(reply) > 2 else [])
+            deliveries.extend(Delivery(stream, e, _parse_job(f)) for e, f in entries)
+            if cursor == "0-0":
+                break
+        return Reclaimed(deliveries, deleted)
+
+    async def consumers(self, stream: str) -> list[dict[str, Any]]:
+        try:
+            result: list[dict[str, Any]] = await self.redis.xinfo_consumers(stream, GROUP)
+            return result
+        except ResponseError:
+            return []
+
+    async def delete_consumer(self, stream: str, consumer: str) -> None:
+        await self.redis.xgroup_delconsumer(stream, GROUP, consumer)
+
+    async def pending_counts(self, streams: Sequence[str]) -> list[int]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xpending(stream, GROUP)
+            replies = await pipe.execute(raise_on_error=False)
+        return [r["pending"] if isinstance(r, dict) else 0 for r in replies]
+
+    # -- loss detection and rate limiting ------------------------------------------------------
+
+    async def epoch(self) -> str:
+        """The data epoch; when it changes, Redis may have lost writes.
+
+        A marker key created once (gone after FLUSHALL or a restart without persistence),
+        plus the server's run id (new after any restart, which may lose the last writes).
+        """
+        token = secrets.token_hex(8)
+        if await self.redis.set(self.keys.epoch, token, nx=True):
+            self.data_loss.set()  # first start, or the marker is gone: assume loss, re-dispatch
+        raw = await self.redis.get(self.keys.epoch)
+        value = raw.decode() if isinstance(raw, bytes) else raw
+        run_id = ""
+        if isinstance(self.redis, Redis):
+            info: dict[str, Any] = await self.redis.info("server")
+            run_id = str(info.get("run_id", ""))
+        return f"{value or token}:{run_id}"
+
+    async def take_token(self, principal: str, rate: float, burst: int) -> float:
+        """Take one rate-limit token; returns 0 when allowed, else seconds to wait."""
+        allowed, wait_ms = await self._ratelimit(
+            keys=[self.keys.rate_limit(principal)], args=[rate, burst]
+        )
+        return 0.0 if int(allowed) else max(int(wait_ms), 1) / 1000
+
+
+def _stream_items(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str] | None]]]]:
+    """XREADGROUP replies are a list under RESP2 and a dict under RESP3."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in reply.items()]
+    return [(stream, entries) for stream, entries in reply]

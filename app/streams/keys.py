@@ -1,0 +1,66 @@
+"""Every Redis key name Conveyor uses is built here.
+
+Layout (``P`` = ``CONVEYOR_REDIS_PREFIX``)::
+
+    P:{queue:partition}:b0     stream of band 0 (priority > 0, read first)
+    P:{queue:partition}:b1     stream of band 1 (priority == 0)
+    P:{queue:partition}:b2     stream of band 2 (priority < 0)
+    P:dlq                      stream of dead-lettered jobs (a notification; Postgres is the record)
+    P:epoch                    marker whose loss means Redis lost its data
+    P:rl:<principal>           rate-limit bucket of one API key
+
+The ``{queue:partition}`` hash tag puts the band streams of one partition in one Redis Cluster
+slot, so one XREADGROUP can read all bands of a partition, while partitions spread over slots.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from uuid import UUID
+
+GROUP = "conveyor"
+BANDS = (0, 1, 2)
+HIGH_BAND, DEFAULT_BAND, LOW_BAND = BANDS
+
+
+def band_for(priority: int) -> int:
+    """Map the integer priority to a band: >0 high, 0 default, <0 low."""
+    if priority > 0:
+        return HIGH_BAND
+    if priority < 0:
+        return LOW_BAND
+    return DEFAULT_BAND
+
+
+def partition_for(job_id: UUID, partitions: int) -> int:
+    """Stable partition of a job: a hash of its id, so retries land on the same stream."""
+    if partitions <= 1:
+        return 0
+    return zlib.crc32(job_id.bytes) % partitions
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def stream(self, queue: str, partition: int, band: int) -> str:
+        return f"{self.prefix}:{{{queue}:{partition}}}:b{band}"
+
+    def partition_streams(self, queue: str, partition: int) -> list[str]:
+        """The band streams of one partition, highest band first."""
+        return [self.stream(queue, partition, band) for band in BANDS]
+
+    def queue_streams(self, queue: str, partitions: int) -> list[str]:
+        return [s for p in range(partitions) for s in self.partition_streams(queue, p)]
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}:dlq"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    def rate_limit(self, principal: str) -> str:
+        return f"{self.prefix}:rl:{principal}"

@@ -1,0 +1,1 @@
+"""Conveyor worker processes: ``python -m workers`` or ``conveyor worker``."""

@@ -1,0 +1,69 @@
+"""Running one attempt: the handler under its timeout, turned into an outcome. Never raises."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from app.db.models import JobRow
+from app.errors import PermanentError
+from app.jobs.registry import JobContext, Registry
+
+MAX_ERROR_CHARS = 2000
+MAX_TRACEBACK_CHARS = 8000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job_id: Any
+    attempt: int
+    ok: bool
+    result: Any = None
+    error: dict[str, Any] | None = None
+    permanent: bool = False
+
+
+def _error(job: JobRow, worker: str, message: str, kind: str, tb: str | None) -> dict[str, Any]:
+    return {
+        "attempt": job.attempts,
+        "error": message[:MAX_ERROR_CHARS],
+        "type": kind,
+        "traceback": tb[-MAX_TRACEBACK_CHARS:] if tb else None,
+        "worker": worker,
+    }
+
+
+def _failure(job: JobRow, worker: str, exc: BaseException, *, permanent: bool) -> Outcome:
+    tb = "".join(traceback.format_exception(exc, limit=20))
+    message = str(exc) or type(exc).__name__
+    error = _error(job, worker, message, type(exc).__name__, tb)
+    return Outcome(job.id, job.attempts, ok=False, error=error, permanent=permanent)
+
+
+async def execute(job: JobRow, registry: Registry, worker: str) -> Outcome:
+    """Run the job's handler once; ``timeout`` and every exception become a failed outcome."""
+    job_type = registry.find(job.type)
+    if job_type is None:
+        error = _error(job, worker, f"no handler for job type {job.type!r}", "UnknownType", None)
+        return Outcome(job.id, job.attempts, ok=False, error=error, permanent=True)
+    ctx = JobContext(job.id, job.type, job.queue, job.attempts, job.max_attempts, worker)
+    timeout = job.timeout_seconds or job_type.timeout_seconds
+    deadline = asyncio.timeout(timeout)
+    try:
+        payload = job_type.model.model_validate(job.payload)
+        async with deadline:
+            result = await job_type.handler(payload, ctx)
+        json.dumps(result)
+    except TimeoutError as exc:
+        if deadline.expired():
+            error = _error(job, worker, "timeout", "Timeout", None)
+            return Outcome(job.id, job.attempts, ok=False, error=error)
+        return _failure(job, worker, exc, permanent=False)
+    except PermanentError as exc:
+        return _failure(job, worker, exc, permanent=True)
+    except Exception as exc:
+        return _failure(job, worker, exc, permanent=False)
+    return Outcome(job.id, job.attempts, ok=True, result=result)

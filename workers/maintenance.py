@@ -1,0 +1,216 @@
+"""Background duties of every worker: heartbeat, promote, dispatch sweep, reclaim, reconcile.
+
+Each is safe to run in many workers at once (guarded statements, SKIP LOCKED), logs its
+errors and goes on. Postgres decides; Redis is only told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+from app.db.models import JobRow
+from app.jobs import queries, repository
+
+if TYPE_CHECKING:
+    from workers.runner import Worker
+
+log = logging.getLogger(__name__)
+
+DISPATCH_BATCH = 1000
+RECLAIM_BATCH = 500
+WORKER_ROW_TTL_SECONDS = 3600
+
+
+class Maintenance:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.epoch: str | None = None
+        idle = worker.settings.claim_idle_seconds
+        self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
+        self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        s = self.w.settings
+        return [
+            self._every(self.heartbeat_every, self.heartbeat),
+            self._every(s.promote_interval_seconds, self.promote_and_dispatch),
+            self._every(self.autoclaim_every, self.autoclaim),
+            self._reconcile_loop(),
+        ]
+
+    async def _every(self, seconds: float, duty: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await duty()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s failed: %s", duty.__name__, exc)
+            await asyncio.sleep(seconds)
+
+    # -- registration and heartbeat --------------------------------------------------------------
+
+    def _worker_values(self) -> dict[str, Any]:
+        return {
+            "name": self.w.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self.w.config.queues,
+            "concurrency": self.w.config.concurrency,
+            "in_flight": len(self.w.running),
+        }
+
+    async def register(self) -> None:
+        async with self.w.sessions.begin() as session:
+            await queries.upsert_worker(session, self._worker_values())
+        self.epoch = await self.w.stream.epoch()
+
+    async def unregister(self) -> None:
+        try:
+            async with self.w.sessions.begin() as session:
+                await queries.remove_workers(session, [self.w.name])
+            for stream in self.w.all_streams:
+                mine = [
+                    c for c in await self.w.stream.consumers(stream) if c["name"] == self.w.name
+                ]
+                if mine and mine[0]["pending"] == 0:
+                    await self.w.stream.delete_consumer(stream, self.w.name)
+        except Exception as exc:
+            log.warning("could not unregister: %s", exc)
+
+    async def heartbeat(self) -> None:
+        """Extend our leases in Postgres and refresh our pending entries in Redis."""
+        running = list(self.w.running.values())
+        async with self.w.sessions.begin() as session:
+            await repository.extend_leases(
+                session,
+                self.w.name,
+                [(r.job.id, r.job.attempts) for r in running],
+                self.w.lease_seconds,
+            )
+            await queries.upsert_worker(session, self._worker_values())
+        await self.w.stream.refresh(self.w.name, [r.delivery for r in running] + self.w.held)
+
+    # -- promotion and dispatch -------------------------------------------------------------------
+
+    async def promote_and_dispatch(self) -> None:
+        """Due scheduled/retrying jobs → queued → their streams; then unconfirmed ones again."""
+        while True:
+            async with self.w.sessions.begin() as session:
+                targets = await repository.promote_due(session, DISPATCH_BATCH)
+            await self.w.dispatcher.send_committed(targets)
+            if len(targets) < DISPATCH_BATCH:
+                break
+        await self.sweep_undispatched(self.w.settings.dispatch_grace_seconds)
+
+    async def sweep_undispatched(self, grace: float) -> int:
+        total = 0
+        while True:
+            async with self.w.sessions.begin() as session:
+                targets = await repository.lock_undispatched(session, grace, DISPATCH_BATCH)
+                sent = await self.w.dispatcher.send_and_confirm(session, targets)
+            total += sent
+            if len(targets) < DISPATCH_BATCH or sent == 0:
+                break
+        if total:
+            log.info("dispatched %d job(s) whose stream entries were missing", total)
+        return total
+
+    # -- reclaim ------------------------------------------------------------------------------
+
+    async def autoclaim(self) -> None:
+        """Take over entries idle on dead consumers; their lapsed attempts count as failed."""
+        min_idle_ms = int(self.w.settings.claim_idle_seconds * 1000)
+        for stream in self.w.all_streams:
+            if self.w.free <= 0 or self.w.stopping.is_set():
+                return
+            found = await self.w.stream.autoclaim(stream, self.w.name, min_idle_ms, self.w.free)
+            if found.deleted:
+                log.info("%d pending entries no longer existed in %s", len(found.deleted), stream)
+            if not found.deliveries:
+                continue
+            ids = [d.job_id for d in found.deliveries if d.job_id is not None]
+            await self.reclaim(ids)
+            await self.w.start(found.deliveries)
+
+    async def reclaim(self, ids: Sequence[Any] | None) -> int:
+        """Fail the attempts whose lease lapsed (``worker lost``): retry, or dead at the cap."""
+        total = 0
+        while True:
+            async with self.w.sessions.begin() as session:
+                rows = await repository.reclaim_expired(
+                    session, self.w.name, self.w.backoff, ids=ids, limit=RECLAIM_BATCH
+                )
+            total += len(rows)
+            for row in rows:
+                log.info(
+                    "reclaimed job from a lost worker",
+                    extra={"job_id": str(row.id), "status": row.status},
+                )
+            await self.dead_lettered([r for r in rows if r.status == "dead"])
+            if ids is not None or len(rows) < RECLAIM_BATCH:
+                return total
+
+    async def dead_lettered(self, rows: Sequence[JobRow]) -> None:
+        """Tell ``<prefix>:dlq`` (a notification: the DLQ of record is the ``dead`` status)."""
+        for row in rows:
+            try:
+                await self.w.stream.add_dead_letter(
+                    {
+                        "job": str(row.id),
+                        "type": row.type,
+                        "queue": row.queue,
+                        "attempts": str(row.attempts),
+                        "errors": json.dumps(row.errors, default=str),
+                    }
+                )
+            except Exception as exc:
+                log.warning("dlq stream notification failed: %s", exc)
+
+    # -- reconcile ----------------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reconcile failed: %s", exc)
+            loss = self.w.stream.data_loss
+            try:
+                await asyncio.wait_for(loss.wait(), timeout=self.w.settings.reconcile_seconds)
+            except TimeoutError:
+                continue
+
+    async def reconcile(self) -> None:
+        """Compare Postgres with Redis and repair what Redis lost."""
+        epoch = await self.w.stream.epoch()
+        lost = self.w.stream.data_loss.is_set() or (self.epoch is not None and epoch != self.epoch)
+        if lost:
+            self.w.stream.data_loss.clear()
+            log.warning("Redis lost data (epoch changed); re-dispatching every queued job")
+            await self.w.stream.ensure_groups(self.w.all_streams, force=True)
+            async with self.w.sessions.begin() as session:
+                await repository.forget_dispatches(session)
+            await self.sweep_undispatched(0.0)
+        self.epoch = epoch
+        await self.reclaim(None)
+        await self._prune()
+
+    async def _prune(self) -> None:
+        """Forget long-gone workers; delete their consumers only once nothing is pending."""
+        async with self.w.sessions.begin() as session:
+            gone = await queries.stale_workers(session, WORKER_ROW_TTL_SECONDS)
+            await queries.remove_workers(session, gone)
+        idle_ms = WORKER_ROW_TTL_SECONDS * 1000
+        for stream in self.w.all_streams:
+            for consumer in await self.w.stream.consumers(stream):
+                if consumer["pending"] == 0 and consumer["idle"] > idle_ms:
+                    await self.w.stream.delete_consumer(stream, consumer["name"])

@@ -1,0 +1,273 @@
+"""The worker loop: read → claim → run → report → XACK.
+
+One reader per queue partition fills the worker up to its concurrency; each claimed job runs
+in its own task; a single reporter writes outcomes to Postgres in batches (one statement per
+batch) and then acks the stream entries. Only this module reports outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db.engine import create_engine, create_session_factory
+from app.db.models import JobRow
+from app.jobs import queries, repository
+from app.jobs.dispatch import Dispatcher
+from app.jobs.registry import Registry, load_handlers
+from app.jobs.repository import Backoff, Failure, Target
+from app.settings import Settings
+from app.streams.client import Delivery, StreamClient, create_redis
+from app.streams.keys import Keys
+from workers.execution import Outcome, execute
+from workers.maintenance import Maintenance
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 1000
+REPORT_BATCH = 500
+RETRY_PAUSE = 1.0
+
+
+@dataclass
+class Running:
+    job: JobRow
+    delivery: Delivery
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class WorkerConfig:
+    queues: list[str]
+    concurrency: int = 16
+    name: str = field(default_factory=lambda: default_name())
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class Worker:
+    def __init__(self, settings: Settings, config: WorkerConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.name = config.name
+        self.registry: Registry = load_handlers(settings.handler_module_list)
+        self.backoff = Backoff(settings.retry_base_seconds, settings.retry_max_seconds)
+        self.lease_seconds = settings.claim_idle_seconds
+        self.running: dict[UUID, Running] = {}
+        self.held: list[Delivery] = []  # read from Redis, not yet claimed in Postgres
+        self.outcomes: asyncio.Queue[tuple[Outcome, Delivery]] = asyncio.Queue()
+        self.stopping = asyncio.Event()
+        self._room = asyncio.Condition()
+        self._engine = create_engine(settings)
+        self.sessions: async_sessionmaker[AsyncSession] = create_session_factory(self._engine)
+        self.keys = Keys(settings.redis_prefix)
+        redis = create_redis(settings, block_seconds=READ_BLOCK_MS / 1000)
+        self.stream = StreamClient(redis, self.keys, maxlen=settings.stream_maxlen)
+        self.dispatcher = Dispatcher(self.stream, self.sessions, settings.partitions)
+        self.maintenance = Maintenance(self)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def partitions(self) -> list[tuple[str, int]]:
+        return [(q, p) for q in self.config.queues for p in range(self.settings.partitions)]
+
+    @property
+    def all_streams(self) -> list[str]:
+        return [s for q, p in self.partitions for s in self.keys.partition_streams(q, p)]
+
+    async def run(self) -> None:
+        """Work until :meth:`stop` is called, then drain and hand back what is unfinished."""
+        log.info(
+            "worker %s started: queues=%s concurrency=%d",
+            self.name,
+            ",".join(self.config.queues),
+            self.config.concurrency,
+        )
+        await self._until_ready()
+        loops = [asyncio.create_task(self._read_loop(q, p)) for q, p in self.partitions]
+        reporter = asyncio.create_task(self._report_loop())
+        loops += [asyncio.create_task(c) for c in self.maintenance.loops()]
+        await self.stopping.wait()
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await self._drain()
+        reporter.cancel()
+        await asyncio.gather(reporter, return_exceptions=True)
+        await self._report_pending()
+        await self._hand_back()
+        await self.maintenance.unregister()
+        await self.stream.close()
+        await self._engine.dispose()
+        log.info("worker %s stopped", self.name)
+
+    def stop(self) -> None:
+        if self.stopping.is_set():
+            self.settings = self.settings.model_copy(update={"shutdown_grace_seconds": 0.0})
+        self.stopping.set()
+
+    async def _until_ready(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.stream.ensure_groups(self.all_streams)
+                await self.maintenance.register()
+                return
+            except Exception as exc:
+                log.warning("waiting for Postgres and Redis: %s", exc)
+                await asyncio.sleep(RETRY_PAUSE)
+
+    async def _drain(self) -> None:
+        """Let in-flight jobs finish for the grace period, then cancel the rest."""
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if tasks:
+            log.info(
+                "draining %d job(s) for up to %.0fs",
+                len(tasks),
+                self.settings.shutdown_grace_seconds,
+            )
+            _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _hand_back(self) -> None:
+        """Release unfinished attempts and unclaimed deliveries so others take them at once."""
+        unfinished = [r for r in self.running.values() if r.task is None or r.task.cancelled()]
+        held, self.held = self.held, []
+        try:
+            async with self.sessions.begin() as session:
+                released = await repository.release_many(
+                    session, self.name, [(r.job.id, r.job.attempts) for r in unfinished]
+                )
+                targets = released + await self._queued_targets(session, held)
+            await self.dispatcher.send_committed(targets)
+            await self.stream.ack([r.delivery for r in unfinished] + held)
+            if targets:
+                log.info("handed back %d job(s)", len(targets))
+        except Exception as exc:  # the lease sweep and XAUTOCLAIM recover them instead
+            log.warning("could not hand back jobs on shutdown: %s", exc)
+
+    async def _queued_targets(
+        self, session: AsyncSession, held: Sequence[Delivery]
+    ) -> list[Target]:
+        ids = [d.job_id for d in held if d.job_id is not None]
+        rows = [await queries.get_job(session, i) for i in ids]
+        return [Target(r.id, r.queue, r.priority) for r in rows if r and r.status == "queued"]
+
+    # -- reading and claiming -----------------------------------------------------------------
+
+    async def _wait_for_room(self) -> int:
+        async with self._room:
+            await self._room.wait_for(lambda: self.free > 0)
+            return self.free
+
+    @property
+    def free(self) -> int:
+        return self.config.concurrency - len(self.running)
+
+    async def _read_loop(self, queue: str, partition: int) -> None:
+        streams = self.keys.partition_streams(queue, partition)
+        while True:
+            try:
+                want = await self._wait_for_room()
+                batch, self.held = self.held[:want], self.held[want:]
+                if len(batch) < want:
+                    batch += await self._read_by_band(streams, want - len(batch))
+                self.held = batch[want:] + self.held  # a blocking read may return one per band
+                await self.start(batch[:want])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("read loop error (%s); retrying", exc)
+                await asyncio.sleep(RETRY_PAUSE)
+
+    async def _read_by_band(self, streams: list[str], want: int) -> list[Delivery]:
+        """Highest band first; block on all bands only when all are empty."""
+        got: list[Delivery] = []
+        for stream in streams:
+            if len(got) >= want:
+                break
+            got += await self.stream.read([stream], self.name, want - len(got), None)
+        if got:
+            return got
+        return await self.stream.read(streams, self.name, 1, READ_BLOCK_MS)
+
+    async def start(self, deliveries: list[Delivery]) -> None:
+        """Claim the deliveries' jobs in one statement and start those we won."""
+        if not deliveries:
+            return
+        ids = list({d.job_id for d in deliveries if d.job_id is not None})
+        try:
+            async with self.sessions.begin() as session:
+                claimed = await repository.claim_many(session, ids, self.name, self.lease_seconds)
+        except Exception:
+            self.held.extend(deliveries)  # Postgres is down: keep them and try again
+            raise
+        won = {row.id: row for row in claimed}
+        dropped: list[Delivery] = []
+        for d in deliveries:
+            row = won.pop(d.job_id, None) if d.job_id is not None else None
+            if row is None:
+                dropped.append(d)  # taken, cancelled, finished, or a duplicate entry
+                continue
+            entry = Running(row, d)
+            self.running[row.id] = entry
+            entry.task = asyncio.create_task(self._run(entry), name=f"job-{row.id}")
+        await self.stream.ack(dropped)
+
+    async def _run(self, entry: Running) -> None:
+        outcome = await execute(entry.job, self.registry, self.name)
+        await self.outcomes.put((outcome, entry.delivery))
+
+    # -- reporting --------------------------------------------------------------------------
+
+    async def _report_loop(self) -> None:
+        while True:
+            batch = [await self.outcomes.get()]
+            while not self.outcomes.empty() and len(batch) < REPORT_BATCH:
+                batch.append(self.outcomes.get_nowait())
+            while True:
+                try:
+                    await self._report(batch)
+                    break
+                except Exception as exc:  # keep the outcomes until Postgres takes them
+                    log.warning("reporting %d outcome(s) failed (%s); retrying", len(batch), exc)
+                    await asyncio.sleep(RETRY_PAUSE)
+
+    async def _report_pending(self) -> None:
+        batch = []
+        while not self.outcomes.empty():
+            batch.append(self.outcomes.get_nowait())
+        with contextlib.suppress(Exception):
+            await self._report(batch)
+
+    async def _report(self, batch: list[tuple[Outcome, Delivery]]) -> None:
+        if not batch:
+            return
+        wins = [(o.job_id, o.attempt, o.result) for o, _ in batch if o.ok]
+        losses = [
+            Failure(o.job_id, o.attempt, o.error or {}, o.permanent) for o, _ in batch if not o.ok
+        ]
+        async with self.sessions.begin() as session:
+            done = await repository.succeed_many(session, self.name, wins)
+            failed = await repository.fail_many(session, self.name, losses, self.backoff)
+        await self.stream.ack([d for _, d in batch])
+        await self.maintenance.dead_lettered([r for r in failed if r.status == "dead"])
+        stale = len(batch) - len(done) - len(failed)
+        if stale:
+            log.info("%d outcome(s) fenced off: a newer attempt or a cancel won", stale)
+        for outcome, _ in batch:
+            self.running.pop(outcome.job_id, None)
+        async with self._room:
+            self._room.notify_all()
