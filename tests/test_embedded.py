@@ -44,7 +44,8 @@ async def fetch(url: str, sql: str) -> object:
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
-            return (await conn.execute(text(sql))).scalar()
+            result = await conn.execute(text(sql))
+            return result.scalar() if result.returns_rows else None
     finally:
         await engine.dispose()
 
