@@ -10,16 +10,9 @@ from app.settings import get_settings
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from alembic import command
-    from alembic.config import Config
+    from app.db.migrate import upgrade
 
-    import migrations
-
-    config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    config.attributes["database_url"] = get_settings().database_url
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
+    upgrade(get_settings().database_url)
     print("migrations applied")
     return 0
 

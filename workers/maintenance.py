@@ -103,7 +103,9 @@ class Maintenance:
         """Due scheduled/retrying jobs → queued → their streams; then unconfirmed ones again."""
         while True:
             async with self.w.sessions.begin() as session:
-                targets = await repository.promote_due(session, DISPATCH_BATCH)
+                targets = await repository.promote_due(
+                    session, self.w.config.queues, DISPATCH_BATCH
+                )
             await self.w.dispatcher.send_committed(targets)
             if len(targets) < DISPATCH_BATCH:
                 break
@@ -113,7 +115,9 @@ class Maintenance:
         total = 0
         while True:
             async with self.w.sessions.begin() as session:
-                targets = await repository.lock_undispatched(session, grace, DISPATCH_BATCH)
+                targets = await repository.lock_undispatched(
+                    session, self.w.config.queues, grace, DISPATCH_BATCH
+                )
                 sent = await self.w.dispatcher.send_and_confirm(session, targets)
             total += sent
             if len(targets) < DISPATCH_BATCH or sent == 0:
@@ -145,7 +149,12 @@ class Maintenance:
         while True:
             async with self.w.sessions.begin() as session:
                 rows = await repository.reclaim_expired(
-                    session, self.w.name, self.w.backoff, ids=ids, limit=RECLAIM_BATCH
+                    session,
+                    self.w.name,
+                    self.w.backoff,
+                    self.w.config.queues,
+                    ids=ids,
+                    limit=RECLAIM_BATCH,
                 )
             total += len(rows)
             for row in rows:
@@ -198,7 +207,7 @@ class Maintenance:
             log.warning("Redis lost data (epoch changed); re-dispatching every queued job")
             await self.w.stream.ensure_groups(self.w.all_streams, force=True)
             async with self.w.sessions.begin() as session:
-                await repository.forget_dispatches(session)
+                await repository.forget_dispatches(session, self.w.config.queues)
             await self.sweep_undispatched(0.0)
         self.epoch = epoch
         await self.reclaim(None)

@@ -274,7 +274,8 @@ async def release_many(
 _RECLAIM = f"""
 WITH lost AS (
     SELECT id, worker AS lost_worker FROM jobs
-    WHERE status = 'running' AND lease_expires_at < now() {{only}}
+    WHERE status = 'running' AND lease_expires_at < now()
+      AND queue = ANY(CAST(:queues AS text[])) {{only}}
     ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
 ), upd AS (
     UPDATE jobs j SET
@@ -302,13 +303,19 @@ async def reclaim_expired(
     session: AsyncSession,
     actor: str,
     backoff: Backoff,
+    queues: Sequence[str],
     *,
     ids: Sequence[UUID] | None = None,
     limit: int = 500,
 ) -> list[JobRow]:
     """running with a lapsed lease → the attempt failed with ``worker lost`` (retry or dead)."""
     only = "AND id = ANY(CAST(:ids AS uuid[]))" if ids is not None else ""
-    params: dict[str, Any] = {"actor": actor, "limit": limit, **backoff.params()}
+    params: dict[str, Any] = {
+        "actor": actor,
+        "limit": limit,
+        "queues": list(queues),
+        **backoff.params(),
+    }
     if ids is not None:
         params["ids"] = list(ids)
     return await _jobs(session, _RECLAIM.format(only=only), params)
@@ -319,8 +326,9 @@ async def reclaim_expired(
 _PROMOTE = """
 WITH due AS (
     SELECT id FROM jobs
-    WHERE (status = 'scheduled' AND run_at <= now())
-       OR (status = 'retrying' AND next_attempt_at <= now())
+    WHERE ((status = 'scheduled' AND run_at <= now())
+           OR (status = 'retrying' AND next_attempt_at <= now()))
+      AND queue = ANY(CAST(:queues AS text[]))
     LIMIT :limit FOR UPDATE SKIP LOCKED
 ), upd AS (
     UPDATE jobs j SET status = 'queued', enqueued_at = now(), dispatched_at = NULL
@@ -333,35 +341,38 @@ SELECT id, queue, priority FROM upd
 """
 
 
-async def promote_due(session: AsyncSession, limit: int = 1000) -> list[Target]:
+async def promote_due(
+    session: AsyncSession, queues: Sequence[str], limit: int = 1000
+) -> list[Target]:
     """scheduled/retrying whose time has come → queued. Safe with many workers (SKIP LOCKED)."""
-    result = await session.execute(text(_PROMOTE), {"limit": limit})
+    result = await session.execute(text(_PROMOTE), {"limit": limit, "queues": list(queues)})
     return [Target(r.id, r.queue, r.priority) for r in result]
 
 
 async def lock_undispatched(
-    session: AsyncSession, grace_seconds: float, limit: int = 1000
+    session: AsyncSession, queues: Sequence[str], grace_seconds: float, limit: int = 1000
 ) -> list[Target]:
     """Queued jobs whose stream entry was never confirmed; locked until the caller commits."""
     result = await session.execute(
         text(
             "SELECT id, queue, priority FROM jobs WHERE status = 'queued'"
-            " AND dispatched_at IS NULL"
+            " AND dispatched_at IS NULL AND queue = ANY(CAST(:queues AS text[]))"
             " AND enqueued_at < now() - make_interval(secs => :grace)"
             " ORDER BY enqueued_at LIMIT :limit FOR UPDATE SKIP LOCKED"
         ),
-        {"grace": grace_seconds, "limit": limit},
+        {"grace": grace_seconds, "limit": limit, "queues": list(queues)},
     )
     return [Target(r.id, r.queue, r.priority) for r in result]
 
 
-async def forget_dispatches(session: AsyncSession) -> int:
-    """After Redis lost data: every queued job must be sent again."""
+async def forget_dispatches(session: AsyncSession, queues: Sequence[str]) -> int:
+    """After Redis lost data: every queued job of these queues must be sent again."""
     result = await session.execute(
         text(
-            "UPDATE jobs SET dispatched_at = NULL"
-            " WHERE status = 'queued' AND dispatched_at IS NOT NULL"
-        )
+            "UPDATE jobs SET dispatched_at = NULL WHERE status = 'queued'"
+            " AND dispatched_at IS NOT NULL AND queue = ANY(CAST(:queues AS text[]))"
+        ),
+        {"queues": list(queues)},
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

@@ -1,0 +1,155 @@
+"""Test fixtures: real PostgreSQL and Redis, a fresh database per run, a prefix per test.
+
+With ``CONVEYOR_TEST_DATABASE_URL`` and ``CONVEYOR_TEST_REDIS_URL`` set, those servers are used
+(a throwaway database is created on the Postgres server and dropped at the end; the Redis
+server is never flushed: every test has its own key prefix). Otherwise the tests start their
+own servers from the embedded wheels, so a fresh machine needs nothing but Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from app.db.migrate import upgrade
+from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.main import create_app
+from app.settings import Settings
+from tests.support.processes import Spawner
+
+
+@dataclass(frozen=True)
+class Backends:
+    database_url: str
+    redis_url: str
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _create_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(_dsn(server_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(_dsn(server_url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
+    servers: list[EmbeddedPostgres | EmbeddedRedis] = []
+    server_url = os.environ.get("CONVEYOR_TEST_DATABASE_URL")
+    redis_url = os.environ.get("CONVEYOR_TEST_REDIS_URL")
+    if not server_url:
+        pg = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"))
+        server_url = pg.start()
+        servers.append(pg)
+    if not redis_url:
+        redis = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False)
+        redis_url = redis.start()
+        servers.append(redis)
+    name = f"conveyor_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_create_database(server_url, name))
+    database_url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(database_url)
+        yield Backends(database_url, redis_url)
+    finally:
+        asyncio.run(_drop_database(server_url, name))
+        for server in reversed(servers):
+            server.stop()
+
+
+def make_settings(backends: Backends, **overrides: Any) -> Settings:
+    """Fast timings for tests; each call gets its own Redis key prefix."""
+    values: dict[str, Any] = {
+        "database_url": backends.database_url,
+        "redis_url": backends.redis_url,
+        "redis_prefix": f"test-{uuid.uuid4().hex[:10]}",
+        "claim_idle_seconds": 2.0,
+        "reconcile_seconds": 2.0,
+        "retry_base_seconds": 0.2,
+        "retry_max_seconds": 2.0,
+        "shutdown_grace_seconds": 5.0,
+        "dispatch_grace_seconds": 1.0,
+        "promote_interval_seconds": 0.1,
+        "handler_modules": "tests.support.handlers",
+        "api_keys": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(backends: Backends) -> Settings:
+    return make_settings(backends)
+
+
+@pytest.fixture
+def queue() -> str:
+    """A queue name of this test's own, so counts and workers do not mix between tests."""
+    return f"q-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process (lifespan included) behind an httpx client."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as c:
+            yield c
+
+
+@pytest.fixture
+def spawn(settings: Settings, tmp_path: Path) -> Iterator[Spawner]:
+    spawner = Spawner(settings, tmp_path)
+    try:
+        yield spawner
+    finally:
+        spawner.stop_all()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.05
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+async def wait_for_status(
+    client: httpx.AsyncClient, job_id: str, statuses: set[str], timeout: float = 20.0
+) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+        return job if job.get("status") in statuses else None
+
+    result: dict[str, Any] = await wait_until(check, timeout)
+    return result

@@ -1,0 +1,35 @@
+"""Job types used only by the tests (loaded with CONVEYOR_HANDLER_MODULES)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.jobs.registry import JobContext, job_type
+
+
+class CrashPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    exit_code: int = Field(default=137, ge=1, le=255)
+
+
+@job_type("test.crash")
+async def crash(payload: CrashPayload, ctx: JobContext) -> None:
+    """Kills the worker process outright, as a segfault or an OOM kill would."""
+    os._exit(payload.exit_code)
+
+
+class SlowPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(ge=0, le=600)
+
+
+@job_type("test.slow", timeout_seconds=1.0)
+async def slow(payload: SlowPayload, ctx: JobContext) -> dict[str, int]:
+    """Sleeps; its type timeout is 1 s, so anything longer fails with `timeout`."""
+    await asyncio.sleep(payload.seconds)
+    return {"attempt": ctx.attempt}
