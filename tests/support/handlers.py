@@ -7,6 +7,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.errors import PermanentError
 from app.jobs.registry import JobContext, job_type
 
 
@@ -33,3 +34,30 @@ async def slow(payload: SlowPayload, ctx: JobContext) -> dict[str, int]:
     """Sleeps; its type timeout is 1 s, so anything longer fails with `timeout`."""
     await asyncio.sleep(payload.seconds)
     return {"attempt": ctx.attempt}
+
+
+class PermanentPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(default="permanent failure", max_length=200)
+
+
+@job_type("test.permanent")
+async def permanent(payload: PermanentPayload, ctx: JobContext) -> None:
+    """Raises the permanent-failure error: no attempt after this one."""
+    raise PermanentError(payload.message)
+
+
+class NapPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(ge=0, le=600)
+    until_attempt: int = Field(default=1000, ge=0)
+
+
+@job_type("test.nap")
+async def nap(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
+    """Sleeps while attempt <= until_attempt; the result names the worker and attempt."""
+    if ctx.attempt <= payload.until_attempt:
+        await asyncio.sleep(payload.seconds)
+    return {"worker": ctx.worker, "attempt": ctx.attempt}
