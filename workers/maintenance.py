@@ -30,7 +30,6 @@ WORKER_ROW_TTL_SECONDS = 3600
 class Maintenance:
     def __init__(self, worker: Worker) -> None:
         self.w = worker
-        self.epoch: str | None = None
         idle = worker.settings.claim_idle_seconds
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
@@ -69,7 +68,6 @@ class Maintenance:
     async def register(self) -> None:
         async with self.w.sessions.begin() as session:
             await queries.upsert_worker(session, self._worker_values())
-        self.epoch = await self.w.stream.epoch()
 
     async def unregister(self) -> None:
         try:
@@ -200,16 +198,23 @@ class Maintenance:
 
     async def reconcile(self) -> None:
         """Compare Postgres with Redis and repair what Redis lost."""
+        self.w.stream.data_loss.clear()
         epoch = await self.w.stream.epoch()
-        lost = self.w.stream.data_loss.is_set() or (self.epoch is not None and epoch != self.epoch)
+        forgotten = 0
+        async with self.w.sessions.begin() as session:
+            lost = await repository.record_epoch(
+                session, f"redis-epoch:{self.w.keys.prefix}", epoch
+            )
+            if lost:
+                forgotten = await repository.forget_dispatches(session)
         if lost:
-            self.w.stream.data_loss.clear()
-            log.warning("Redis lost data (epoch changed); re-dispatching every queued job")
+            log.warning(
+                "Redis data epoch changed (first start, restart or data loss):"
+                " re-dispatching %d queued job(s)",
+                forgotten,
+            )
             await self.w.stream.ensure_groups(self.w.all_streams, force=True)
-            async with self.w.sessions.begin() as session:
-                await repository.forget_dispatches(session, self.w.config.queues)
             await self.sweep_undispatched(0.0)
-        self.epoch = epoch
         await self.reclaim(None)
         await self._prune()
 

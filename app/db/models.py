@@ -153,3 +153,13 @@ class WorkerRow(Base):
     last_seen_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+
+
+class StateRow(Base):
+    """Small facts Conveyor must remember across Redis losses (e.g. the Redis data epoch)."""
+
+    __tablename__ = "conveyor_state"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

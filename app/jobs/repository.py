@@ -365,14 +365,28 @@ async def lock_undispatched(
     return [Target(r.id, r.queue, r.priority) for r in result]
 
 
-async def forget_dispatches(session: AsyncSession, queues: Sequence[str]) -> int:
-    """After Redis lost data: every queued job of these queues must be sent again."""
+async def record_epoch(session: AsyncSession, key: str, epoch: str) -> bool:
+    """Remember the Redis data epoch; True when it differs from the one recorded before
+    (or none was), which means Redis may have lost entries since."""
+    changed = await session.scalar(
+        text(
+            "INSERT INTO conveyor_state (key, value) VALUES (:key, :epoch)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = now()"
+            " WHERE conveyor_state.value <> excluded.value RETURNING key"
+        ),
+        {"key": key, "epoch": epoch},
+    )
+    return changed is not None
+
+
+async def forget_dispatches(session: AsyncSession) -> int:
+    """After Redis lost data: every queued job must be sent again (each worker sends its
+    own queues' jobs; the grace period has passed for all of them)."""
     result = await session.execute(
         text(
-            "UPDATE jobs SET dispatched_at = NULL WHERE status = 'queued'"
-            " AND dispatched_at IS NOT NULL AND queue = ANY(CAST(:queues AS text[]))"
-        ),
-        {"queues": list(queues)},
+            "UPDATE jobs SET dispatched_at = NULL"
+            " WHERE status = 'queued' AND dispatched_at IS NOT NULL"
+        )
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

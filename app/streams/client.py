@@ -223,8 +223,7 @@ class StreamClient:
         plus the server's run id (new after any restart, which may lose the last writes).
         """
         token = secrets.token_hex(8)
-        if await self.redis.set(self.keys.epoch, token, nx=True):
-            self.data_loss.set()  # first start, or the marker is gone: assume loss, re-dispatch
+        await self.redis.set(self.keys.epoch, token, nx=True)
         raw = await self.redis.get(self.keys.epoch)
         value = raw.decode() if isinstance(raw, bytes) else raw
         run_id = ""
