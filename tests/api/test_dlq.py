@@ -1,0 +1,244 @@
+"""The dead-letter queue: dead jobs listed, notified on `<prefix>:dlq`, replayed, removed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from app.settings import Settings
+from app.streams.keys import Keys
+from tests.conftest import Backends, make_settings, wait_for_status, wait_until
+from tests.support.processes import Spawner
+
+ADMIN_SECRET = "dlq-test-admin-secret"
+PRODUCER_SECRET = "dlq-test-producer-secret"
+ADMIN_ACTOR = f"admin:{hashlib.sha256(ADMIN_SECRET.encode()).hexdigest()[:12]}"
+
+
+@pytest.fixture
+def settings(backends: Backends) -> Settings:
+    return make_settings(backends, api_keys=f"admin:{ADMIN_SECRET},producer:{PRODUCER_SECRET}")
+
+
+@pytest.fixture
+async def admin(client: httpx.AsyncClient) -> httpx.AsyncClient:
+    client.headers["Authorization"] = f"Bearer {ADMIN_SECRET}"
+    return client
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    r = Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        yield r
+    finally:
+        await r.aclose()
+
+
+async def _submit(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+async def _events(client: httpx.AsyncClient, job_id: str) -> list[str]:
+    response = await client.get(f"/v1/jobs/{job_id}/events")
+    assert response.status_code == 200
+    return [e["event"] for e in response.json()]
+
+
+async def _dead_job(client: httpx.AsyncClient, queue: str, **payload: Any) -> dict[str, Any]:
+    """A demo.fail job with one attempt, run until it is dead."""
+    body = {"type": "demo.fail", "queue": queue, "max_attempts": 1, "payload": payload}
+    job = await _submit(client, body)
+    dead = await wait_for_status(client, job["id"], {"dead", "succeeded"}, timeout=30)
+    assert dead["status"] == "dead"
+    return dead
+
+
+async def _dlq_ids(client: httpx.AsyncClient, queue: str) -> set[str]:
+    response = await client.get("/v1/dlq", params={"queue": queue, "limit": 500})
+    assert response.status_code == 200
+    return {item["id"] for item in response.json()["items"]}
+
+
+def _soon(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+async def _sleep_past(moment: str) -> None:
+    left = (datetime.fromisoformat(moment) - datetime.now(UTC)).total_seconds()
+    await asyncio.sleep(max(0.0, left) + 0.2)
+
+
+async def test_exhausted_job_is_dead_listed_and_notified_on_the_dlq_stream(
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
+) -> None:
+    spawn.worker([queue])
+    job = await _submit(
+        admin,
+        {"type": "demo.fail", "queue": queue, "max_attempts": 2, "payload": {"message": "boom"}},
+    )
+    dead = await wait_for_status(admin, job["id"], {"dead", "succeeded"}, timeout=60)
+    assert dead["status"] == "dead"
+    assert dead["attempts"] == 2
+
+    page = (await admin.get("/v1/dlq", params={"queue": queue})).json()
+    [listed] = page["items"]
+    assert listed["id"] == job["id"]
+    assert [(e["attempt"], e["error"]) for e in listed["errors"]] == [(1, "boom"), (2, "boom")]
+    assert page["next_cursor"] is None
+    by_type = (await admin.get("/v1/dlq", params={"queue": queue, "type": "demo.echo"})).json()
+    assert by_type["items"] == []
+
+    async def notified() -> list[dict[str, str]]:
+        entries: list[tuple[str, dict[str, str]]] = await redis.xrange(  # type: ignore[assignment]
+            Keys(settings.redis_prefix).dlq
+        )
+        return [fields for _, fields in entries if fields.get("job") == job["id"]]
+
+    [entry] = await wait_until(notified, timeout=20)
+    assert entry["type"] == "demo.fail"
+    assert entry["queue"] == queue
+    assert entry["attempts"] == "2"
+    assert [e["error"] for e in json.loads(entry["errors"])] == ["boom", "boom"]
+
+
+async def test_replay_runs_again_with_attempts_reset_and_history_kept(
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+) -> None:
+    spawn.worker([queue])
+    # Fails until a moment that will have passed by the time we replay it.
+    until = _soon(2)
+    dead = await _dead_job(admin, queue, fail_until=until, message="not yet")
+    await _sleep_past(until)
+
+    response = await admin.post(f"/v1/dlq/{dead['id']}/replay")
+    assert response.status_code == 202, response.text
+    replayed = response.json()
+    assert replayed["status"] == "queued"
+    assert replayed["attempts"] == 0
+    assert replayed["errors"] == dead["errors"]
+    assert replayed["finished_at"] is None
+
+    done = await wait_for_status(admin, dead["id"], {"succeeded", "dead"}, timeout=30)
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 1
+    assert done["result"] == {"attempt": 1}
+    assert [e["error"] for e in done["errors"]] == ["not yet"]
+    assert dead["id"] not in await _dlq_ids(admin, queue)
+
+    history = (await admin.get(f"/v1/jobs/{dead['id']}/events")).json()
+    assert [e["event"] for e in history] == [
+        "submitted",
+        "claimed",
+        "dead",
+        "replayed",
+        "claimed",
+        "succeeded",
+    ]
+    [event] = [e for e in history if e["event"] == "replayed"]
+    assert event["actor"] == ADMIN_ACTOR
+    assert event["attempt"] == 0
+
+
+async def test_replay_of_a_job_not_in_the_dlq_is_404_and_needs_admin(
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+) -> None:
+    spawn.worker([queue])
+    ok = await _submit(admin, {"type": "demo.echo", "queue": queue, "payload": {}})
+    await wait_for_status(admin, ok["id"], {"succeeded"}, timeout=30)
+    response = await admin.post(f"/v1/dlq/{ok['id']}/replay")
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
+
+    dead = await _dead_job(admin, queue)
+    as_producer = await admin.post(
+        f"/v1/dlq/{dead['id']}/replay", headers={"Authorization": f"Bearer {PRODUCER_SECRET}"}
+    )
+    assert as_producer.status_code == 403
+    assert (await admin.get(f"/v1/jobs/{dead['id']}")).json()["status"] == "dead"
+
+
+async def test_bulk_replay_by_ids_and_by_type(
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+) -> None:
+    spawn.worker([queue], concurrency=8)
+    until = _soon(3)
+    fails = [await _dead_job(admin, queue, fail_until=until) for _ in range(4)]
+    permanent = await _submit(
+        admin, {"type": "test.permanent", "queue": queue, "max_attempts": 3, "payload": {}}
+    )
+    await wait_for_status(admin, permanent["id"], {"dead"}, timeout=30)
+    assert await _dlq_ids(admin, queue) == {j["id"] for j in fails} | {permanent["id"]}
+    await _sleep_past(until)
+
+    by_ids = await admin.post("/v1/dlq/replay", json={"ids": [fails[0]["id"], fails[1]["id"]]})
+    assert by_ids.status_code == 202
+    assert by_ids.json() == {"replayed": 2}
+    for job in fails[:2]:
+        await wait_for_status(admin, job["id"], {"succeeded"}, timeout=30)
+    assert await _dlq_ids(admin, queue) == {fails[2]["id"], fails[3]["id"], permanent["id"]}
+
+    by_type = await admin.post("/v1/dlq/replay", json={"type": "demo.fail", "queue": queue})
+    assert by_type.status_code == 202
+    assert by_type.json() == {"replayed": 2}
+    for job in fails[2:]:
+        await wait_for_status(admin, job["id"], {"succeeded"}, timeout=30)
+    assert await _dlq_ids(admin, queue) == {permanent["id"]}
+
+    again = await admin.post("/v1/dlq/replay", json={"type": "demo.fail", "queue": queue})
+    assert again.json() == {"replayed": 0}
+    empty = await admin.post("/v1/dlq/replay", json={})
+    assert empty.status_code == 422
+
+
+async def test_delete_takes_a_job_out_of_the_dlq_and_keeps_it_dead(
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+) -> None:
+    spawn.worker([queue])
+    dead = await _dead_job(admin, queue)
+    response = await admin.delete(f"/v1/dlq/{dead['id']}")
+    assert response.status_code == 204
+    assert dead["id"] not in await _dlq_ids(admin, queue)
+    job = (await admin.get(f"/v1/jobs/{dead['id']}")).json()
+    assert job["status"] == "dead"
+    assert job["errors"] == dead["errors"]
+    assert (await admin.delete(f"/v1/dlq/{dead['id']}")).status_code == 404
+    assert (await admin.post(f"/v1/dlq/{dead['id']}/replay")).status_code == 404
+    assert (await _events(admin, dead["id"]))[-1] == "dlq_removed"
+
+
+async def test_concurrent_replays_of_one_job_queue_it_once(
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+) -> None:
+    spawn.worker([queue])
+    until = _soon(2)
+    dead = await _dead_job(admin, queue, fail_until=until)
+    await _sleep_past(until)
+
+    singles = [admin.post(f"/v1/dlq/{dead['id']}/replay") for _ in range(6)]
+    bulks = [admin.post("/v1/dlq/replay", json={"ids": [dead["id"]]}) for _ in range(6)]
+    responses = await asyncio.gather(*singles, *bulks)
+    single_ok = sum(r.status_code == 202 for r in responses[:6])
+    assert all(r.status_code in (202, 404) for r in responses[:6])
+    bulk_replayed = sum(r.json()["replayed"] for r in responses[6:])
+    assert single_ok + bulk_replayed == 1
+
+    done = await wait_for_status(admin, dead["id"], {"succeeded", "dead"}, timeout=30)
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 1
+    await asyncio.sleep(1.0)  # any duplicate delivery would have been claimed by now
+    names = await _events(admin, dead["id"])
+    assert names.count("replayed") == 1
+    assert names.count("claimed") == 2  # the first run and exactly one new run
+    assert names[-1] == "succeeded"
