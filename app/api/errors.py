@@ -32,6 +32,10 @@ STATUS: dict[type[errors.ConveyorError], int] = {
 RETRY_AFTER_SECONDS = "2"
 
 
+def unauthenticated_headers() -> dict[str, str]:
+    return {"WWW-Authenticate": 'Bearer realm="conveyor"'}
+
+
 def error_response(
     status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -44,7 +48,7 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
     status = STATUS.get(type(exc), 400)
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Unauthenticated):
-        headers["WWW-Authenticate"] = 'Bearer realm="conveyor"'
+        headers.update(unauthenticated_headers())
     if isinstance(exc, errors.RateLimited):
         headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
     if isinstance(exc, errors.Unavailable):

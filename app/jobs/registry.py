@@ -52,7 +52,7 @@ class JobType:
         except ValidationError as exc:
             raise InvalidInput(
                 f"payload does not match the schema of {self.name!r}",
-                details=exc.errors(include_url=False, include_context=False),
+                details=exc.errors(include_url=False, include_context=False, include_input=False),
             ) from exc
 
     def json_schema(self) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from app.jobs.schemas import (
 )
 from app.metrics import render_metrics
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"])  # /v1: needs a key, rate limited
+public = APIRouter(tags=["operations"])  # health, readiness, metrics, dashboard: open
 READY_TIMEOUT = 1.5
 
 
@@ -77,7 +78,7 @@ async def job_types(state: StateDep, principal: PrincipalDep) -> JobTypeList:
     )
 
 
-@router.get("/healthz")
+@public.get("/healthz")
 async def healthz() -> Health:
     """The process is up."""
     return Health(status="ok")
@@ -92,7 +93,7 @@ async def _check(coro_factory: object) -> bool:
         return False
 
 
-@router.get("/readyz", responses={503: {"model": Health}})
+@public.get("/readyz", responses={503: {"model": Health}})
 async def readyz(state: StateDep) -> Response:
     """200 when Postgres and Redis both answer; 503 otherwise."""
 
@@ -106,14 +107,14 @@ async def readyz(state: StateDep) -> Response:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@public.get("/metrics", response_class=Response)
 async def metrics(session: SessionDep) -> Response:
     """Prometheus text format."""
     body, content_type = render_metrics(await queries.queue_counts(session))
     return Response(body, media_type=content_type)
 
 
-@router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+@public.get("/ui", response_class=HTMLResponse, include_in_schema=False)
 async def dashboard() -> HTMLResponse:
     page = resources.files("app").joinpath("ui", "index.html").read_text()
     return HTMLResponse(page)
