@@ -74,15 +74,20 @@ def _apply(stmt: Select[JobRow], f: JobFilter) -> Select[JobRow]:
     return stmt.where(*conditions) if conditions else stmt
 
 
+def listing(f: JobFilter, limit: int, cursor: Cursor | None) -> Select[JobRow]:
+    """The listing query: a keyset scan of ``ix_jobs_created`` or of the ``ix_jobs_*_created``
+    index of a filter column, newest first (one row more than ``limit``, to know if more)."""
+    stmt = _apply(select(JobRow), f)
+    if cursor is not None:
+        stmt = stmt.where(tuple_(JobRow.created_at, JobRow.id) < (cursor.at, cursor.id))
+    return stmt.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
+
+
 async def list_jobs(
     session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None
 ) -> tuple[list[JobRow], Cursor | None]:
     """Newest first; the cursor is the (created_at, id) of the last row returned."""
-    stmt = _apply(select(JobRow), f)
-    if cursor is not None:
-        stmt = stmt.where(tuple_(JobRow.created_at, JobRow.id) < (cursor.at, cursor.id))
-    stmt = stmt.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
-    rows = list((await session.scalars(stmt)).all())
+    rows = list((await session.scalars(listing(f, limit, cursor))).all())
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (Cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)

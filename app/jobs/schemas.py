@@ -6,13 +6,21 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SkipValidation,
+    model_validator,
+)
 
 from app.jobs.status import JobStatus
 
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MAX_DELAY_SECONDS = 366 * 24 * 3600
+MAX_BATCH = 1000
 
 
 class JobCreate(BaseModel):
@@ -50,7 +58,11 @@ class JobCreate(BaseModel):
 class JobBatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    jobs: list[JobCreate] = Field(min_length=1, max_length=1000)
+    # Items are validated one by one in the service (``JobCreate.model_validate``), so that a
+    # 422 names every bad index, whether its fault is a field or the payload's schema.
+    jobs: list[SkipValidation[JobCreate]] = Field(
+        min_length=1, max_length=MAX_BATCH, description="Up to 1000 jobs, created all or none."
+    )
 
 
 class JobError(BaseModel):

@@ -6,11 +6,13 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobRow
@@ -42,14 +44,28 @@ class Submitted:
     created: bool
 
 
-def _request_hash(item: JobCreate) -> str:
-    body = item.model_dump(mode="json", exclude={"idempotency_key"})
+def _request_hash(item: JobCreate, payload: dict[str, Any]) -> str:
+    """What makes two requests "the same": every field as given, with the payload as its type
+    normalises it and ``run_at`` in UTC (``delay_seconds`` is hashed as given, not resolved)."""
+    body = item.model_dump(mode="json", exclude={"idempotency_key", "payload", "run_at"})
+    body["payload"] = payload
+    body["run_at"] = item.run_at.astimezone(UTC).isoformat() if item.run_at else None
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _parse(item: JobCreate | dict[str, Any]) -> JobCreate:
+    """Batch items arrive unvalidated, so that one 422 can name every bad index."""
+    try:
+        return JobCreate.model_validate(item)
+    except ValidationError as exc:
+        details = [{k: e[k] for k in ("loc", "msg", "type")} for e in exc.errors()]
+        raise InvalidInput("invalid job", details=details) from exc
+
+
 def _row(
-    item: JobCreate, registry: Registry, principal: Principal, now: datetime
+    raw: JobCreate | dict[str, Any], registry: Registry, principal: Principal, now: datetime
 ) -> dict[str, Any]:
+    item = _parse(raw)
     job_type = registry.get(item.type)
     payload = job_type.validate(item.payload).model_dump(mode="json")
     run_at = item.run_at
@@ -67,55 +83,109 @@ def _row(
         "timeout_seconds": item.timeout_seconds,
         "idempotency_key": item.idempotency_key,
         "idempotency_scope": principal.scope,
-        "request_hash": _request_hash(item) if item.idempotency_key else None,
+        "request_hash": _request_hash(item, payload) if item.idempotency_key else None,
         "owner": principal.name,
         "run_at": run_at.isoformat() if run_at else None,
     }
 
 
-def _rows(items: list[JobCreate], registry: Registry, principal: Principal) -> list[dict[str, Any]]:
-    """Validate every item; a batch with any bad item is rejected whole, naming each index."""
+def with_idempotency_header(item: JobCreate, header: str | None) -> JobCreate:
+    """The ``Idempotency-Key`` header fills the field; both given and different is a 422."""
+    if header is None:
+        return item
+    if item.idempotency_key is not None and item.idempotency_key != header:
+        raise InvalidInput("the Idempotency-Key header and idempotency_key field differ")
+    return item.model_copy(update={"idempotency_key": header})
+
+
+def _rows(
+    items: Sequence[JobCreate | dict[str, Any]],
+    registry: Registry,
+    principal: Principal,
+    *,
+    batch: bool,
+) -> list[dict[str, Any]]:
+    """Validate every item; a batch with any bad item is rejected whole, naming each index.
+
+    One idempotency key used twice in a batch with the same request names one job (both
+    positions return it); with different requests, both indexes are named in the 422.
+    """
     now = datetime.now(UTC)
     rows: list[dict[str, Any]] = []
     problems: list[dict[str, Any]] = []
+    by_key: dict[str, tuple[int, dict[str, Any]]] = {}
     for index, item in enumerate(items):
         try:
-            rows.append(_row(item, registry, principal, now))
+            row = _row(item, registry, principal, now)
         except InvalidInput as exc:
             problems.append({"index": index, "message": exc.message, "details": exc.details})
+            continue
+        key = row["idempotency_key"]
+        first = by_key.setdefault(key, (index, row)) if key is not None else (index, row)
+        if first[1]["request_hash"] != row["request_hash"]:
+            problems.append(_duplicate_key(index, first[0], key))
+        rows.append(first[1])
     if problems:
-        if len(items) == 1:
+        if not batch:
             raise InvalidInput(problems[0]["message"], details=problems[0]["details"])
         raise InvalidInput(f"{len(problems)} invalid job(s) in the batch", details=problems)
     return rows
+
+
+def _duplicate_key(index: int, first: int, key: str) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": f"idempotency key also used by item {first} with a different request",
+        "details": {"idempotency_key": key, "first_index": first},
+    }
+
+
+def _resolve(
+    rows: list[dict[str, Any]], inserted: dict[UUID, JobRow], existing: dict[str, JobRow]
+) -> list[Submitted]:
+    """Pair each item with its job: the one just inserted, or the one that holds its key."""
+    results: list[Submitted] = []
+    seen: set[UUID] = set()
+    for row in rows:
+        job = inserted.get(UUID(row["id"]))
+        if job is not None:
+            results.append(Submitted(job, created=job.id not in seen))
+            seen.add(job.id)
+            continue
+        job = existing.get(row["idempotency_key"])
+        if job is None or job.request_hash != row["request_hash"]:
+            raise Conflict(
+                "idempotency key was used with a different request",
+                details={"idempotency_key": row["idempotency_key"]},
+            )
+        results.append(Submitted(job, created=False))
+    return results
 
 
 async def submit(
     session: AsyncSession,
     dispatcher: Dispatcher,
     registry: Registry,
-    items: list[JobCreate],
+    items: Sequence[JobCreate | dict[str, Any]],
     principal: Principal,
+    *,
+    batch: bool = False,
 ) -> list[Submitted]:
-    """Insert the jobs in one statement, commit, then XADD the queued ones in one pipeline."""
-    rows = _rows(items, registry, principal)
-    inserted = {row.id: row for row in await repository.insert_jobs(session, rows)}
+    """Insert the jobs in one statement, commit, then XADD the queued ones in one pipeline.
+
+    The unique index on (scope, idempotency key) decides between concurrent repeats: the
+    insert skips a taken key, and the existing job is returned if its request is the same.
+    """
+    rows = _rows(items, registry, principal, batch=batch)
+    unique = list({row["id"]: row for row in rows}.values())
+    inserted = {row.id: row for row in await repository.insert_jobs(session, unique)}
     keys = [r["idempotency_key"] for r in rows if UUID(r["id"]) not in inserted]
     existing = await repository.find_by_keys(session, principal.scope, keys) if keys else {}
-    results: list[Submitted] = []
-    for row in rows:
-        job = inserted.get(UUID(row["id"]))
-        if job is None:
-            job = existing.get(row["idempotency_key"])
-            if job is None or job.request_hash != row["request_hash"]:
-                await session.rollback()
-                raise Conflict(
-                    "idempotency key was used with a different request",
-                    details={"idempotency_key": row["idempotency_key"]},
-                )
-            results.append(Submitted(job, created=False))
-        else:
-            results.append(Submitted(job, created=True))
+    try:
+        results = _resolve(rows, inserted, existing)
+    except Conflict:
+        await session.rollback()
+        raise
     await session.commit()
     fresh = [
         Target(s.job.id, s.job.queue, s.job.priority)

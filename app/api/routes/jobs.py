@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
+from pydantic import AwareDatetime
 
 from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep
 from app.jobs import queries, service
@@ -56,9 +56,10 @@ async def submit_job(
     principal: PrincipalDep,
     idempotency_key: IdempotencyHeader = None,
 ) -> Job:
-    """Submit one job. A repeat with the same idempotency key and request returns 200."""
-    if idempotency_key is not None and body.idempotency_key is None:
-        body = body.model_copy(update={"idempotency_key": idempotency_key})
+    """Submit one job. A repeat with the same idempotency key and request returns 200 and the
+    original job; the same key with a different request is 409. Keys are scoped per API key
+    and live as long as the job."""
+    body = service.with_idempotency_header(body, idempotency_key)
     [done] = await service.submit(session, dispatcher, registry, [body], principal)
     response.status_code = 202 if done.created else 200
     response.headers["Location"] = f"/v1/jobs/{done.job.id}"
@@ -73,8 +74,13 @@ async def submit_batch(
     registry: RegistryDep,
     principal: PrincipalDep,
 ) -> JobBatch:
-    """Submit up to 1000 jobs at once: all are created, or none (422 names each bad index)."""
-    done = await service.submit(session, dispatcher, registry, body.jobs, principal)
+    """Submit up to 1000 jobs at once: all are created, or none (422 names each bad index).
+
+    One INSERT and one Redis pipeline for the whole batch. Items may carry idempotency keys:
+    repeating a batch returns the same jobs; a key used twice in one batch with the same
+    request names one job (returned at both positions), with different requests it is a 422.
+    """
+    done = await service.submit(session, dispatcher, registry, body.jobs, principal, batch=True)
     return JobBatch(jobs=[Job.model_validate(d.job) for d in done])
 
 
@@ -85,12 +91,22 @@ async def list_jobs(
     status: JobStatus | None = None,
     type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
     queue: Annotated[str | None, Query(pattern=QUEUE_PATTERN)] = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: Annotated[
+        AwareDatetime | None, Query(description="Only jobs created after this (with a zone).")
+    ] = None,
+    created_before: Annotated[
+        AwareDatetime | None, Query(description="Only jobs created before this (with a zone).")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+    ] = None,
 ) -> JobPage:
-    """Jobs newest first, filtered; follow `next_cursor` for the next page."""
+    """Jobs newest first, filtered; follow `next_cursor` for the next page.
+
+    Keyset pagination over (created_at, id): a page costs the same at any depth, and jobs
+    created while you page do not shift the pages, so every job that matched when you began
+    is returned exactly once (unless its status changes under a `status` filter)."""
     owner = None if principal.admin else principal.name
     f = JobFilter(status, type, queue, created_after, created_before, owner)
     rows, nxt = await queries.list_jobs(
