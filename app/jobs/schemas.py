@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
@@ -11,7 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SkipValidation,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -55,13 +55,16 @@ class JobCreate(BaseModel):
         return self
 
 
+# A batch item is a JobCreate (and documented so), validated one by one in the service, so
+# that a 422 names every bad index, whether its fault is a field or the payload's schema.
+BatchItem = Annotated[Any, WithJsonSchema({"$ref": "#/components/schemas/JobCreate"})]
+
+
 class JobBatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Items are validated one by one in the service (``JobCreate.model_validate``), so that a
-    # 422 names every bad index, whether its fault is a field or the payload's schema.
-    jobs: list[SkipValidation[JobCreate]] = Field(
-        min_length=1, max_length=MAX_BATCH, description="Up to 1000 jobs, created all or none."
+    jobs: list[BatchItem] = Field(
+        min_length=1, max_length=MAX_BATCH, description="Up to 1000 jobs, all or none."
     )
 
 

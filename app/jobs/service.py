@@ -53,7 +53,7 @@ def _request_hash(item: JobCreate, payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _parse(item: JobCreate | dict[str, Any]) -> JobCreate:
+def _parse(item: object) -> JobCreate:
     """Batch items arrive unvalidated, so that one 422 can name every bad index."""
     try:
         return JobCreate.model_validate(item)
@@ -62,9 +62,7 @@ def _parse(item: JobCreate | dict[str, Any]) -> JobCreate:
         raise InvalidInput("invalid job", details=details) from exc
 
 
-def _row(
-    raw: JobCreate | dict[str, Any], registry: Registry, principal: Principal, now: datetime
-) -> dict[str, Any]:
+def _row(raw: object, registry: Registry, principal: Principal, now: datetime) -> dict[str, Any]:
     item = _parse(raw)
     job_type = registry.get(item.type)
     payload = job_type.validate(item.payload).model_dump(mode="json")
@@ -99,7 +97,7 @@ def with_idempotency_header(item: JobCreate, header: str | None) -> JobCreate:
 
 
 def _rows(
-    items: Sequence[JobCreate | dict[str, Any]],
+    items: Sequence[object],
     registry: Registry,
     principal: Principal,
     *,
@@ -166,7 +164,7 @@ async def submit(
     session: AsyncSession,
     dispatcher: Dispatcher,
     registry: Registry,
-    items: Sequence[JobCreate | dict[str, Any]],
+    items: Sequence[object],
     principal: Principal,
     *,
     batch: bool = False,
