@@ -38,7 +38,11 @@ class JobCreate(BaseModel):
         default=0,
         ge=-1000,
         le=1000,
-        description="Higher starts first. Bands: > 0 high, 0 default, < 0 low; FIFO within a band.",
+        description=(
+            "Higher starts first, in three bands: > 0 is high, 0 default, < 0 low. In a queue,"
+            " a waiting job of a higher band starts before any job of a lower band; within a"
+            " band, first in first out (1 and 1000 are both simply high)."
+        ),
     )
     max_attempts: int = Field(default=3, ge=1, le=100)
     run_at: AwareDatetime | None = Field(default=None, description="Not started before this.")
