@@ -83,17 +83,22 @@ class Maintenance:
             log.warning("could not unregister: %s", exc)
 
     async def heartbeat(self) -> None:
-        """Extend our leases in Postgres and refresh our pending entries in Redis."""
+        """Extend our leases in Postgres and refresh our pending entries in Redis.
+
+        Only attempts we still hold are refreshed: after a reclaim, XCLAIM would take the
+        entry back from the worker that runs the newer attempt.
+        """
         running = list(self.w.running.values())
         async with self.w.sessions.begin() as session:
-            await repository.extend_leases(
+            held = await repository.extend_leases(
                 session,
                 self.w.name,
                 [(r.job.id, r.job.attempts) for r in running],
                 self.w.lease_seconds,
             )
             await queries.upsert_worker(session, self._worker_values())
-        await self.w.stream.refresh(self.w.name, [r.delivery for r in running] + self.w.held)
+        mine = [r.delivery for r in running if r.job.id in held]
+        await self.w.stream.refresh(self.w.name, mine + self.w.held)
 
     # -- promotion and dispatch -------------------------------------------------------------------
 

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000
 REPORT_BATCH = 500
+REPORT_FLUSH_SECONDS = 10.0  # on shutdown, how long the reporter may take to write what it holds
 RETRY_PAUSE = 1.0
+STRAY_READ_COUNT = 1000
 
 
 @dataclass
@@ -103,8 +105,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await self._drain()
-        reporter.cancel()
-        await asyncio.gather(reporter, return_exceptions=True)
+        await self._stop_reporter(reporter)
         await self._report_pending()
         await self._hand_back()
         await self.maintenance.unregister()
@@ -144,26 +145,51 @@ class Worker:
     async def _hand_back(self) -> None:
         """Release unfinished attempts and unclaimed deliveries so others take them at once."""
         unfinished = [r for r in self.running.values() if r.task is None or r.task.cancelled()]
-        held, self.held = self.held, []
         try:
+            stray = await self._stray_deliveries()
             async with self.sessions.begin() as session:
                 released = await repository.release_many(
                     session, self.name, [(r.job.id, r.job.attempts) for r in unfinished]
                 )
-                targets = released + await self._queued_targets(session, held)
+                targets = released + await self._orphan_targets(session, stray)
             await self.dispatcher.send_committed(targets)
-            await self.stream.ack([r.delivery for r in unfinished] + held)
+            await self.stream.ack([r.delivery for r in unfinished] + stray)
             if targets:
                 log.info("handed back %d job(s)", len(targets))
         except Exception as exc:  # the lease sweep and XAUTOCLAIM recover them instead
             log.warning("could not hand back jobs on shutdown: %s", exc)
 
-    async def _queued_targets(
-        self, session: AsyncSession, held: Sequence[Delivery]
+    async def _stray_deliveries(self) -> list[Delivery]:
+        """Our pending entries that no running job stands for: the held ones, and those a
+        read or claim cut short by shutdown left behind (Redis delivered them to us)."""
+        busy = {(r.delivery.stream, r.delivery.entry_id) for r in self.running.values()}
+        found: dict[tuple[str, str], Delivery] = {}
+        held, self.held = self.held, []
+        try:
+            for queue, partition in self.partitions:
+                streams = self.keys.partition_streams(queue, partition)
+                held += await self.stream.read_own(streams, self.name, STRAY_READ_COUNT)
+        except Exception as exc:  # still release what we hold; XAUTOCLAIM takes the rest
+            log.warning("could not read our pending entries on shutdown: %s", exc)
+        for d in held:
+            if (d.stream, d.entry_id) not in busy:
+                found[(d.stream, d.entry_id)] = d
+        return list(found.values())
+
+    async def _orphan_targets(
+        self, session: AsyncSession, deliveries: Sequence[Delivery]
     ) -> list[Target]:
-        ids = [d.job_id for d in held if d.job_id is not None]
-        rows = [await queries.get_job(session, i) for i in ids]
-        return [Target(r.id, r.queue, r.priority) for r in rows if r and r.status == "queued"]
+        """Jobs of stray deliveries to send again: queued ones, and ones whose claim committed
+        for us without a task being started (released; that attempt does not count)."""
+        ids = {d.job_id for d in deliveries if d.job_id is not None}
+        rows = [r for r in [await queries.get_job(session, i) for i in ids] if r is not None]
+        rows = [r for r in rows if r.id not in self.running]  # those are handed back already
+        claimed = [
+            (r.id, r.attempts) for r in rows if r.status == "running" and r.worker == self.name
+        ]
+        released = await repository.release_many(session, self.name, claimed)
+        queued = [Target(r.id, r.queue, r.priority) for r in rows if r.status == "queued"]
+        return queued + released
 
     # -- reading and claiming -----------------------------------------------------------------
 
@@ -240,10 +266,22 @@ class Worker:
             while True:
                 try:
                     await self._report(batch)
+                    for _ in batch:
+                        self.outcomes.task_done()
                     break
                 except Exception as exc:  # keep the outcomes until Postgres takes them
                     log.warning("reporting %d outcome(s) failed (%s); retrying", len(batch), exc)
                     await asyncio.sleep(RETRY_PAUSE)
+
+    async def _stop_reporter(self, reporter: asyncio.Task[None]) -> None:
+        """Let the reporter write every outcome it was given (a batch cut off mid-write would
+        leave finished jobs ``running``), then stop it."""
+        try:
+            await asyncio.wait_for(self.outcomes.join(), timeout=REPORT_FLUSH_SECONDS)
+        except TimeoutError:
+            log.warning("outcomes not written on shutdown; their leases will lapse")
+        reporter.cancel()
+        await asyncio.gather(reporter, return_exceptions=True)
 
     async def _report_pending(self) -> None:
         batch = []
@@ -262,9 +300,12 @@ class Worker:
         async with self.sessions.begin() as session:
             done = await repository.succeed_many(session, self.name, wins)
             failed = await repository.fail_many(session, self.name, losses, self.backoff)
-        await self.stream.ack([d for _, d in batch])
+        moved = done | {r.id for r in failed}
+        # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
+        # (or to XAUTOCLAIM, whose claim then drops it).
+        await self.stream.ack([d for o, d in batch if o.job_id in moved])
         await self.maintenance.dead_lettered([r for r in failed if r.status == "dead"])
-        stale = len(batch) - len(done) - len(failed)
+        stale = len(batch) - len(moved)
         if stale:
             log.info("%d outcome(s) fenced off: a newer attempt or a cancel won", stale)
         for outcome, _ in batch:

@@ -147,6 +147,18 @@ class StreamClient:
             for entry_id, fields in entries
         ]
 
+    async def read_own(self, streams: Sequence[str], consumer: str, count: int) -> list[Delivery]:
+        """Entries delivered to ``consumer`` and not acked (XREADGROUP from id 0), e.g. those
+        of a blocking read whose reply was lost when the read was cancelled."""
+        reply = await self.redis.xreadgroup(
+            GROUP, consumer, dict.fromkeys(streams, "0"), count=count
+        )
+        return [
+            Delivery(stream, entry_id, _parse_job(fields))
+            for stream, entries in _stream_items(reply)
+            for entry_id, fields in entries
+        ]
+
     async def ack(self, deliveries: Iterable[Delivery]) -> None:
         """XACK and XDEL finished entries, so streams hold only live work."""
         by_stream: dict[str, list[str]] = defaultdict(list)
