@@ -110,11 +110,16 @@ class StreamClient:
         by_stream: dict[str, list[UUID]] = defaultdict(list)
         for stream, job_id in targets:
             by_stream[stream].append(job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
-                args = [self.maxlen, *map(str, ids)]
-                await self._dispatch(keys=[stream], args=args, client=pipe)  # type: ignore[arg-type]
-            counts = await pipe.execute()
+        calls: list[tuple[str, list[Any]]] = [
+            (stream, [self.maxlen, *map(str, ids)]) for stream, ids in by_stream.items()
+        ]
+        if isinstance(self.redis, RedisCluster):  # cluster pipelines refuse EVALSHA
+            counts = await asyncio.gather(*(self._dispatch(keys=[k], args=a) for k, a in calls))
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, args in calls:
+                    await self._dispatch(keys=[stream], args=args, client=pipe)
+                counts = await pipe.execute()
         sent: set[UUID] = set()
         for (_, ids), count in zip(by_stream.items(), counts, strict=True):
             sent.update(ids[: int(count)])

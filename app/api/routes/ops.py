@@ -30,9 +30,11 @@ READY_TIMEOUT = 1.5
 
 @router.get("/v1/queues", responses=ERRORS)
 async def queues(session: SessionDep, state: StateDep, principal: PrincipalDep) -> QueueList:
-    """Per queue: waiting, running, scheduled, retrying and dead counts, and stream pending."""
+    """Per queue (those with unfinished or dead jobs, or a live worker): waiting, running,
+    scheduled, retrying and dead counts, and entries pending in its streams."""
     counts = await queries.queue_counts(session)
-    names = sorted(counts)
+    served = await queries.live_workers(session, state.settings.claim_idle_seconds)
+    names = sorted(set(counts).union(*(w.queues for w in served)))
     keys, partitions = state.stream.keys, state.settings.partitions
     pending = await state.stream.pending_counts(
         [s for q in names for s in keys.queue_streams(q, partitions)]
@@ -40,7 +42,7 @@ async def queues(session: SessionDep, state: StateDep, principal: PrincipalDep) 
     per_queue = len(keys.queue_streams("x", partitions))
     items = []
     for i, name in enumerate(names):
-        c = counts[name]
+        c = counts.get(name, {})
         items.append(
             QueueStats(
                 queue=name,
