@@ -204,18 +204,24 @@ class Maintenance:
     async def reconcile(self) -> None:
         """Compare Postgres with Redis and repair what Redis lost."""
         self.w.stream.data_loss.clear()
-        epoch = await self.w.stream.epoch()
+        partitions = self.w.partitions
+        epochs = await self.w.stream.epochs(partitions)
         forgotten = 0
         async with self.w.sessions.begin() as session:
-            lost = await repository.record_epoch(
-                session, f"redis-epoch:{self.w.keys.prefix}", epoch
-            )
+            lost = {
+                queue
+                for (queue, partition), epoch in zip(partitions, epochs, strict=True)
+                if await repository.record_epoch(
+                    session, f"redis-epoch:{self.w.keys.prefix}:{queue}:{partition}", epoch
+                )
+            }
             if lost:
-                forgotten = await repository.forget_dispatches(session)
+                forgotten = await repository.forget_dispatches(session, sorted(lost))
         if lost:
             log.warning(
-                "Redis data epoch changed (first start, restart or data loss):"
+                "Redis data epoch changed for queue(s) %s (first start, restart or data loss):"
                 " re-dispatching %d queued job(s)",
+                ",".join(sorted(lost)),
                 forgotten,
             )
             await self.w.stream.ensure_groups(self.w.all_streams, force=True)

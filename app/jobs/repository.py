@@ -379,14 +379,14 @@ async def record_epoch(session: AsyncSession, key: str, epoch: str) -> bool:
     return changed is not None
 
 
-async def forget_dispatches(session: AsyncSession) -> int:
-    """After Redis lost data: every queued job must be sent again (each worker sends its
-    own queues' jobs; the grace period has passed for all of them)."""
+async def forget_dispatches(session: AsyncSession, queues: Sequence[str]) -> int:
+    """After Redis lost data: every queued job of these queues must be sent again."""
     result = await session.execute(
         text(
-            "UPDATE jobs SET dispatched_at = NULL"
-            " WHERE status = 'queued' AND dispatched_at IS NOT NULL"
-        )
+            "UPDATE jobs SET dispatched_at = NULL WHERE status = 'queued'"
+            " AND dispatched_at IS NOT NULL AND queue = ANY(CAST(:queues AS text[]))"
+        ),
+        {"queues": list(queues)},
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

@@ -233,21 +233,27 @@ class StreamClient:
 
     # -- loss detection and rate limiting ------------------------------------------------------
 
-    async def epoch(self) -> str:
-        """The data epoch; when it changes, Redis may have lost writes.
+    async def epochs(self, partitions: Sequence[tuple[str, int]]) -> list[str]:
+        """The data epoch of each ``(queue, partition)``; a change means Redis may have lost
+        writes there.
 
-        A marker key created once (gone after FLUSHALL or a restart without persistence),
-        plus the server's run id (new after any restart, which may lose the last writes).
+        A marker key per partition, created once (gone after FLUSHALL, a restart without
+        persistence, or a cluster node replaced empty), plus the server's run id when not in
+        cluster mode (new after any restart, which may lose the last writes).
         """
         token = secrets.token_hex(8)
-        await self.redis.set(self.keys.epoch, token, nx=True)
-        raw = await self.redis.get(self.keys.epoch)
-        value = raw.decode() if isinstance(raw, bytes) else raw
+        keys = [self.keys.epoch(q, p) for q, p in partitions]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(key, token, nx=True)
+                pipe.get(key)
+            replies = await pipe.execute()
         run_id = ""
         if isinstance(self.redis, Redis):
             info: dict[str, Any] = await self.redis.info("server")
             run_id = str(info.get("run_id", ""))
-        return f"{value or token}:{run_id}"
+        values = replies[1::2]
+        return [f"{v.decode() if isinstance(v, bytes) else v}:{run_id}" for v in values]
 
     async def take_token(self, principal: str, rate: float, burst: int) -> float:
         """Take one rate-limit token; returns 0 when allowed, else seconds to wait."""

@@ -6,7 +6,7 @@ Layout (``P`` = ``CONVEYOR_REDIS_PREFIX``)::
     P:{queue:partition}:b1     stream of band 1 (priority == 0)
     P:{queue:partition}:b2     stream of band 2 (priority < 0)
     P:dlq                      stream of dead-lettered jobs (a notification; Postgres is the record)
-    P:epoch                    marker whose loss means Redis lost its data
+    P:{queue:partition}:epoch  marker whose loss means that partition's node lost its data
     P:rl:<principal>           rate-limit bucket of one API key
 
 The ``{queue:partition}`` hash tag puts the band streams of one partition in one Redis Cluster
@@ -58,9 +58,9 @@ class Keys:
     def dlq(self) -> str:
         return f"{self.prefix}:dlq"
 
-    @property
-    def epoch(self) -> str:
-        return f"{self.prefix}:epoch"
+    def epoch(self, queue: str, partition: int) -> str:
+        """Lives in the partition's slot, so a Redis Cluster node's loss shows on its own."""
+        return f"{self.prefix}:{{{queue}:{partition}}}:epoch"
 
     def rate_limit(self, principal: str) -> str:
         return f"{self.prefix}:rl:{principal}"
