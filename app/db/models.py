@@ -91,6 +91,14 @@ class JobRow(Base):
         Index("ix_jobs_status_created", "status", text("created_at DESC"), text("id DESC")),
         Index("ix_jobs_queue_created", "queue", text("created_at DESC"), text("id DESC")),
         Index("ix_jobs_type_created", "type", text("created_at DESC"), text("id DESC")),
+        # A producer's own listing (auth on): without it, a key with few jobs scans them all.
+        Index(
+            "ix_jobs_owner_created",
+            "owner",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text("owner IS NOT NULL"),
+        ),
         # Queue stats over the non-finished rows only.
         Index(
             "ix_jobs_open",
