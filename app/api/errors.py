@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,7 +51,7 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, errors.Unauthenticated):
         headers.update(unauthenticated_headers())
     if isinstance(exc, errors.RateLimited):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after + 0.5)))
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, errors.Unavailable):
         headers["Retry-After"] = RETRY_AFTER_SECONDS
     return error_response(status, exc.code, exc.message, exc.details, headers)
