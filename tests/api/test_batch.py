@@ -155,7 +155,13 @@ async def test_size_limits(client: httpx.AsyncClient, settings: Settings, queue:
     )
     assert too_many.status_code == 422
     assert await rows_in_queue(settings, queue) == 0
-    for bad in ({"jobs": []}, {}, {"jobs": {"type": "demo.echo"}}, {"jobs": [], "x": 1}):
+    bad_bodies: list[dict[str, Any]] = [
+        {"jobs": []},
+        {},
+        {"jobs": {"type": "demo.echo"}},
+        {"jobs": [], "x": 1},
+    ]
+    for bad in bad_bodies:
         response = await client.post("/v1/jobs/batch", json=bad)
         assert response.status_code == 422, bad
         assert response.json()["error"] == "invalid"

@@ -13,7 +13,6 @@ import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -251,9 +250,9 @@ def _filter(names: tuple[str, ...]) -> JobFilter:
     return JobFilter(**{n: values[n] for n in names})
 
 
-def listing_sql(f: JobFilter, cursor: Cursor | None) -> str:
+def listing_sql(engine: AsyncEngine, f: JobFilter, cursor: Cursor | None) -> str:
     stmt = listing(f, 50, cursor)
-    return str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    return str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
 
 
 async def plan(engine: AsyncEngine, sql: str) -> str:
@@ -270,7 +269,9 @@ async def test_every_filter_combination_uses_an_index(explain_engine: AsyncEngin
     failures: list[str] = []
     for names in COMBINATIONS:
         for cursor in (None, deep):
-            text_plan = await plan(explain_engine, listing_sql(_filter(names), cursor))
+            text_plan = await plan(
+                explain_engine, listing_sql(explain_engine, _filter(names), cursor)
+            )
             if "Seq Scan" in text_plan or "Index" not in text_plan:
                 failures.append(f"{names} cursor={cursor is not None}:\n{text_plan}")
     assert not failures, "\n\n".join(failures)
@@ -283,6 +284,8 @@ async def test_single_filters_read_in_index_order_without_sorting(
     deep = Cursor(datetime.now(UTC) - timedelta(days=6), uuid.UUID(int=2**128 - 1))
     for names in [(), *[(n,) for n in FILTERS]]:
         for cursor in (None, deep):
-            text_plan = await plan(explain_engine, listing_sql(_filter(names), cursor))
+            text_plan = await plan(
+                explain_engine, listing_sql(explain_engine, _filter(names), cursor)
+            )
             assert "Sort" not in text_plan, f"{names}:\n{text_plan}"
             assert "Index Scan" in text_plan, f"{names}:\n{text_plan}"
