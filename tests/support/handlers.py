@@ -61,3 +61,17 @@ async def nap(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
     if ctx.attempt <= payload.until_attempt:
         await asyncio.sleep(payload.seconds)
     return {"worker": ctx.worker, "attempt": ctx.attempt}
+
+
+class GatePayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=500)
+
+
+@job_type("test.gate")
+async def gate(payload: GatePayload, ctx: JobContext) -> dict[str, int]:
+    """Fails with ``gate closed`` until the file at ``path`` exists (a test opens it)."""
+    if not os.path.exists(payload.path):
+        raise RuntimeError("gate closed")
+    return {"attempt": ctx.attempt}
