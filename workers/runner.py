@@ -37,6 +37,7 @@ REPORT_BATCH = 500
 REPORT_FLUSH_SECONDS = 10.0  # on shutdown, how long the reporter may take to write what it holds
 RETRY_PAUSE = 1.0
 STRAY_READ_COUNT = 1000
+LOOP_STOP_SECONDS = 5.0
 
 
 @dataclass
@@ -103,7 +104,9 @@ class Worker:
         await self.stopping.wait()
         for task in loops:
             task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        _, stuck = await asyncio.wait(loops, timeout=LOOP_STOP_SECONDS)
+        if stuck:  # shutdown stays bounded; asyncio.run cancels them again at exit
+            log.warning("%d loop(s) ignored cancellation; going on", len(stuck))
         await self._drain()
         await self._stop_reporter(reporter)
         await self._report_pending()
@@ -116,6 +119,7 @@ class Worker:
     def stop(self) -> None:
         if self.stopping.is_set():
             self.settings = self.settings.model_copy(update={"shutdown_grace_seconds": 0.0})
+        log.info("worker %s stopping: no new jobs", self.name)
         self.stopping.set()
 
     async def _until_ready(self) -> None:

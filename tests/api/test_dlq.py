@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -56,9 +56,14 @@ async def _events(client: httpx.AsyncClient, job_id: str) -> list[str]:
     return [e["event"] for e in response.json()]
 
 
-async def _dead_job(client: httpx.AsyncClient, queue: str, **payload: Any) -> dict[str, Any]:
-    """A demo.fail job with one attempt, run until it is dead."""
-    body = {"type": "demo.fail", "queue": queue, "max_attempts": 1, "payload": payload}
+async def _dead_job(client: httpx.AsyncClient, queue: str, gate: Path) -> dict[str, Any]:
+    """A one-attempt job that fails while ``gate`` does not exist, run until it is dead."""
+    body = {
+        "type": "test.gate",
+        "queue": queue,
+        "max_attempts": 1,
+        "payload": {"path": str(gate)},
+    }
     job = await _submit(client, body)
     dead = await wait_for_status(client, job["id"], {"dead", "succeeded"}, timeout=30)
     assert dead["status"] == "dead"
@@ -69,15 +74,6 @@ async def _dlq_ids(client: httpx.AsyncClient, queue: str) -> set[str]:
     response = await client.get("/v1/dlq", params={"queue": queue, "limit": 500})
     assert response.status_code == 200
     return {item["id"] for item in response.json()["items"]}
-
-
-def _soon(seconds: float) -> str:
-    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
-
-
-async def _sleep_past(moment: str) -> None:
-    left = (datetime.fromisoformat(moment) - datetime.now(UTC)).total_seconds()
-    await asyncio.sleep(max(0.0, left) + 0.2)
 
 
 async def test_exhausted_job_is_dead_listed_and_notified_on_the_dlq_stream(
@@ -114,13 +110,13 @@ async def test_exhausted_job_is_dead_listed_and_notified_on_the_dlq_stream(
 
 
 async def test_replay_runs_again_with_attempts_reset_and_history_kept(
-    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
 ) -> None:
     spawn.worker([queue])
-    # Fails until a moment that will have passed by the time we replay it.
-    until = _soon(2)
-    dead = await _dead_job(admin, queue, fail_until=until, message="not yet")
-    await _sleep_past(until)
+    # Fails while the gate is closed; the gate is open by the time we replay it.
+    gate = tmp_path / "gate"
+    dead = await _dead_job(admin, queue, gate)
+    gate.touch()
 
     response = await admin.post(f"/v1/dlq/{dead['id']}/replay")
     assert response.status_code == 202, response.text
@@ -134,7 +130,7 @@ async def test_replay_runs_again_with_attempts_reset_and_history_kept(
     assert done["status"] == "succeeded"
     assert done["attempts"] == 1
     assert done["result"] == {"attempt": 1}
-    assert [e["error"] for e in done["errors"]] == ["not yet"]
+    assert [e["error"] for e in done["errors"]] == ["gate closed"]
     assert dead["id"] not in await _dlq_ids(admin, queue)
 
     history = (await admin.get(f"/v1/jobs/{dead['id']}/events")).json()
@@ -152,7 +148,7 @@ async def test_replay_runs_again_with_attempts_reset_and_history_kept(
 
 
 async def test_replay_of_a_job_not_in_the_dlq_is_404_and_needs_admin(
-    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
 ) -> None:
     spawn.worker([queue])
     ok = await _submit(admin, {"type": "demo.echo", "queue": queue, "payload": {}})
@@ -161,7 +157,7 @@ async def test_replay_of_a_job_not_in_the_dlq_is_404_and_needs_admin(
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
 
-    dead = await _dead_job(admin, queue)
+    dead = await _dead_job(admin, queue, tmp_path / "never")
     as_producer = await admin.post(
         f"/v1/dlq/{dead['id']}/replay", headers={"Authorization": f"Bearer {PRODUCER_SECRET}"}
     )
@@ -170,17 +166,17 @@ async def test_replay_of_a_job_not_in_the_dlq_is_404_and_needs_admin(
 
 
 async def test_bulk_replay_by_ids_and_by_type(
-    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
 ) -> None:
     spawn.worker([queue], concurrency=8)
-    until = _soon(3)
-    fails = [await _dead_job(admin, queue, fail_until=until) for _ in range(4)]
+    gate = tmp_path / "gate"
+    fails = [await _dead_job(admin, queue, gate) for _ in range(4)]
     permanent = await _submit(
         admin, {"type": "test.permanent", "queue": queue, "max_attempts": 3, "payload": {}}
     )
     await wait_for_status(admin, permanent["id"], {"dead"}, timeout=30)
     assert await _dlq_ids(admin, queue) == {j["id"] for j in fails} | {permanent["id"]}
-    await _sleep_past(until)
+    gate.touch()
 
     by_ids = await admin.post("/v1/dlq/replay", json={"ids": [fails[0]["id"], fails[1]["id"]]})
     assert by_ids.status_code == 202
@@ -189,24 +185,24 @@ async def test_bulk_replay_by_ids_and_by_type(
         await wait_for_status(admin, job["id"], {"succeeded"}, timeout=30)
     assert await _dlq_ids(admin, queue) == {fails[2]["id"], fails[3]["id"], permanent["id"]}
 
-    by_type = await admin.post("/v1/dlq/replay", json={"type": "demo.fail", "queue": queue})
+    by_type = await admin.post("/v1/dlq/replay", json={"type": "test.gate", "queue": queue})
     assert by_type.status_code == 202
     assert by_type.json() == {"replayed": 2}
     for job in fails[2:]:
         await wait_for_status(admin, job["id"], {"succeeded"}, timeout=30)
     assert await _dlq_ids(admin, queue) == {permanent["id"]}
 
-    again = await admin.post("/v1/dlq/replay", json={"type": "demo.fail", "queue": queue})
+    again = await admin.post("/v1/dlq/replay", json={"type": "test.gate", "queue": queue})
     assert again.json() == {"replayed": 0}
     empty = await admin.post("/v1/dlq/replay", json={})
     assert empty.status_code == 422
 
 
 async def test_delete_takes_a_job_out_of_the_dlq_and_keeps_it_dead(
-    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
 ) -> None:
     spawn.worker([queue])
-    dead = await _dead_job(admin, queue)
+    dead = await _dead_job(admin, queue, tmp_path / "never")
     response = await admin.delete(f"/v1/dlq/{dead['id']}")
     assert response.status_code == 204
     assert dead["id"] not in await _dlq_ids(admin, queue)
@@ -219,12 +215,12 @@ async def test_delete_takes_a_job_out_of_the_dlq_and_keeps_it_dead(
 
 
 async def test_concurrent_replays_of_one_job_queue_it_once(
-    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
 ) -> None:
     spawn.worker([queue])
-    until = _soon(2)
-    dead = await _dead_job(admin, queue, fail_until=until)
-    await _sleep_past(until)
+    gate = tmp_path / "gate"
+    dead = await _dead_job(admin, queue, gate)
+    gate.touch()
 
     singles = [admin.post(f"/v1/dlq/{dead['id']}/replay") for _ in range(6)]
     bulks = [admin.post("/v1/dlq/replay", json={"ids": [dead["id"]]}) for _ in range(6)]

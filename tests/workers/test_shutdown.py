@@ -1,0 +1,139 @@
+"""Graceful shutdown: stop reading, drain for the grace period, hand back the rest, exit 0."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from app.settings import Settings
+from app.streams.keys import GROUP, Keys
+from tests.conftest import wait_for_status, wait_until
+from tests.support.processes import Proc, Spawner
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    r = Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        yield r
+    finally:
+        await r.aclose()
+
+
+async def _submit(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+async def _nap(client: httpx.AsyncClient, queue: str, seconds: float) -> str:
+    body = {"type": "test.nap", "queue": queue, "payload": {"seconds": seconds}}
+    return str((await _submit(client, body))["id"])
+
+
+async def _statuses(client: httpx.AsyncClient, ids: list[str]) -> list[str]:
+    return [(await client.get(f"/v1/jobs/{i}")).json()["status"] for i in ids]
+
+
+async def _events(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = (await client.get(f"/v1/jobs/{job_id}/events")).json()
+    return events
+
+
+async def _exit_code(proc: Proc, timeout: float) -> int:
+    async def exited() -> bool:
+        return not proc.alive()
+
+    await wait_until(exited, timeout=timeout)
+    code = proc.proc.returncode
+    assert code is not None
+    return code
+
+
+async def _consumers(redis: Redis, settings: Settings, queue: str) -> set[str]:
+    names: set[str] = set()
+    for stream in Keys(settings.redis_prefix).queue_streams(queue, settings.partitions):
+        names |= {c["name"] for c in await redis.xinfo_consumers(stream, GROUP)}
+    return names
+
+
+async def test_sigterm_hands_back_jobs_that_outlive_the_grace_period(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
+) -> None:
+    grace = 1.0
+    leaving = spawn.worker(
+        [queue],
+        concurrency=4,
+        name=f"leaving-{queue}",
+        settings=settings.model_copy(update={"shutdown_grace_seconds": grace}),
+    )
+    ids = [await _nap(client, queue, 8) for _ in range(3)]
+    await wait_until(lambda: _all(client, ids, "running"), timeout=30)
+    assert leaving.name in await _consumers(redis, settings, queue)
+
+    started = time.monotonic()
+    leaving.signal(signal.SIGTERM)
+    assert await _exit_code(leaving, timeout=30) == 0
+    assert time.monotonic() - started < grace + 20
+    # Queued, not succeeded: it did not wait for the 8 s jobs; nothing is left running.
+    assert await _statuses(client, ids) == ["queued"] * 3
+    for job_id in ids:
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        assert job["attempts"] == 0  # the interrupted attempt does not count
+        assert job["errors"] == []
+        released = [e for e in await _events(client, job_id) if e["event"] == "released"]
+        assert [(e["worker"], e["attempt"]) for e in released] == [(leaving.name, 1)]
+    # Its pending entries were acked, so its consumer could be removed from the group.
+    assert leaving.name not in await _consumers(redis, settings, queue)
+
+    successor = spawn.worker([queue], concurrency=4, name=f"successor-{queue}")
+    for job_id in ids:
+        done = await wait_for_status(client, job_id, {"succeeded", "dead"}, timeout=60)
+        assert done["attempts"] == 1
+        assert done["result"] == {"worker": successor.name, "attempt": 1}
+        assert done["errors"] == []
+
+
+async def _all(client: httpx.AsyncClient, ids: list[str], status: str) -> bool:
+    return all(s == status for s in await _statuses(client, ids))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_stop_signal_lets_in_flight_jobs_finish_and_takes_no_new_ones(
+    client: httpx.AsyncClient,
+    spawn: Spawner,
+    queue: str,
+    settings: Settings,
+    redis: Redis,
+    sig: signal.Signals,
+) -> None:
+    leaving = spawn.worker(
+        [queue],
+        concurrency=4,
+        name=f"leaving-{queue}",
+        settings=settings.model_copy(update={"shutdown_grace_seconds": 30.0}),
+    )
+    ids = [await _nap(client, queue, 3) for _ in range(2)]
+    await wait_until(lambda: _all(client, ids, "running"), timeout=30)
+    leaving.signal(sig)
+    late = await _nap(client, queue, 0)  # submitted after the signal: not for this worker
+
+    assert await _exit_code(leaving, timeout=30) == 0
+    for job_id in ids:
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        assert job["status"] == "succeeded"
+        assert job["result"] == {"worker": leaving.name, "attempt": 1}
+        assert "released" not in [e["event"] for e in await _events(client, job_id)]
+    assert (await client.get(f"/v1/jobs/{late}")).json()["status"] == "queued"
+    assert leaving.name not in await _consumers(redis, settings, queue)
+
+    successor = spawn.worker([queue], name=f"successor-{queue}")
+    done = await wait_for_status(client, late, {"succeeded", "dead"}, timeout=30)
+    assert done["result"] == {"worker": successor.name, "attempt": 1}
