@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import make_url
 
 from app.errors import PermanentError
 from app.jobs.registry import JobContext, job_type
@@ -61,6 +63,74 @@ async def nap(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
     if ctx.attempt <= payload.until_attempt:
         await asyncio.sleep(payload.seconds)
     return {"worker": ctx.worker, "attempt": ctx.attempt}
+
+
+# -- fault-injection suite (tests/faults): every execution leaves a row in `fault_effects` --------
+
+_effect_pools: dict[str, asyncpg.Pool] = {}
+
+
+async def _effects_pool() -> asyncpg.Pool:
+    """One small pool per process, to the database in ``CONVEYOR_DATABASE_URL``."""
+    url = os.environ["CONVEYOR_DATABASE_URL"]
+    pool = _effect_pools.get(url)
+    if pool is None:
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=5)
+        _effect_pools[url] = pool
+    return pool
+
+
+async def record_effect(ctx: JobContext) -> None:
+    """The handler's side effect: one row per execution (no unique constraint)."""
+    pool = await _effects_pool()
+    await pool.execute(
+        "INSERT INTO fault_effects (job_id, attempt, worker, at) VALUES ($1, $2, $3, now())",
+        ctx.job_id,
+        ctx.attempt,
+        ctx.worker,
+    )
+
+
+class EffectPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sleep_ms: int = Field(default=5, ge=0, le=60000)
+
+
+@job_type("test.effect")
+async def effect(payload: EffectPayload, ctx: JobContext) -> dict[str, int]:
+    """Sleeps ``sleep_ms``, then records its execution in ``fault_effects``."""
+    await asyncio.sleep(payload.sleep_ms / 1000)
+    await record_effect(ctx)
+    return {"attempt": ctx.attempt}
+
+
+class EffectCrashPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    crash_attempts: int = Field(default=100, ge=0, le=100)
+
+
+@job_type("test.effect_crash")
+async def effect_crash(payload: EffectCrashPayload, ctx: JobContext) -> dict[str, int]:
+    """Kills the worker (``os._exit``) while attempt <= ``crash_attempts``; then as test.effect."""
+    if ctx.attempt <= payload.crash_attempts:
+        os._exit(137)
+    await record_effect(ctx)
+    return {"attempt": ctx.attempt}
+
+
+class EffectFailPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(default="poison", max_length=200)
+
+
+@job_type("test.effect_fail")
+async def effect_fail(payload: EffectFailPayload, ctx: JobContext) -> None:
+    """Always raises (a retryable error): a poison job that ends dead after its attempts."""
+    raise RuntimeError(payload.message)
 
 
 class GatePayload(BaseModel):

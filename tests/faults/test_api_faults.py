@@ -1,0 +1,113 @@
+"""Scenario 3: the API dies after its Postgres commit and before its XADD.
+
+Two ways at once: rows committed exactly as the API commits them and never dispatched (an
+API that died right after COMMIT), and a real API process SIGKILLed every 3 s under load
+(the producer retries unanswered requests, with the same Idempotency-Key, on the restarted
+API). Every job still runs, once per key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from app.db.engine import create_engine, create_session_factory
+from app.jobs import repository
+from app.settings import Settings
+from tests.faults.harness import (
+    Fault,
+    Ledger,
+    LoadGenerator,
+    Supervisor,
+    check,
+    create_effects_table,
+    drain,
+    effect_body,
+    percentile,
+    publish,
+    recovery_delays,
+)
+from tests.support.processes import Spawner
+
+ORPHANS = 200
+
+
+def orphan_row(queue: str, key: str) -> dict[str, Any]:
+    """A row as ``service.submit`` writes it (queued, ``dispatched_at`` NULL)."""
+    return {
+        "id": str(uuid.uuid4()),
+        "type": "test.effect",
+        "queue": queue,
+        "status": "queued",
+        "priority": 0,
+        "payload": {"sleep_ms": 5},
+        "max_attempts": 20,
+        "timeout_seconds": None,
+        "idempotency_key": key,
+        "idempotency_scope": "",
+        "request_hash": None,
+        "owner": None,
+        "run_at": None,
+    }
+
+
+async def commit_orphans(settings: Settings, queue: str, ledger: Ledger) -> Fault:
+    """Commit ``ORPHANS`` jobs as the API does, then 'die': no XADD, no confirmation."""
+    engine = create_engine(settings)
+    try:
+        async with create_session_factory(engine).begin() as session:
+            rows = await repository.insert_jobs(
+                session, [orphan_row(queue, uuid.uuid4().hex) for _ in range(ORPHANS)]
+            )
+    finally:
+        await engine.dispose()
+    at = time.time()
+    for row in rows:
+        ledger.record_direct(row.idempotency_key or "", row.id, at)
+    return Fault(at, "commit_without_xadd", jobs=frozenset(r.id for r in rows))
+
+
+async def test_api_death_between_commit_and_xadd(
+    spawn: Spawner, settings: Settings, queue: str, results: Path
+) -> None:
+    await create_effects_table(settings.database_url)
+    rng = random.Random(3)
+    api, url = spawn.api()
+    workers = Supervisor(spawn, [queue], 2)
+    workers.start()
+    await workers.ready(settings.database_url)
+    ledger = Ledger()
+    gen = LoadGenerator(ledger, url)
+    bodies = [effect_body(queue, rng) for _ in range(700)]
+    load = asyncio.create_task(gen.run(bodies, 30.0))
+    faults = [await commit_orphans(settings, queue, ledger)]
+    for fraction in (0.15, 0.3, 0.45, 0.6, 0.75):
+        await gen.reached(fraction * len(bodies))
+        faults.append(Fault(time.time(), "api_sigkill"))
+        api.signal(signal.SIGKILL)
+        await asyncio.to_thread(api.proc.wait)
+        api, gen.base_url = await asyncio.to_thread(spawn.api)
+    await load
+    drained = await drain(settings.database_url, queue)
+    report = await check(
+        "api_crash_after_commit",
+        settings.database_url,
+        queue,
+        ledger,
+        faults,
+        orphans=ORPHANS,
+        api_kills=len(faults) - 1,
+        retried=sum(1 for s in ledger.submissions.values() if s.tries > 1),
+        drain_s=f"{drained:.1f}",
+    )
+    orphans = recovery_delays(report.snap.history, faults[:1])
+    report.extra["orphan_recovery_p99_s"] = f"{percentile(orphans, 0.99):.2f}"
+    await workers.stop()
+    publish(report, results)
+    report.assert_clean()
+    assert report.statuses == {"succeeded": report.jobs}

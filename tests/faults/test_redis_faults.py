@@ -1,0 +1,144 @@
+"""Redis faults: data loss (FLUSHALL, kill -9 and an empty restart), a hung or stopped Redis.
+
+Scenario 4 of the fault-injection suite, and the Redis-down contract: while Redis is
+unreachable, ``/readyz`` answers 503 and submissions still answer 202 within a bounded time
+(committed to Postgres; dispatched once Redis is back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import httpx
+from redis.asyncio import Redis
+
+from app.embedded import EmbeddedRedis
+from app.settings import Settings
+from tests.faults.harness import (
+    Fault,
+    Ledger,
+    LoadGenerator,
+    Supervisor,
+    check,
+    create_effects_table,
+    drain,
+    effect_body,
+    publish,
+)
+from tests.support.processes import Spawner
+
+# With CONVEYOR_REDIS_TIMEOUT_SECONDS=1: a submission waits for at most one timed-out Redis
+# call (plus a reconnect) before it answers 202 with the dispatch deferred.
+SUBMIT_BOUND_SECONDS = 6.0
+
+
+async def test_redis_data_loss_loses_no_job(
+    spawn: Spawner, settings: Settings, fault_redis: EmbeddedRedis, queue: str, results: Path
+) -> None:
+    """Scenario 4: FLUSHALL at 30 % of the load; at 60 %, kill -9 the redis-server and start
+    it again, empty, on the same port. Workers recreate their consumer groups (from id 0),
+    detect the loss and re-dispatch every queued job from Postgres; none of them crashes."""
+    await create_effects_table(settings.database_url)
+    rng = random.Random(4)
+    _, url = spawn.api()
+    workers = Supervisor(spawn, [queue], 2)
+    workers.start()
+    await workers.ready(settings.database_url)
+    ledger = Ledger()
+    gen = LoadGenerator(ledger, url)
+    bodies = [effect_body(queue, rng) for _ in range(900)]
+    load = asyncio.create_task(gen.run(bodies, 30.0))
+    faults: list[Fault] = []
+    await gen.reached(0.3 * len(bodies))
+    async with Redis.from_url(fault_redis.url) as redis:
+        faults.append(Fault(time.time(), "flushall"))
+        await redis.flushall()
+    await gen.reached(0.6 * len(bodies))
+    faults.append(Fault(time.time(), "redis_kill9"))
+    fault_redis.kill()
+    await asyncio.sleep(2.0)
+    fault_redis.start()
+    await load
+    drained = await drain(settings.database_url, queue)
+    report = await check(
+        "redis_flushall_kill9",
+        settings.database_url,
+        queue,
+        ledger,
+        faults,
+        worker_restarts=workers.restarts,
+        drain_s=f"{drained:.1f}",
+    )
+    await workers.stop()
+    publish(report, results)
+    report.assert_clean()
+    assert report.statuses == {"succeeded": report.jobs}
+    assert workers.restarts == 0, "a worker process died of a Redis fault"
+    assert report.extra["http_5xx_other"] == 0
+
+
+async def _outage(
+    spawn: Spawner,
+    settings: Settings,
+    server: EmbeddedRedis,
+    queue: str,
+    results: Path,
+    *,
+    hang: bool,
+) -> None:
+    """Redis hangs (SIGSTOP) or refuses connections (stopped) while jobs are submitted."""
+    await create_effects_table(settings.database_url)
+    _, url = spawn.api()
+    workers = Supervisor(spawn, [queue], 1)
+    workers.start()
+    await workers.ready(settings.database_url)
+    fault = Fault(time.time(), "redis_hang" if hang else "redis_down")
+    if hang:
+        server.pause()
+    else:
+        server.stop()
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
+        ready = await http.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["redis"] is False, ready.text
+    ledger = Ledger()
+    gen = LoadGenerator(ledger, url, concurrency=5, request_timeout=30.0, deadline=0.0)
+    await gen.run([effect_body(queue, random.Random(5)) for _ in range(20)], 20.0)
+    outage = time.time() - fault.at
+    if hang:
+        server.resume()
+    else:
+        server.start()
+    healed = Fault(time.time(), "redis_back", jobs=frozenset(ledger.ok()))
+    drained = await drain(settings.database_url, queue)
+    report = await check(
+        "redis_hang" if hang else "redis_down",
+        settings.database_url,
+        queue,
+        ledger,
+        [healed],
+        outage_s=f"{outage:.1f}",
+        submit_max_s=f"{ledger.slowest_answer:.2f}",
+        drain_s=f"{drained:.1f}",
+    )
+    await workers.stop()
+    publish(report, results)
+    report.assert_clean()
+    assert dict(ledger.statuses) == {202: 20}, ledger.statuses
+    assert report.statuses == {"succeeded": 20}
+    assert ledger.slowest_answer < SUBMIT_BOUND_SECONDS
+    assert workers.restarts == 0
+
+
+async def test_redis_hung_submissions_answer_202_in_bounded_time(
+    spawn: Spawner, settings: Settings, fault_redis: EmbeddedRedis, queue: str, results: Path
+) -> None:
+    await _outage(spawn, settings, fault_redis, queue, results, hang=True)
+
+
+async def test_redis_stopped_submissions_answer_202_and_run_later(
+    spawn: Spawner, settings: Settings, fault_redis: EmbeddedRedis, queue: str, results: Path
+) -> None:
+    await _outage(spawn, settings, fault_redis, queue, results, hang=False)

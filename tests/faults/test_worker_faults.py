@@ -1,0 +1,170 @@
+"""Worker faults: SIGKILL storms, a paused (stale) worker, poison jobs that kill their worker.
+
+Scenarios 1, 2 and 6 of the fault-injection suite. Jobs are submitted to a real API process
+by the load generator; workers are real processes kept alive by the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from pathlib import Path
+
+from app.settings import Settings
+from tests.faults.harness import (
+    Fault,
+    Ledger,
+    LoadGenerator,
+    Supervisor,
+    check,
+    create_effects_table,
+    drain,
+    effect_body,
+    publish,
+)
+from tests.support.processes import Spawner
+
+
+async def test_sigkill_storm_loses_nothing(
+    spawn: Spawner, settings: Settings, queue: str, results: Path
+) -> None:
+    """Scenario 1: a random worker is SIGKILLed every 2 s while 1500 jobs flow; the supervisor
+    restarts it. Every accepted job ends terminal once, nothing runs that was not accepted."""
+    await create_effects_table(settings.database_url)
+    rng = random.Random(1)
+    _, url = spawn.api()
+    workers = Supervisor(spawn, [queue], 3)
+    workers.start()
+    await workers.ready(settings.database_url)
+    ledger = Ledger()
+    stop = asyncio.Event()
+    chaos = asyncio.create_task(workers.kill_randomly(2.0, rng, stop, limit=15))
+    await LoadGenerator(ledger, url).run([effect_body(queue, rng) for _ in range(1000)], 40.0)
+    stop.set()
+    await chaos
+    drained = await drain(settings.database_url, queue)
+    report = await check(
+        "worker_sigkill",
+        settings.database_url,
+        queue,
+        ledger,
+        workers.faults,
+        kills=len(workers.faults),
+        restarts=workers.restarts,
+        fenced=workers.fenced(),
+        drain_s=f"{drained:.1f}",
+    )
+    await workers.stop()
+    publish(report, results)
+    report.assert_clean()
+    assert len(workers.faults) >= 8
+    assert report.statuses == {"succeeded": report.jobs}
+
+
+async def test_paused_worker_is_fenced(
+    spawn: Spawner, settings: Settings, queue: str, results: Path
+) -> None:
+    """Scenario 2: a worker is SIGSTOPped for 3x the claim idle time, then SIGCONT. Its jobs
+    are reclaimed and run elsewhere; when it wakes, its completions are rejected by the
+    attempt fence: no stale attempt ever writes a terminal state."""
+    await create_effects_table(settings.database_url)
+    rng = random.Random(2)
+    _, url = spawn.api()
+    workers = Supervisor(spawn, [queue], 2)
+    workers.start()
+    await workers.ready(settings.database_url)
+    ledger = Ledger()
+    gen = LoadGenerator(ledger, url)
+    # Longer jobs, so the paused worker holds some mid-handler.
+    bodies = [
+        effect_body(queue, rng, payload={"sleep_ms": rng.randint(50, 400)}) for _ in range(900)
+    ]
+    load = asyncio.create_task(gen.run(bodies, 50.0))
+    faults: list[Fault] = []
+    for fraction in (0.2, 0.6):
+        await gen.reached(fraction * len(bodies))
+        victim = workers.procs[workers.names[0]]
+        faults.append(Fault(time.time(), "sigstop", worker=workers.names[0]))
+        victim.signal(signal.SIGSTOP)
+        await asyncio.sleep(3 * settings.claim_idle_seconds)
+        victim.signal(signal.SIGCONT)
+    await load
+    drained = await drain(settings.database_url, queue)
+    report = await check(
+        "worker_sigstop",
+        settings.database_url,
+        queue,
+        ledger,
+        faults,
+        pauses=len(faults),
+        fenced=workers.fenced(),
+        drain_s=f"{drained:.1f}",
+    )
+    await workers.stop()
+    publish(report, results)
+    report.assert_clean()
+    snap = report.snap
+    # Executions of attempts that were reclaimed while their worker was frozen: they ran,
+    # but none of them is the attempt that wrote the job's terminal state.
+    stale = [
+        (e["job_id"], e["attempt"])
+        for e in snap.effects
+        if any(
+            ev.event == "reclaimed" and ev.attempt == e["attempt"]
+            for ev in snap.history[e["job_id"]]
+        )
+    ]
+    assert stale, "the pause reclaimed no running attempt: the fence was not exercised"
+    for job_id, attempt in stale:
+        won = [ev for ev in snap.history[job_id] if ev.event in ("succeeded", "dead")]
+        assert all(ev.attempt != attempt for ev in won), (job_id, attempt, won)
+    assert report.statuses == {"succeeded": report.jobs}
+
+
+async def test_poison_jobs_die_alone(
+    spawn: Spawner, settings: Settings, queue: str, results: Path
+) -> None:
+    """Scenario 6: poison jobs (one kind kills its worker, one always raises) among healthy
+    ones. Each poison job ends dead with attempts == max_attempts; every healthy job succeeds.
+    """
+    await create_effects_table(settings.database_url)
+    rng = random.Random(6)
+    _, url = spawn.api()
+    workers = Supervisor(spawn, [queue], 2)
+    workers.start()
+    await workers.ready(settings.database_url)
+    ledger = Ledger()
+    poison = [
+        {"type": "test.effect_crash", "queue": queue, "max_attempts": 3},
+        {"type": "test.effect_fail", "queue": queue, "max_attempts": 3},
+    ]
+    bodies = [effect_body(queue, rng) for _ in range(600)]
+    for _ in range(4):
+        for body in poison:
+            bodies.insert(rng.randrange(len(bodies)), dict(body))
+    await LoadGenerator(ledger, url).run(bodies, 40.0)
+    drained = await drain(settings.database_url, queue)
+    report = await check(
+        "poison",
+        settings.database_url,
+        queue,
+        ledger,
+        restarts=workers.restarts,
+        drain_s=f"{drained:.1f}",
+    )
+    await workers.stop()
+    publish(report, results)
+    report.assert_clean()
+    snap = report.snap
+    by_type: dict[str, list[tuple[str, int, int]]] = {}
+    for row in snap.jobs.values():
+        by_type.setdefault(row["type"], []).append(
+            (row["status"], row["attempts"], row["max_attempts"])
+        )
+    for kind in ("test.effect_crash", "test.effect_fail"):
+        assert len(by_type[kind]) == 4
+        assert all(s == "dead" and a == m for s, a, m in by_type[kind]), by_type[kind]
+    assert {s for s, _, _ in by_type["test.effect"]} == {"succeeded"}
+    assert workers.restarts >= 4  # the crash poison killed its workers
