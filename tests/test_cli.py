@@ -1,0 +1,189 @@
+"""The ``conveyor`` console script: operator commands against a real API and worker, and migrate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.conftest import Backends
+from tests.support.processes import Spawner
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVEYOR = Path(sys.executable).with_name("conveyor")
+
+
+def conveyor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script with a clean ``CONVEYOR_*`` environment plus ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    full.update(env, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [str(CONVEYOR), *args],
+        env=full,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def out(result: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def api_url(spawn: Spawner) -> str:
+    _, url = spawn.api()
+    return url
+
+
+def wait_status(url: str, job_id: str, statuses: set[str]) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached {statuses}")
+
+
+def test_console_script_is_installed() -> None:
+    assert CONVEYOR.is_file(), f"{CONVEYOR} missing: install the package (pip install -e .)"
+    result = conveyor("--help")
+    assert result.returncode == 0
+    for command in ("dev", "migrate", "api", "worker", "submit", "status", "queues", "dlq"):
+        assert command in result.stdout
+
+
+def test_submit_wait_status_and_workers(api_url: str, spawn: Spawner, queue: str) -> None:
+    name = f"cli-{queue}"
+    spawn.worker([queue], name=name)
+
+    submitted = conveyor(
+        "submit",
+        "demo.echo",
+        "--payload",
+        '{"hello": "cli"}',
+        "--queue",
+        queue,
+        "--wait",
+        CONVEYOR_URL=api_url,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = out(submitted)
+    assert job["status"] == "succeeded" and job["result"] == {"hello": "cli"}
+
+    status = conveyor("status", job["id"], CONVEYOR_URL=api_url)
+    assert status.returncode == 0
+    assert out(status)["id"] == job["id"] and out(status)["status"] == "succeeded"
+
+    workers = conveyor("workers", CONVEYOR_URL=api_url)
+    assert workers.returncode == 0
+    mine = [w for w in out(workers)["items"] if w["name"] == name]
+    assert mine and mine[0]["queues"] == [queue]
+
+
+def test_dead_job_in_queues_dlq_ls_replay_and_rm(api_url: str, spawn: Spawner, queue: str) -> None:
+    spawn.worker([queue])
+    failed = conveyor(
+        "submit",
+        "demo.fail",
+        "--payload",
+        '{"message": "cli boom"}',
+        "--queue",
+        queue,
+        "--wait",
+        CONVEYOR_URL=api_url,
+    )
+    assert failed.returncode == 1, "--wait exits 1 when the job ends dead"
+    job = out(failed)
+    assert job["status"] == "dead" and len(job["errors"]) == 3
+
+    queues = conveyor("queues", CONVEYOR_URL=api_url)
+    assert queues.returncode == 0
+    [stats] = [q for q in out(queues)["items"] if q["queue"] == queue]
+    assert stats["dead"] == 1 and stats["waiting"] == 0 and stats["running"] == 0
+
+    listed = conveyor("dlq", "ls", "--queue", queue, CONVEYOR_URL=api_url)
+    assert listed.returncode == 0
+    [dead] = out(listed)["items"]
+    assert dead["id"] == job["id"] and dead["errors"][-1]["error"] == "cli boom"
+
+    replayed = conveyor("dlq", "replay", job["id"], CONVEYOR_URL=api_url)
+    assert replayed.returncode == 0 and out(replayed) == {"replayed": 1}
+    again = wait_status(api_url, job["id"], {"dead"})
+    assert len(again["errors"]) == 6  # three more attempts, the history kept
+
+    removed = conveyor("dlq", "rm", job["id"], CONVEYOR_URL=api_url)
+    assert removed.returncode == 0
+    assert out(conveyor("dlq", "ls", "--queue", queue, CONVEYOR_URL=api_url))["items"] == []
+    assert out(conveyor("status", job["id"], CONVEYOR_URL=api_url))["status"] == "dead"
+
+
+def test_errors_exit_non_zero(api_url: str) -> None:
+    missing = conveyor("status", str(uuid.uuid4()), CONVEYOR_URL=api_url)
+    assert missing.returncode == 1 and out(missing)["error"] == "not_found"
+
+    unknown = conveyor("submit", "no.such.type", CONVEYOR_URL=api_url)
+    assert unknown.returncode == 1 and out(unknown)["error"] == "invalid"
+
+    bad_json = conveyor("submit", "demo.echo", "--payload", "{nope", CONVEYOR_URL=api_url)
+    assert bad_json.returncode == 2 and "not valid JSON" in bad_json.stderr
+
+    by_flag = conveyor("status", str(uuid.uuid4()), "--url", api_url)
+    assert by_flag.returncode == 1 and out(by_flag)["error"] == "not_found"
+
+
+# -- conveyor migrate ------------------------------------------------------------------------
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _run(url: str, sql: str) -> list[tuple[Any, ...]]:
+    conn = await asyncpg.connect(_dsn(url))
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def empty_db(backends: Backends) -> Iterator[str]:
+    name = f"conveyor_cli_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_run(backends.database_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield (
+            make_url(backends.database_url).set(database=name).render_as_string(hide_password=False)
+        )
+    finally:
+        asyncio.run(_run(backends.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_migrate_twice_is_a_no_op(empty_db: str) -> None:
+    first = conveyor("migrate", CONVEYOR_DATABASE_URL=empty_db)
+    assert first.returncode == 0, first.stderr
+    assert "migrations applied" in first.stdout
+    jobs = "SELECT 'jobs'::regclass::oid::int"
+    version = "SELECT version_num FROM alembic_version"
+    before = (asyncio.run(_run(empty_db, jobs)), asyncio.run(_run(empty_db, version)))
+    assert len(before[1]) == 1
+
+    second = conveyor("migrate", CONVEYOR_DATABASE_URL=empty_db)
+    assert second.returncode == 0, second.stderr
+    after = (asyncio.run(_run(empty_db, jobs)), asyncio.run(_run(empty_db, version)))
+    assert after == before  # same table (not re-created), same revision
