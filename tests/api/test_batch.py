@@ -178,3 +178,22 @@ async def test_openapi_documents_batch_items_as_jobcreate(client: httpx.AsyncCli
     jobs = schemas["JobBatchCreate"]["properties"]["jobs"]
     assert jobs["items"] == {"$ref": "#/components/schemas/JobCreate"}
     assert jobs["maxItems"] == 1000
+
+
+async def test_nul_characters_are_422_not_a_server_error(
+    client: httpx.AsyncClient, settings: Settings, queue: str
+) -> None:
+    """Postgres text and jsonb cannot hold U+0000: it is refused before anything is written."""
+    bad: list[dict[str, Any]] = [
+        echo(queue, 0, payload={"text": "a\u0000b"}),
+        echo(queue, 1, payload={"key\u0000": 1}),
+        echo(queue, 2, payload={"deep": [{"x": ["\u0000"]}]}),
+        echo(queue, 3, idempotency_key="k\u0000"),
+    ]
+    for item in bad:
+        single = await client.post("/v1/jobs", json=item)
+        assert single.status_code == 422, item
+    response = await client.post("/v1/jobs/batch", json={"jobs": [echo(queue, 9), *bad]})
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid"
+    assert await rows_in_queue(settings, queue) == 0

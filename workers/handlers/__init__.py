@@ -1,5 +1,5 @@
 """Built-in job types. Importing this package registers them."""
 
-from workers.handlers import demo
+from workers.handlers import demo, http
 
-__all__ = ["demo"]
+__all__ = ["demo", "http"]

@@ -1,0 +1,369 @@
+"""The built-in ``http.request`` job type: Conveyor calls an HTTP endpoint for you.
+
+Teams without Python handlers point a job at their own service, as with Cloud Tasks HTTP
+targets. Outcome of one attempt:
+
+- 2xx: success; the result is ``{"status", "headers", "body", "body_truncated"}`` (a few
+  response headers; the body as text, cut at 64 KiB).
+- 5xx, 408, 429, and network errors (refused, reset, DNS, timeout): the attempt fails and
+  the job retries with backoff.
+- any other status (4xx, an unusable redirect): permanent failure, no further attempts.
+
+Every request carries ``Conveyor-Job-Id``, ``Conveyor-Attempt``, ``Conveyor-Timestamp`` (Unix
+seconds) and, when ``CONVEYOR_HTTP_SIGNING_SECRET`` is set, ``Conveyor-Signature:
+sha256=<hex>``: the HMAC-SHA256, keyed with the secret, of the UTF-8 string
+``"{timestamp}.{job_id}.{attempt}.{body}"`` where body is the request body exactly as sent
+(empty without one). Receivers recompute it, compare in constant time, and reject stale
+timestamps; the job id and attempt let them deduplicate at-least-once deliveries.
+
+SSRF guard: nothing is called unless ``CONVEYOR_HTTP_ALLOWED_HOSTS`` (comma-separated) lists
+the host: ``host`` (any port), ``host:port``, ``[v6]:port``, ``*.domain`` (its subdomains) or
+``*`` (any host). Every address the host resolves to is checked; loopback, private,
+link-local, shared, reserved, multicast and unspecified addresses (IPv4-mapped, 6to4 and NAT64
+forms included; decimal or hex spellings resolve to the same addresses) are refused unless
+the host itself is listed by name, not by a wildcard. The request then goes to the checked
+address with the original ``Host`` header (and TLS server name), so DNS cannot rebind it.
+Redirects are followed by hand, at most 5, each hop checked the same way. Refusals fail the
+job permanently with ``blocked_destination``. Proxy variables of the environment are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import re
+import socket
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.errors import PermanentError
+from app.jobs.registry import JobContext, job_type
+from app.settings import get_settings
+
+MAX_RESPONSE_BYTES = 64 * 1024
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+RETRYABLE = frozenset({408, 429})
+KEPT_HEADERS = ("content-type", "content-length", "location", "etag", "retry-after")
+RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer"}
+)
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class HttpRequestPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2048, description="An http:// or https:// URL.")
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+    body: str | dict[str, Any] | None = Field(
+        default=None, description="Sent as is (a string) or as JSON (an object)."
+    )
+    timeout_seconds: float = Field(
+        default=30, gt=0, le=300, allow_inf_nan=False, description="For the whole exchange."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"not a valid URL: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("the URL must be http:// or https:// with a host")
+        if url.userinfo:
+            raise ValueError("credentials in the URL are not allowed; send a header")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _plain_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        lowered = [name.lower() for name in value]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("a header is given twice")
+        for name, text in value.items():
+            if not TOKEN.match(name):
+                raise ValueError(f"invalid header name {name!r}")
+            if name.lower() in RESERVED_HEADERS or name.lower().startswith("conveyor-"):
+                raise ValueError(f"header {name!r} is set by Conveyor")
+            if len(text) > 8192 or any(c in text for c in "\r\n\x00"):
+                raise ValueError(f"invalid value for header {name!r}")
+        return value
+
+
+class BlockedDestination(PermanentError):
+    """The URL's host is not allowed, or resolves to a refused address."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"blocked_destination: {reason}")
+
+
+class HttpRequestFailed(Exception):
+    """A retryable failure: 5xx, 408, 429 or a network error."""
+
+
+# -- the destination policy -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Allowed:
+    host: str  # normalised; "*" any host; "*.example.com" its subdomains
+    port: int | None  # None: any port
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.host == "*":
+            return True
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:])
+        return host == self.host
+
+
+def host_of(url: httpx.URL) -> str:
+    """The host as sent on the wire: lower-case, IDNA-encoded, IPv6 without brackets."""
+    return url.raw_host.decode("ascii")
+
+
+def _normal_host(host: str) -> str:
+    return host_of(httpx.URL(f"http://[{host}]/" if ":" in host else f"http://{host}/"))
+
+
+def _parse_entry(entry: str) -> Allowed:
+    host, port = entry, None
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else None
+    elif entry.count(":") == 1:
+        host, _, raw_port = entry.partition(":")
+        port = int(raw_port)
+    if host == "*":
+        return Allowed("*", port)
+    wildcard = host.startswith("*.")
+    if "*" in host[2:] or (host.startswith("*") and not wildcard):
+        raise ValueError(f"bad wildcard {entry!r}")
+    name = _normal_host(host[2:] if wildcard else host)
+    return Allowed(f"*.{name}" if wildcard else name, port)
+
+
+@lru_cache(maxsize=8)
+def allowed_hosts(spec: str) -> tuple[Allowed, ...]:
+    """Parse ``CONVEYOR_HTTP_ALLOWED_HOSTS``; a malformed entry allows nothing."""
+    entries = []
+    for raw in spec.split(","):
+        if raw.strip():
+            try:
+                entries.append(_parse_entry(raw.strip().lower()))
+            except (ValueError, httpx.InvalidURL):
+                continue
+    return tuple(entries)
+
+
+def is_public(ip: IPAddress) -> bool:
+    """True only for globally routable unicast addresses, looking inside IPv6 wrappers."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner: ipaddress.IPv4Address | None = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None and not is_public(inner):
+            return False
+    refused = (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+    )
+    return ip.is_global and not refused
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise HttpRequestFailed(f"cannot resolve {host}: {exc}") from exc
+    found = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    return list(dict.fromkeys(found))
+
+
+async def destination(url: httpx.URL, allowed: tuple[Allowed, ...]) -> IPAddress:
+    """The checked address to connect to for ``url``, or :class:`BlockedDestination`."""
+    if url.scheme not in ("http", "https") or not url.host or url.userinfo:
+        raise BlockedDestination(f"{url.scheme}:// URLs are not allowed")
+    host, port = host_of(url), url.port or (443 if url.scheme == "https" else 80)
+    matching = [a for a in allowed if a.matches(host, port)]
+    if not matching:
+        raise BlockedDestination(f"{host}:{port} is not in CONVEYOR_HTTP_ALLOWED_HOSTS")
+    addresses = await resolve(host, port)
+    if not addresses:
+        raise HttpRequestFailed(f"{host} has no address")
+    listed_by_name = any(not a.host.startswith("*") for a in matching)
+    if not listed_by_name:
+        refused = [str(ip) for ip in addresses if not is_public(ip)]
+        if refused:
+            raise BlockedDestination(f"{host} resolves to non-public {', '.join(refused)}")
+    return addresses[0]
+
+
+# -- the exchange -------------------------------------------------------------------------------
+
+
+def signature(secret: str, timestamp: str, job_id: str, attempt: int, body: bytes) -> str:
+    message = f"{timestamp}.{job_id}.{attempt}.".encode() + body
+    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _encode(payload: HttpRequestPayload) -> tuple[bytes, str | None]:
+    if payload.body is None:
+        return b"", None
+    if isinstance(payload.body, str):
+        return payload.body.encode(), "text/plain; charset=utf-8"
+    return json.dumps(payload.body, separators=(",", ":")).encode(), "application/json"
+
+
+@dataclass
+class Request:
+    method: str
+    url: httpx.URL
+    headers: dict[str, str]
+    body: bytes
+
+    def sign(self, ctx: JobContext, secret: str | None) -> dict[str, str]:
+        timestamp = str(int(time.time()))
+        headers = {
+            **self.headers,
+            "Conveyor-Job-Id": str(ctx.job_id),
+            "Conveyor-Attempt": str(ctx.attempt),
+            "Conveyor-Timestamp": timestamp,
+        }
+        if secret:
+            headers["Conveyor-Signature"] = signature(
+                secret, timestamp, str(ctx.job_id), ctx.attempt, self.body
+            )
+        return headers
+
+    def redirected(self, status: int, location: str) -> Request:
+        url = self.url.join(location)
+        headers = dict(self.headers)
+        if (url.scheme, url.host, url.port) != (self.url.scheme, self.url.host, self.url.port):
+            headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+        if status == 303 or (status in (301, 302) and self.method == "POST"):
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+            return Request("GET", url, headers, b"")
+        return Request(self.method, url, headers, self.body)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    truncated: bool
+
+
+async def _exchange(
+    client: httpx.AsyncClient, request: Request, ip: IPAddress, headers: dict[str, str]
+) -> Reply:
+    """Send to the checked address, with the URL's own Host header and TLS server name."""
+    url = request.url
+    headers = {**headers, "Host": url.netloc.decode("ascii")}
+    extensions = {"sni_hostname": host_of(url)} if url.scheme == "https" else {}
+    wire = client.build_request(
+        request.method,
+        url.copy_with(host=str(ip)),
+        headers=headers,
+        content=request.body or None,
+        extensions=extensions,
+    )
+    response = await client.send(wire, stream=True)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                break
+    finally:
+        await response.aclose()
+    body = b"".join(chunks)
+    kept = {k: response.headers[k] for k in KEPT_HEADERS if k in response.headers}
+    return Reply(
+        response.status_code, kept, body[:MAX_RESPONSE_BYTES], len(body) > MAX_RESPONSE_BYTES
+    )
+
+
+def _text(body: bytes) -> str:
+    return body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+
+
+def _outcome(reply: Reply, host: str) -> dict[str, Any]:
+    if 200 <= reply.status < 300:
+        return {
+            "status": reply.status,
+            "headers": reply.headers,
+            "body": _text(reply.body),
+            "body_truncated": reply.truncated,
+        }
+    message = f"HTTP {reply.status} from {host}: {_text(reply.body[:300])}"
+    if reply.status >= 500 or reply.status in RETRYABLE:
+        raise HttpRequestFailed(message)
+    raise PermanentError(message)
+
+
+async def _follow(client: httpx.AsyncClient, first: Request, ctx: JobContext) -> dict[str, Any]:
+    settings = get_settings()
+    allowed = allowed_hosts(settings.http_allowed_hosts)
+    request = first
+    for _ in range(MAX_REDIRECTS + 1):
+        ip = await destination(request.url, allowed)
+        reply = await _exchange(
+            client, request, ip, request.sign(ctx, settings.http_signing_secret)
+        )
+        location = reply.headers.get("location")
+        if reply.status not in REDIRECTS or not location:
+            return _outcome(reply, host_of(request.url))
+        try:
+            request = request.redirected(reply.status, location)
+        except httpx.InvalidURL as exc:
+            raise PermanentError(f"HTTP {reply.status} to an invalid location") from exc
+    raise PermanentError(f"more than {MAX_REDIRECTS} redirects")
+
+
+@job_type("http.request", timeout_seconds=330)
+async def http_request(payload: HttpRequestPayload, ctx: JobContext) -> dict[str, Any]:
+    """Calls `url`: 2xx succeeds; 5xx, 408, 429 and network errors retry; other statuses fail
+    permanently. Off unless CONVEYOR_HTTP_ALLOWED_HOSTS lists the host. Each request carries
+    Conveyor-Job-Id, Conveyor-Attempt, Conveyor-Timestamp and Conveyor-Signature: sha256=<hex
+    HMAC-SHA256 of "{timestamp}.{job_id}.{attempt}.{body}" keyed with
+    CONVEYOR_HTTP_SIGNING_SECRET>."""
+    body, content_type = _encode(payload)
+    headers = {"User-Agent": "Conveyor (http.request)", **payload.headers}
+    if content_type and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = content_type
+    request = Request(payload.method, httpx.URL(payload.url), headers, body)
+    timeout = httpx.Timeout(payload.timeout_seconds)
+    try:
+        async with (
+            asyncio.timeout(payload.timeout_seconds),
+            httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client,
+        ):
+            return await _follow(client, request, ctx)
+    except TimeoutError as exc:
+        raise HttpRequestFailed(f"no answer within {payload.timeout_seconds:g}s") from exc
+    except httpx.TransportError as exc:
+        raise HttpRequestFailed(f"{type(exc).__name__}: {exc}") from exc
