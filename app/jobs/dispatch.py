@@ -3,6 +3,8 @@
 Postgres commits first; then the entry is XADDed; then ``dispatched_at`` is set. A crash between
 any two steps leaves ``dispatched_at`` NULL, and the dispatcher sweep sends the job again after a
 grace period. Two entries for one job are harmless: only one claim can move it to ``running``.
+A confirmation only marks a job still in the ``queued`` turn that the XADD was for (queued no
+later than the XADD): a late one must not hide a job that ran and was queued again since.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from uuid import UUID
 
@@ -36,7 +39,7 @@ class Dispatcher:
         self.sessions = sessions
         self.partitions = partitions
         self.confirm_interval = confirm_interval
-        self._unconfirmed: list[UUID] = []
+        self._unconfirmed: list[tuple[UUID, float]] = []  # (job, monotonic time of its XADD)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -64,21 +67,24 @@ class Dispatcher:
         The commit must come first: a worker that reads the entry before the commit would
         find the job not yet queued and drop the delivery.
         """
+        began = time.monotonic()
         sent = await self.send(targets)
         if sent:
             async with self.sessions.begin() as session:
-                await repository.confirm_dispatched(session, list(sent))
+                ago = time.monotonic() - began
+                await repository.confirm_dispatched(session, list(sent), [ago] * len(sent))
         return len(sent)
 
     async def send_after_commit(self, targets: Sequence[Target]) -> None:
         """For the API: send now, confirm in the background in batches. Never raises."""
+        began = time.monotonic()
         try:
             sent = await self.send(targets)
         except Exception as exc:  # Redis is down: the dispatcher sweep sends them later.
             log.warning("dispatch deferred: %s (%d jobs)", type(exc).__name__, len(targets))
             return
         if sent:
-            self._unconfirmed.extend(sent)
+            self._unconfirmed.extend((job_id, began) for job_id in sent)
             self._wake.set()
 
     def start(self) -> None:
@@ -102,8 +108,10 @@ class Dispatcher:
                 log.warning("dispatch confirmation failed: %s", type(exc).__name__)
 
     async def _flush(self) -> None:
-        ids, self._unconfirmed = self._unconfirmed, []
-        if not ids:
+        sent, self._unconfirmed = self._unconfirmed, []
+        if not sent:
             return
         async with self.sessions.begin() as session:
-            await repository.confirm_dispatched(session, ids)
+            now = time.monotonic()
+            ids = [job_id for job_id, _ in sent]
+            await repository.confirm_dispatched(session, ids, [now - at for _, at in sent])

@@ -98,13 +98,26 @@ async def find_by_keys(session: AsyncSession, scope: str, keys: Sequence[str]) -
     return {row.idempotency_key or "": row for row in (await session.scalars(stmt)).all()}
 
 
-async def confirm_dispatched(session: AsyncSession, ids: Sequence[UUID]) -> None:
-    """Record that the stream entries of these jobs exist (the dispatch marker)."""
+_CONFIRM = """
+UPDATE jobs j SET dispatched_at = now()
+FROM unnest(CAST(:ids AS uuid[]), CAST(:ages AS float8[])) AS v(id, age)
+WHERE j.id = v.id AND j.status = 'queued' AND j.dispatched_at IS NULL
+  AND j.enqueued_at <= now() - make_interval(secs => v.age)
+"""
+
+
+async def confirm_dispatched(
+    session: AsyncSession, ids: Sequence[UUID], sent_ago: Sequence[float] | None = None
+) -> None:
+    """Record that the stream entries of these jobs exist (the dispatch marker).
+
+    ``sent_ago``: seconds since each XADD was sent (0 when the caller holds the rows locked).
+    A job queued again after its XADD (it ran, failed and was promoted meanwhile) is left
+    unmarked: that entry was for its previous turn, and the sweep must send it again.
+    """
     if ids:
-        await session.execute(
-            text("UPDATE jobs SET dispatched_at = now() WHERE id = ANY(CAST(:ids AS uuid[]))"),
-            {"ids": list(ids)},
-        )
+        ages = list(sent_ago) if sent_ago is not None else [0.0] * len(ids)
+        await session.execute(text(_CONFIRM), {"ids": list(ids), "ages": ages})
 
 
 # -- worker hot path -----------------------------------------------------------------------------

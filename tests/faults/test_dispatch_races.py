@@ -1,0 +1,116 @@
+"""Deterministic races around the dispatch marker (``dispatched_at``).
+
+The marker says "this queued job has a stream entry"; the sweep re-sends only jobs without
+it. A confirmation that arrives late, after the job already ran, failed, was promoted back to
+``queued`` and could not be sent again (stream full, Redis blip), must not mark the *new*
+queued episode as dispatched: its entry was consumed long ago and the job would wait forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import httpx
+from redis.asyncio import Redis
+
+from app.db.engine import create_engine, create_session_factory
+from app.jobs import repository
+from app.jobs.dispatch import Dispatcher
+from app.jobs.repository import Backoff, Failure, Target
+from app.settings import Settings
+from app.streams.client import StreamClient, create_redis
+from app.streams.keys import Keys
+from tests.faults.harness import Supervisor, create_effects_table, drain, dsn
+from tests.faults.test_api_faults import orphan_row
+from tests.support.processes import Spawner
+
+
+async def test_late_confirmation_does_not_hide_a_requeued_job(
+    spawn: Spawner, settings: Settings, queue: str
+) -> None:
+    await create_effects_table(settings.database_url)
+    # A worker has served the queue before (so its next start is not a "first start", whose
+    # reconcile re-sends every queued job anyway), and is stopped while the race plays out.
+    workers = Supervisor(spawn, [queue], 1)
+    workers.start()
+    await workers.ready(settings.database_url)
+    await _epoch_recorded(settings, queue)
+    await workers.stop()
+    engine = create_engine(settings)
+    sessions = create_session_factory(engine)
+    stream = StreamClient(create_redis(settings), Keys(settings.redis_prefix), maxlen=100)
+    dispatcher = Dispatcher(stream, sessions, settings.partitions)  # confirm loop not started
+    try:
+        async with sessions.begin() as session:
+            [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
+        target = Target(job.id, job.queue, job.priority)
+        await dispatcher.send_after_commit([target])  # XADDed; the confirmation is pending
+        await asyncio.sleep(0.1)
+        # Meanwhile a worker takes the entry, the attempt fails, the retry is promoted back to
+        # queued, and its new XADD does not happen (the stream is full or Redis blinked).
+        async with sessions.begin() as session:
+            await repository.claim_many(session, [job.id], "w-elsewhere", 30.0)
+        async with sessions.begin() as session:
+            failure = Failure(job.id, 1, {"attempt": 1, "error": "boom", "type": "RuntimeError"})
+            await repository.fail_many(session, "w-elsewhere", [failure], Backoff(0.0, 0.0))
+        async with sessions.begin() as session:
+            assert [t.id for t in await repository.promote_due(session, [queue])] == [job.id]
+        async with Redis.from_url(settings.redis_url) as redis:
+            await redis.delete(dispatcher.stream_of(target))  # the first entry was consumed
+        await dispatcher.stop()  # the late confirmation arrives now
+    finally:
+        await stream.close()
+        await engine.dispose()
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        marker = await conn.fetchval("SELECT dispatched_at FROM jobs WHERE id = $1", job.id)
+    finally:
+        await conn.close()
+    assert marker is None, "a stale confirmation marked the re-queued job as dispatched"
+    workers = Supervisor(spawn, [queue], 1)
+    workers.start()
+    await drain(settings.database_url, queue, timeout=20.0)
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        status = await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job.id)
+    finally:
+        await conn.close()
+    await workers.stop()
+    assert status == "succeeded"
+
+
+async def _epoch_recorded(settings: Settings, queue: str) -> None:
+    """Wait until a worker's reconcile has recorded the Redis data epoch of ``queue``."""
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        for _ in range(400):
+            found = await conn.fetchval(
+                "SELECT count(*) FROM conveyor_state WHERE key LIKE '%' || $1 || '%'", queue
+            )
+            if found:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    raise AssertionError("no worker recorded the Redis data epoch")
+
+
+async def test_confirmation_marks_a_fresh_submission(
+    client: httpx.AsyncClient, settings: Settings, queue: str
+) -> None:
+    """The API's batched confirmation does mark jobs it sent (no needless re-send later)."""
+    response = await client.post("/v1/jobs", json={"type": "demo.echo", "queue": queue})
+    assert response.status_code == 202
+    job_id = uuid.UUID(response.json()["id"])
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        for _ in range(200):
+            marker = await conn.fetchval("SELECT dispatched_at FROM jobs WHERE id = $1", job_id)
+            if marker is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    assert marker is not None
