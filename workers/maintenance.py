@@ -134,17 +134,32 @@ class Maintenance:
     async def autoclaim(self) -> None:
         """Take over entries idle on dead consumers; their lapsed attempts count as failed."""
         min_idle_ms = int(self.w.settings.claim_idle_seconds * 1000)
-        for stream in self.w.all_streams:
-            if self.w.free <= 0 or self.w.stopping.is_set():
-                return
-            found = await self.w.stream.autoclaim(stream, self.w.name, min_idle_ms, self.w.free)
-            if found.deleted:
-                log.info("%d pending entries no longer existed in %s", len(found.deleted), stream)
-            if not found.deliveries:
-                continue
-            ids = [d.job_id for d in found.deliveries if d.job_id is not None]
-            await self.reclaim(ids)
-            await self.w.start(found.deliveries)
+        for queue, partition in self.w.partitions:
+            for stream in self.w.keys.partition_streams(queue, partition):
+                if self.w.free <= 0 or self.w.stopping.is_set():
+                    return
+                found = await self.w.stream.autoclaim(stream, self.w.name, min_idle_ms, self.w.free)
+                if found.deleted:
+                    await self.entries_vanished(queue, stream, len(found.deleted))
+                if not found.deliveries:
+                    continue
+                ids = [d.job_id for d in found.deliveries if d.job_id is not None]
+                await self.reclaim(ids)
+                await self.w.start(found.deliveries)
+
+    async def entries_vanished(self, queue: str, stream: str, count: int) -> None:
+        """Pending entries were deleted from the stream: which jobs they stood for is gone
+        with them, so every queued job of the queue is sent again (duplicates are harmless;
+        jobs running or done are not touched)."""
+        log.warning(
+            "%d pending entries no longer existed in %s; re-dispatching queue %s",
+            count,
+            stream,
+            queue,
+        )
+        async with self.w.sessions.begin() as session:
+            await repository.forget_dispatches(session, [queue])
+        await self.sweep_undispatched(0.0)
 
     async def reclaim(self, ids: Sequence[Any] | None) -> int:
         """Fail the attempts whose lease lapsed (``worker lost``): retry, or dead at the cap."""

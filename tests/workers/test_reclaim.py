@@ -176,3 +176,28 @@ async def test_job_that_kills_its_worker_ends_dead_after_max_attempts(
     assert crashes == 3
     listed = (await client.get("/v1/dlq", params={"queue": queue})).json()["items"]
     assert [j["id"] for j in listed] == [job["id"]]
+
+
+async def test_pending_entry_deleted_from_the_stream_is_dispatched_again(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
+) -> None:
+    """A consumer took the entry and vanished; then the entry itself was deleted (XDEL).
+    XAUTOCLAIM reports only its id, so the job is found again through Postgres."""
+    worker = spawn.worker([queue], concurrency=1, name=f"busy-{queue}")
+    blocker = await _submit(client, {"type": "test.nap", "queue": queue, "payload": {"seconds": 6}})
+    await wait_until(lambda: _all_running(client, [blocker["id"]]), timeout=30)
+    job = await _submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": 1}})
+    stream = Keys(settings.redis_prefix).stream(queue, 0, DEFAULT_BAND)
+
+    async def entry_ids() -> list[str]:
+        reply: Any = await redis.xreadgroup(GROUP, "ghost", {stream: ">"}, count=10)
+        return [entry_id for _, entries in reply or [] for entry_id, _ in entries]
+
+    taken = await wait_until(entry_ids, timeout=20)  # the worker is busy: the ghost gets it
+    await redis.xdel(stream, *taken)
+    assert (await client.get(f"/v1/jobs/{job['id']}")).json()["status"] == "queued"
+
+    done = await wait_for_status(client, job["id"], {"succeeded", "dead"}, timeout=60)
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 1
+    assert "no longer existed" in worker.output()
