@@ -238,3 +238,51 @@ async def test_concurrent_replays_of_one_job_queue_it_once(
     assert names.count("replayed") == 1
     assert names.count("claimed") == 2  # the first run and exactly one new run
     assert names[-1] == "succeeded"
+
+
+async def _queue_stats(client: httpx.AsyncClient, queue: str) -> dict[str, Any]:
+    items = (await client.get("/v1/queues")).json()["items"]
+    found: list[dict[str, Any]] = [q for q in items if q["queue"] == queue]
+    return found[0] if found else {}
+
+
+async def _until_all_dead(client: httpx.AsyncClient, queue: str, n: int) -> None:
+    async def all_dead() -> bool:
+        return (await _queue_stats(client, queue)).get("dead") == n
+
+    await wait_until(all_dead, timeout=120, interval=0.5)
+
+
+async def test_bulk_replay_spans_several_chunks(
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str
+) -> None:
+    n = 1001  # two full replay chunks of 500 and one more
+    worker = spawn.worker([queue], concurrency=64)
+    item = {"type": "test.permanent", "queue": queue, "payload": {}}
+    for size in (500, n - 500):
+        response = await admin.post("/v1/jobs/batch", json={"jobs": [item] * size})
+        assert response.status_code == 202, response.text
+    await _until_all_dead(admin, queue, n)
+    assert worker.stop() == 0  # replayed jobs now stay queued, so they can be counted
+
+    by_filter = await admin.post("/v1/dlq/replay", json={"type": "test.permanent", "queue": queue})
+    assert by_filter.json() == {"replayed": n}
+    stats = await _queue_stats(admin, queue)
+    assert (stats["waiting"], stats["dead"]) == (n, 0)
+
+    spawn.worker([queue], concurrency=64)
+    await _until_all_dead(admin, queue, n)
+    ids: list[str] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"queue": queue, "limit": 500}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await admin.get("/v1/dlq", params=params)).json()
+        ids += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(set(ids)) == n
+    by_ids = await admin.post("/v1/dlq/replay", json={"ids": ids})
+    assert by_ids.json() == {"replayed": n}
