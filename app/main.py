@@ -73,12 +73,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.public)
     app.add_middleware(BodyLimits, max_bytes=settings.max_payload_bytes)
     app.add_middleware(AuthGate, auth=auth)  # outermost: 401 before any body is read
-    app.openapi = lambda: _openapi(app, registry)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, registry, auth.enabled)  # type: ignore[method-assign]
     return app
 
 
-def _openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
-    """The generated document, plus one component schema per job type's payload."""
+def _openapi(app: FastAPI, registry: Registry, auth: bool) -> dict[str, Any]:
+    """The generated document, plus one component schema per job type's payload.
+
+    Without API keys configured the document declares no security: it describes this server.
+    """
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(
@@ -91,6 +94,14 @@ def _openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
             components.setdefault(name, sub)
         payload["description"] = job_type.description or f"Payload of {job_type.name}"
         components[f"Payload.{job_type.name}"] = _rewrite_refs(payload)
+    job_create = components.get("JobCreate", {}).get("properties", {}).get("type")
+    if job_create is not None:  # the API accepts exactly the registered types
+        job_create["enum"] = [t.name for t in registry.all()]
+    if not auth:
+        schema["components"].pop("securitySchemes", None)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.pop("security", None)
     app.openapi_schema = schema
     return schema
 
