@@ -91,12 +91,24 @@ async def test_sigkilled_worker_jobs_are_finished_by_another(
 
 
 async def test_job_longer_than_claim_idle_on_a_live_worker_runs_once(
-    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
 ) -> None:
     assert settings.claim_idle_seconds == 2.0
     spawn.worker([queue], name=f"first-{queue}")
     spawn.worker([queue], name=f"second-{queue}")  # idle, and looking for work to reclaim
     job = await _submit(client, {"type": "test.nap", "queue": queue, "payload": {"seconds": 5}})
+    await wait_until(lambda: _all_running(client, [job["id"]]), timeout=30)
+    [claim] = [e for e in await _events(client, job["id"]) if e["event"] == "claimed"]
+    await asyncio.sleep(3.5)  # past the claim idle time, still running
+    stream = Keys(settings.redis_prefix).stream(queue, 0, DEFAULT_BAND)
+    everything: list[tuple[str, dict[str, str]]] = await redis.xrange(stream)  # type: ignore[assignment]
+    entries = [i for i, f in everything if f.get("job") == job["id"]]
+    owners = [
+        p["consumer"]
+        for i in entries
+        for p in await redis.xpending_range(stream, GROUP, min=i, max=i, count=1)
+    ]
+    assert owners == [claim["worker"]]  # kept fresh by its worker, not taken over
     done = await wait_for_status(client, job["id"], {"succeeded", "dead"}, timeout=60)
     assert done["status"] == "succeeded"
     assert done["attempts"] == 1
