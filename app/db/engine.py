@@ -28,6 +28,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_pre_ping=True,
         pool_recycle=1800,
         connect_args=connect_args,
+        hide_parameters=True,  # error messages (which get logged) never carry payloads
     )
 
 
