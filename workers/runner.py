@@ -70,6 +70,7 @@ class Worker:
         self.held: list[Delivery] = []  # read from Redis, not yet claimed in Postgres
         self.outcomes: asyncio.Queue[tuple[Outcome, Delivery]] = asyncio.Queue()
         self.stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second stop signal: end the grace period now
         self._room = asyncio.Condition()
         self._engine = create_engine(settings)
         self.sessions: async_sessionmaker[AsyncSession] = create_session_factory(self._engine)
@@ -118,7 +119,9 @@ class Worker:
 
     def stop(self) -> None:
         if self.stopping.is_set():
-            self.settings = self.settings.model_copy(update={"shutdown_grace_seconds": 0.0})
+            log.info("worker %s: second stop signal, handing back now", self.name)
+            self._hurry.set()
+            return
         log.info("worker %s stopping: no new jobs", self.name)
         self.stopping.set()
 
@@ -141,7 +144,16 @@ class Worker:
                 len(tasks),
                 self.settings.shutdown_grace_seconds,
             )
-            _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
+            finished = asyncio.ensure_future(asyncio.wait(tasks))
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait(
+                [finished, hurry],
+                timeout=self.settings.shutdown_grace_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            finished.cancel()
+            hurry.cancel()
+            late = [t for t in tasks if not t.done()]
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)

@@ -137,3 +137,25 @@ async def test_stop_signal_lets_in_flight_jobs_finish_and_takes_no_new_ones(
     successor = spawn.worker([queue], name=f"successor-{queue}")
     done = await wait_for_status(client, late, {"succeeded", "dead"}, timeout=30)
     assert done["result"] == {"worker": successor.name, "attempt": 1}
+
+
+async def test_second_stop_signal_ends_the_grace_period_at_once(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings
+) -> None:
+    leaving = spawn.worker(
+        [queue],
+        name=f"leaving-{queue}",
+        settings=settings.model_copy(update={"shutdown_grace_seconds": 120.0}),
+    )
+    job_id = await _nap(client, queue, 120)
+    await wait_until(lambda: _all(client, [job_id], "running"), timeout=30)
+    leaving.signal(signal.SIGTERM)
+
+    async def draining() -> bool:
+        return "draining 1 job(s)" in leaving.output()
+
+    await wait_until(draining, timeout=20)
+    leaving.signal(signal.SIGTERM)
+    assert await _exit_code(leaving, timeout=40) == 0  # well before the 120 s grace
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert (job["status"], job["attempts"]) == ("queued", 0)
