@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
+from starlette.types import Message
 
 from app.api.limits import MAX_DEPTH, BodyLimits, json_depth_exceeds
 from app.settings import Settings
@@ -94,9 +95,9 @@ async def test_middleware_stops_reading_a_stream_once_past_the_limit() -> None:
         received += 4096
         return {"type": "http.request", "body": b" " * 4096, "more_body": True}
 
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
