@@ -99,10 +99,17 @@ class JobRow(Base):
             text("id DESC"),
             postgresql_where=text("owner IS NOT NULL"),
         ),
-        # Queue stats over the non-finished rows only (an index-only scan); with the time
-        # columns it also lists "queued jobs of queue q" in order, however rare the mix.
+        # Queue stats over the non-finished rows only: an index-only scan of an index that
+        # B-tree deduplication keeps small (few distinct keys).
         Index(
             "ix_jobs_open",
+            "queue",
+            "status",
+            postgresql_where=text("status NOT IN ('succeeded', 'cancelled')"),
+        ),
+        # Listing a queue's jobs in one open status ("dead in q"), in order, however rare.
+        Index(
+            "ix_jobs_open_created",
             "queue",
             "status",
             text("created_at DESC"),

@@ -281,7 +281,7 @@ async def test_single_filters_read_in_index_order_without_sorting(
     explain_engine: AsyncEngine,
 ) -> None:
     """No Sort node: a page reads `limit` index entries, at any depth. The same for a queue's
-    jobs in one open status (the dashboard's "queued in q"), via ix_jobs_open."""
+    jobs in one open status (the dashboard's "queued in q"), via ix_jobs_open_created."""
     deep = Cursor(datetime.now(UTC) - timedelta(days=6), uuid.UUID(int=2**128 - 1))
     for names in [(), *[(n,) for n in FILTERS], ("status", "queue")]:
         for cursor in (None, deep):
@@ -291,4 +291,4 @@ async def test_single_filters_read_in_index_order_without_sorting(
             assert "Sort" not in text_plan, f"{names}:\n{text_plan}"
             assert "Index Scan" in text_plan, f"{names}:\n{text_plan}"
             if names == ("status", "queue"):
-                assert "Index Scan using ix_jobs_open" in text_plan, text_plan
+                assert "Index Scan using ix_jobs_open_created " in text_plan, text_plan
