@@ -98,7 +98,9 @@ class Maintenance:
             )
             await queries.upsert_worker(session, self._worker_values())
         mine = [r.delivery for r in running if r.job.id in held]
-        await self.w.stream.refresh(self.w.name, mine + self.w.held)
+        # A slow or hung Redis must not delay the next lease extension past the lease.
+        async with asyncio.timeout(self.heartbeat_every):
+            await self.w.stream.refresh(self.w.name, mine + self.w.held)
 
     # -- promotion and dispatch -------------------------------------------------------------------
 

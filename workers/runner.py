@@ -319,7 +319,10 @@ class Worker:
         moved = done | {r.id for r in failed}
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
         # (or to XAUTOCLAIM, whose claim then drops it).
-        await self.stream.ack([d for o, d in batch if o.job_id in moved])
+        try:
+            await self.stream.ack([d for o, d in batch if o.job_id in moved])
+        except Exception as exc:  # written already: never redo it; XAUTOCLAIM drops the entries
+            log.warning("ack of %d finished entries failed (%s)", len(moved), exc)
         await self.maintenance.dead_lettered([r for r in failed if r.status == "dead"])
         stale = len(batch) - len(moved)
         if stale:

@@ -284,16 +284,22 @@ class Supervisor:
         for proc in self.procs.values():
             await asyncio.to_thread(proc.stop, 15)
 
+    def logged(self, pattern: str) -> int:
+        """Matches of ``pattern`` in the workers' logs (summing its group, if it has one)."""
+        regex = re.compile(pattern)
+        return sum(
+            int(m.group(1)) if regex.groups else 1
+            for proc in self.history
+            for m in regex.finditer(proc.output())
+        )
+
     def fenced(self) -> int:
         """Completions the attempt fence rejected, as the workers logged them."""
-        return fenced_in_logs(self.history)
+        return self.logged(r"(\d+) outcome\(s\) fenced off")
 
-
-FENCED = re.compile(r"(\d+) outcome\(s\) fenced off")
-
-
-def fenced_in_logs(procs: Sequence[Proc]) -> int:
-    return sum(int(m) for p in procs for m in FENCED.findall(p.output()))
+    def tracebacks(self) -> int:
+        """Unhandled errors the workers printed (a loop that died, a task that crashed)."""
+        return self.logged(r"Traceback \(most recent call last\)")
 
 
 # -- drain and check ---------------------------------------------------------------------------
@@ -469,6 +475,16 @@ def recovery_delays(history: dict[UUID, list[Event]], faults: Sequence[Fault]) -
     return delays
 
 
+def queue_waits(history: dict[UUID, list[Event]]) -> list[float]:
+    """Per job: seconds from its first event (submitted) to its first claim."""
+    waits: list[float] = []
+    for events in history.values():
+        claims = [e.at for e in events if e.event == "claimed"]
+        if events and claims:
+            waits.append(claims[0] - events[0].at)
+    return waits
+
+
 def _throughput(history: dict[UUID, list[Event]]) -> float:
     starts = [events[0].at for events in history.values() if events]
     ends = [e.at for events in history.values() for e in events if e.event in TERMINAL]
@@ -483,9 +499,14 @@ async def check(
     queue: str,
     ledger: Ledger,
     faults: Sequence[Fault] = (),
+    *,
+    breakdown: dict[str, Sequence[Fault]] | None = None,
     **extra: Any,
 ) -> Report:
+    """The figures; ``breakdown`` adds a ``<name>_p99_s`` recovery figure per group of faults."""
     snap = await snapshot(database_url, queue)
+    for name, group in (breakdown or {}).items():
+        extra[f"{name}_p99_s"] = f"{percentile(recovery_delays(snap.history, group), 0.99):.2f}"
     accepted = ledger.ok()
     lost = [i for i in accepted if i not in snap.jobs or snap.jobs[i]["status"] not in TERMINAL]
     keys = Counter(r["idempotency_key"] for r in snap.jobs.values() if r["idempotency_key"])
@@ -505,6 +526,7 @@ async def check(
         statuses=dict(Counter(r["status"] for r in snap.jobs.values())),
         snap=snap,
         extra={
+            "wait_p50_s": f"{percentile(queue_waits(snap.history), 0.5):.2f}",
             "info": ledger.count("info"),
             "recovered": len(recovered),
             "fail": ledger.count("fail"),
@@ -513,6 +535,37 @@ async def check(
             **extra,
         },
     )
+
+
+async def conclude(
+    scenario: str,
+    database_url: str,
+    queue: str,
+    ledger: Ledger,
+    workers: Supervisor,
+    results: Path,
+    faults: Sequence[Fault] = (),
+    *,
+    breakdown: dict[str, Sequence[Fault]] | None = None,
+    **extra: Any,
+) -> Report:
+    """Faults are over: drain, check, stop the workers, print the line, assert the gates
+    (lost, dup_terminal, dup_submit, unexpected all 0; no worker printed a traceback)."""
+    drained = await drain(database_url, queue)
+    report = await check(
+        scenario, database_url, queue, ledger, faults, breakdown=breakdown, **extra
+    )
+    await workers.stop()
+    report.extra.update(
+        restarts=workers.restarts,
+        fenced=workers.fenced(),
+        worker_tracebacks=workers.tracebacks(),
+        drain_s=f"{drained:.1f}",
+    )
+    publish(report, results)
+    report.assert_clean()
+    assert report.extra["worker_tracebacks"] == 0, "a worker printed an unhandled error"
+    return report
 
 
 def publish(report: Report, results: Path) -> None:

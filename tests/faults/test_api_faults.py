@@ -24,13 +24,9 @@ from tests.faults.harness import (
     Ledger,
     LoadGenerator,
     Supervisor,
-    check,
+    conclude,
     create_effects_table,
-    drain,
     effect_body,
-    percentile,
-    publish,
-    recovery_delays,
 )
 from tests.support.processes import Spawner
 
@@ -93,21 +89,17 @@ async def test_api_death_between_commit_and_xadd(
         await asyncio.to_thread(api.proc.wait)
         api, gen.base_url = await asyncio.to_thread(spawn.api)
     await load
-    drained = await drain(settings.database_url, queue)
-    report = await check(
+    report = await conclude(
         "api_crash_after_commit",
         settings.database_url,
         queue,
         ledger,
+        workers,
+        results,
         faults,
+        breakdown={"orphan_recovery": faults[:1], "api_kill_recovery": faults[1:]},
         orphans=ORPHANS,
         api_kills=len(faults) - 1,
         retried=sum(1 for s in ledger.submissions.values() if s.tries > 1),
-        drain_s=f"{drained:.1f}",
     )
-    orphans = recovery_delays(report.snap.history, faults[:1])
-    report.extra["orphan_recovery_p99_s"] = f"{percentile(orphans, 0.99):.2f}"
-    await workers.stop()
-    publish(report, results)
-    report.assert_clean()
     assert report.statuses == {"succeeded": report.jobs}

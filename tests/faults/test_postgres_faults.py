@@ -28,12 +28,10 @@ from tests.faults.harness import (
     Ledger,
     LoadGenerator,
     Supervisor,
-    check,
+    conclude,
     create_effects_table,
-    drain,
     dsn,
     effect_body,
-    publish,
 )
 from tests.support.processes import Spawner
 
@@ -74,29 +72,32 @@ async def test_postgres_restart_mid_run(
     bodies = [effect_body(queue, rng) for _ in range(700)]
     load = asyncio.create_task(gen.run(bodies, 30.0))
     await gen.reached(0.4 * len(bodies))
+    # Jobs that finish while Postgres is down: their workers must hold the outcomes.
+    naps = [{"type": "test.nap", "queue": queue, "payload": {"seconds": 1.5}, "max_attempts": 20}]
+    await LoadGenerator(ledger, url).run(naps * 8, 100.0)
+    await asyncio.sleep(0.5)
     fault = Fault(time.time(), "postgres_down")
     await asyncio.to_thread(own_postgres.stop)
     await asyncio.sleep(OUTAGE_SECONDS)
     own_postgres.start()  # from the main thread: the server dies with the thread that started it
     await load
-    drained = await drain(settings.database_url, queue)
-    report = await check(
+    report = await conclude(
         "postgres_restart",
         settings.database_url,
         queue,
         ledger,
+        workers,
+        results,
         [fault],
-        worker_restarts=workers.restarts,
-        drain_s=f"{drained:.1f}",
+        outage_s=OUTAGE_SECONDS,
+        held_outcomes=workers.logged(r"reporting (\d+) outcome\(s\) failed"),
     )
-    await workers.stop()
-    publish(report, results)
-    report.assert_clean()
     assert report.statuses == {"succeeded": report.jobs}
     assert report.extra["http_5xx_other"] == 0, ledger.statuses
     assert report.extra["http_503"] > 0, "no request met the outage"
     assert ledger.missing_retry_after == 0
     assert workers.restarts == 0, "a worker process died of the Postgres outage"
+    assert report.extra["held_outcomes"] > 0, "no outcome waited for Postgres"
 
 
 async def test_postgres_down_answers_503_and_writes_nothing(
