@@ -34,6 +34,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import re
 import socket
 import time
@@ -47,6 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.errors import PermanentError
 from app.jobs.registry import JobContext, job_type
 from app.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_REDIRECTS = 5
@@ -168,7 +171,7 @@ def allowed_hosts(spec: str) -> tuple[Allowed, ...]:
             try:
                 entries.append(_parse_entry(raw.strip().lower()))
             except (ValueError, httpx.InvalidURL):
-                continue
+                log.warning("ignoring malformed CONVEYOR_HTTP_ALLOWED_HOSTS entry %r", raw)
     return tuple(entries)
 
 
