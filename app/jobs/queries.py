@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -38,8 +38,8 @@ class Cursor:
             parsed = datetime.fromisoformat(at)
             if parsed.tzinfo is None:
                 raise ValueError("naive timestamp")
-            return cls(parsed, UUID(job_id))
-        except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+            return cls(parsed.astimezone(UTC), UUID(job_id))
+        except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError) as exc:
             raise InvalidInput("invalid cursor") from exc
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -21,6 +22,17 @@ QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MAX_DELAY_SECONDS = 366 * 24 * 3600
 MAX_BATCH = 1000
+
+
+def to_utc(value: datetime) -> datetime:
+    """UTC, so PostgreSQL never sees an offset beyond its ±15:59 or a year past 9999."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("datetime out of range") from None
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(to_utc)]
 
 
 class JobCreate(BaseModel):
@@ -45,7 +57,7 @@ class JobCreate(BaseModel):
         ),
     )
     max_attempts: int = Field(default=3, ge=1, le=100)
-    run_at: AwareDatetime | None = Field(default=None, description="Not started before this.")
+    run_at: UtcDatetime | None = Field(default=None, description="Not started before this.")
     delay_seconds: float | None = Field(
         default=None, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False
     )

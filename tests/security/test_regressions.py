@@ -7,6 +7,8 @@ answer never regresses.
 
 from __future__ import annotations
 
+import base64
+import uuid
 from typing import Any
 
 import httpx
@@ -115,3 +117,58 @@ def test_openapi_lists_the_registered_job_types(settings: Settings) -> None:
     document = _document(settings)
     types = document["components"]["schemas"]["JobCreate"]["properties"]["type"]["enum"]
     assert {"demo.echo", "demo.sleep", "demo.fail"} <= set(types)
+
+
+# schemathesis ST101 (--hypothesis-seed=7967443801633909912823098079999453848, 200 examples):
+# POST /v1/jobs/batch with "run_at": "0603-11-24T23:06:09-18:07" was a 503: PostgreSQL refuses
+# UTC offsets beyond ±15:59, and a time whose UTC form leaves years 1..9999 cannot be stored or
+# read back. The same inputs reached the created_after/created_before filters and the cursor.
+OFFSET_BEYOND_POSTGRES = "2030-01-01T00:00:00-18:07"
+BEFORE_YEAR_1_IN_UTC = "0001-01-01T00:00:00+01:00"
+AFTER_YEAR_9999_IN_UTC = "9999-12-31T23:59:59-01:00"
+
+
+async def test_run_at_with_any_offset_is_stored_in_utc(client: httpx.AsyncClient) -> None:
+    for run_at, expected in [
+        (OFFSET_BEYOND_POSTGRES, "2030-01-01T18:07:00Z"),
+        ("2030-01-01T00:00:00+16:00", "2029-12-31T08:00:00Z"),
+    ]:
+        response = await client.post("/v1/jobs", json={"type": "demo.echo", "run_at": run_at})
+        assert response.status_code == 202, response.text
+        assert response.json()["run_at"] == expected
+        assert response.json()["status"] == "scheduled"
+
+
+@pytest.mark.parametrize("run_at", [BEFORE_YEAR_1_IN_UTC, AFTER_YEAR_9999_IN_UTC])
+async def test_run_at_outside_the_storable_range_is_422(
+    client: httpx.AsyncClient, db: Database, run_at: str
+) -> None:
+    before = await db.snapshot()
+    for path, body in [
+        ("/v1/jobs", {"type": "demo.echo", "run_at": run_at}),
+        (
+            "/v1/jobs/batch",
+            {"jobs": [{"type": "demo.echo"}, {"type": "demo.echo", "run_at": run_at}]},
+        ),
+    ]:
+        response = await client.post(path, json=body)
+        assert response.status_code == 422, response.text
+    assert await db.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "when", [OFFSET_BEYOND_POSTGRES, BEFORE_YEAR_1_IN_UTC, AFTER_YEAR_9999_IN_UTC]
+)
+async def test_listing_filters_and_cursors_with_extreme_times_are_never_5xx(
+    client: httpx.AsyncClient, when: str
+) -> None:
+    cursor = base64.urlsafe_b64encode(f"{when}|{uuid.uuid4()}".encode()).decode().rstrip("=")
+    for path, params in [
+        ("/v1/jobs", {"created_after": when}),
+        ("/v1/jobs", {"created_before": when}),
+        ("/v1/jobs", {"cursor": cursor}),
+        ("/v1/dlq", {"cursor": cursor}),
+    ]:
+        response = await client.get(path, params=params)
+        expected = {200} if when == OFFSET_BEYOND_POSTGRES else {422}
+        assert response.status_code in expected, (path, params, response.text)

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
-from pydantic import AwareDatetime
 
 from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep
 from app.jobs import queries, service
@@ -21,6 +20,7 @@ from app.jobs.schemas import (
     JobCreate,
     JobEventOut,
     JobPage,
+    UtcDatetime,
 )
 from app.jobs.status import JobStatus
 
@@ -92,10 +92,10 @@ async def list_jobs(
     type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
     queue: Annotated[str | None, Query(pattern=QUEUE_PATTERN)] = None,
     created_after: Annotated[
-        AwareDatetime | None, Query(description="Only jobs created after this (with a zone).")
+        UtcDatetime | None, Query(description="Only jobs created after this (with a zone).")
     ] = None,
     created_before: Annotated[
-        AwareDatetime | None, Query(description="Only jobs created before this (with a zone).")
+        UtcDatetime | None, Query(description="Only jobs created before this (with a zone).")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[
