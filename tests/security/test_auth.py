@@ -7,13 +7,16 @@ and a digest of every job's state are compared before and after, by SQL.
 
 from __future__ import annotations
 
+import ast
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from app.api import auth as auth_module
 from app.api.auth import parse_keys
 from tests.security.conftest import Database, Keys, api_key, bearer
 
@@ -316,3 +319,24 @@ async def test_both_header_styles_and_the_sha256_form_authenticate(
 def test_malformed_key_setting_is_a_startup_error(spec: str) -> None:
     with pytest.raises(ValueError):
         parse_keys(spec)
+
+
+def test_secrets_are_compared_only_with_compare_digest() -> None:
+    """Static check: digests are compared with hmac.compare_digest, never with == or !=."""
+    source = Path(auth_module.__file__).read_text()
+    tree = ast.parse(source)
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "hmac.compare_digest"
+    ]
+    assert len(calls) == 1
+    equalities = [
+        ast.unparse(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        and any(isinstance(op, ast.Eq | ast.NotEq) for op in node.ops)
+        and not any(isinstance(side, ast.Constant) for side in [node.left, *node.comparators])
+        and any(word in ast.unparse(node) for word in ("digest", "secret", "key"))
+    ]
+    assert equalities == []
