@@ -14,6 +14,26 @@ from app.jobs.registry import JobContext, Registry
 
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
+MAX_RESULT_BYTES = 1 << 20
+
+
+def storable(text: str) -> str:
+    """Text PostgreSQL's jsonb accepts: no NUL characters, no lone surrogates."""
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _storable_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(str(k)): _storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable_json(v) for v in value]
+    return value
+
+
+class ResultNotStorable(Exception):
+    """The handler returned something that cannot be stored as the job's JSON result."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +49,9 @@ class Outcome:
 def _error(job: JobRow, worker: str, message: str, kind: str, tb: str | None) -> dict[str, Any]:
     return {
         "attempt": job.attempts,
-        "error": message[:MAX_ERROR_CHARS],
-        "type": kind,
-        "traceback": tb[-MAX_TRACEBACK_CHARS:] if tb else None,
+        "error": storable(message[:MAX_ERROR_CHARS]),
+        "type": storable(kind),
+        "traceback": storable(tb[-MAX_TRACEBACK_CHARS:]) if tb else None,
         "worker": worker,
     }
 
@@ -55,8 +75,7 @@ async def execute(job: JobRow, registry: Registry, worker: str) -> Outcome:
     try:
         payload = job_type.model.model_validate(job.payload)
         async with deadline:
-            result = await job_type.handler(payload, ctx)
-        json.dumps(result)
+            result = _result(await job_type.handler(payload, ctx))
     except TimeoutError as exc:
         if deadline.expired():
             error = _error(job, worker, "timeout", "Timeout", None)
@@ -67,3 +86,14 @@ async def execute(job: JobRow, registry: Registry, worker: str) -> Outcome:
     except Exception as exc:
         return _failure(job, worker, exc, permanent=False)
     return Outcome(job.id, job.attempts, ok=True, result=result)
+
+
+def _result(value: Any) -> Any:
+    """The handler's return value as storable JSON; NaN, Infinity and non-JSON types fail."""
+    try:
+        text = json.dumps(_storable_json(value), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ResultNotStorable(f"result is not JSON: {exc}") from exc
+    if len(text) > MAX_RESULT_BYTES:
+        raise ResultNotStorable(f"result is {len(text)} bytes; the limit is {MAX_RESULT_BYTES}")
+    return json.loads(text)

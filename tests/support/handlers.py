@@ -145,3 +145,23 @@ async def gate(payload: GatePayload, ctx: JobContext) -> dict[str, int]:
     if not os.path.exists(payload.path):
         raise RuntimeError("gate closed")
     return {"attempt": ctx.attempt}
+
+
+class WeirdPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(pattern="^(nul|surrogate|nan|object|nul_error)$")
+
+
+@job_type("test.weird_result")
+async def weird_result(payload: WeirdPayload, ctx: JobContext) -> object:
+    """Returns (or raises with) values PostgreSQL's jsonb would refuse as they are."""
+    if payload.kind == "nul":
+        return {"text": "a\x00b", "k\x00": 1}
+    if payload.kind == "surrogate":
+        return {"text": "x\ud800y"}
+    if payload.kind == "nan":
+        return {"n": float("nan")}
+    if payload.kind == "nul_error":
+        raise ValueError("bad\x00byte \udc80")
+    return object()
