@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
@@ -281,13 +282,35 @@ class Worker:
                 batch.append(self.outcomes.get_nowait())
             while True:
                 try:
-                    await self._report(batch)
+                    await self._report_or_split(batch)
                     for _ in batch:
                         self.outcomes.task_done()
                     break
                 except Exception as exc:  # keep the outcomes until Postgres takes them
                     log.warning("reporting %d outcome(s) failed (%s); retrying", len(batch), exc)
                     await asyncio.sleep(RETRY_PAUSE)
+
+    async def _report_or_split(self, batch: list[tuple[Outcome, Delivery]]) -> None:
+        """Report a batch; if Postgres refuses its data (not a connection problem), report
+        one by one so a single unstorable outcome cannot hold back the others forever."""
+        try:
+            await self._report(batch)
+            return
+        except (DataError, IntegrityError, ProgrammingError) as exc:
+            log.warning("Postgres refused a batch of outcomes (%s); writing one by one", exc)
+        for outcome, delivery in batch:
+            try:
+                await self._report([(outcome, delivery)])
+            except (DataError, IntegrityError, ProgrammingError) as exc:
+                error = {
+                    "attempt": outcome.attempt,
+                    "error": f"outcome could not be stored: {type(exc.orig).__name__}",
+                    "type": "OutcomeNotStorable",
+                    "traceback": None,
+                    "worker": self.name,
+                }
+                failed = Outcome(outcome.job_id, outcome.attempt, ok=False, error=error)
+                await self._report([(failed, delivery)])
 
     async def _stop_reporter(self, reporter: asyncio.Task[None]) -> None:
         """Let the reporter write every outcome it was given (a batch cut off mid-write would
