@@ -124,7 +124,9 @@ async def confirm_dispatched(
 
 _CLAIM = """
 WITH locked AS (
-    SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'queued'
+    -- Look rows up by primary key only: "status || ''" keeps the planner from intersecting
+    -- with the status index, which holds every queued job (a deep backlog).
+    SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND status || '' = 'queued'
     ORDER BY id FOR UPDATE
 ), claimed AS (
     UPDATE jobs j SET status = 'running', attempts = j.attempts + 1, worker = :worker,
