@@ -27,7 +27,10 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
     ignored_auth,
+    negative_data_rejection,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -38,7 +41,15 @@ from tests.conftest import Backends, make_settings
 from tests.security.conftest import Keys
 from tests.support.processes import Spawner
 
-CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, ignored_auth]
+CHECKS = [
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+    ignored_auth,
+    content_type_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+]
 # Examples per operation and mode; CONVEYOR_FUZZ_EXAMPLES raises it for a deeper (random) run.
 MAX_EXAMPLES = int(os.environ.get("CONVEYOR_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(

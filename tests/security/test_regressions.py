@@ -172,3 +172,13 @@ async def test_listing_filters_and_cursors_with_extreme_times_are_never_5xx(
         response = await client.get(path, params=params)
         expected = {200} if when == OFFSET_BEYOND_POSTGRES else {422}
         assert response.status_code in expected, (path, params, response.text)
+
+
+async def test_replay_id_list_over_its_maximum_is_422_not_413(client: httpx.AsyncClient) -> None:
+    """schemathesis ST201 (negative_data_rejection): 10,001 ids, one past the declared
+    maxItems, made a body over the size limit, so the schema violation was answered 413."""
+    ids = [str(uuid.uuid4()) for _ in range(5001)]
+    too_many = await client.post("/v1/dlq/replay", json={"ids": ids})
+    assert too_many.status_code == 422, too_many.text
+    most = await client.post("/v1/dlq/replay", json={"ids": ids[:5000]})
+    assert most.status_code == 202 and most.json() == {"replayed": 0}

@@ -26,16 +26,28 @@ from app.jobs.status import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody},
-    403: {"model": ErrorBody},
-    404: {"model": ErrorBody},
-    409: {"model": ErrorBody},
-    413: {"model": ErrorBody},
-    415: {"model": ErrorBody},
-    422: {"model": ErrorBody},
-    429: {"model": ErrorBody},
-    503: {"model": ErrorBody},
+    401: {
+        "model": ErrorBody,
+        "description": "No API key, or an unknown one",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    403: {"model": ErrorBody, "description": "The key's role may not do this"},
+    404: {"model": ErrorBody, "description": "No such job (or not yours)"},
+    409: {
+        "model": ErrorBody,
+        "description": "Conflicts with the job's state or an earlier request",
+    },
+    413: {"model": ErrorBody, "description": "Body larger than CONVEYOR_MAX_PAYLOAD_BYTES"},
+    415: {"model": ErrorBody, "description": "Body is not application/json"},
+    422: {"model": ErrorBody, "description": "Invalid input; nothing was written"},
+    429: {"model": ErrorBody, "description": "Rate limit exceeded", "headers": _RETRY_AFTER},
+    503: {
+        "model": ErrorBody,
+        "description": "Postgres or Redis unreachable; nothing was written",
+        "headers": _RETRY_AFTER,
+    },
 }
 IdempotencyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)

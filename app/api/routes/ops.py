@@ -109,7 +109,7 @@ async def readyz(state: StateDep) -> Response:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@public.get("/metrics", response_class=Response)
+@public.get("/metrics", response_class=Response, responses={503: ERRORS[503]})
 async def metrics(session: SessionDep) -> Response:
     """Prometheus text format."""
     body, content_type = render_metrics(await queries.queue_counts(session))
