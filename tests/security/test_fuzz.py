@@ -3,7 +3,8 @@
 Two variants: auth off, and API keys configured with the admin key supplied (so `ignored_auth`
 probes every operation without a key and with a wrong one). Each operation is fuzzed with
 valid (positive) and invalid (negative) data. Checks: no 5xx, responses match their declared
-schema, every status is declared, auth is enforced. Bounded: a fixed number of examples per
+schema, content type and headers, every status is declared, auth is enforced, and invalid
+input is rejected with a 4xx that says so. Bounded: a fixed number of examples per
 operation and mode, no per-example deadline (the machine is shared). Any failure found here
 gets pinned in ``test_regressions.py``.
 
