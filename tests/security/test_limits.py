@@ -332,3 +332,16 @@ async def test_batch_of_many_jobs_is_never_a_server_error(
     assert (await client.post("/v1/jobs/batch", json={"jobs": jobs})).status_code == 202
     too_many = {"jobs": jobs + jobs[:1]}
     assert_error(await client.post("/v1/jobs/batch", json=too_many), 422, "invalid")
+
+
+# --- every error has the same JSON shape ---
+
+
+async def test_unknown_paths_and_methods_get_json_errors(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/no-such-page"), 404, "not_found")
+    wrong_method = await client.put("/v1/jobs", json={})
+    assert_error(wrong_method, 405, "method_not_allowed")
+    assert "POST" in wrong_method.headers["allow"]
+    assert_error(await client.get("/v1/jobs/not-a-uuid"), 422, "invalid")
+    assert_error(await client.get("/v1/jobs", params={"limit": "lots"}), 422, "invalid")
+    assert_error(await client.get("/v1/jobs", params={"cursor": "%%%"}), 422, "invalid")
