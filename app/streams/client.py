@@ -18,6 +18,9 @@ from uuid import UUID
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from app.settings import Settings
@@ -39,6 +42,11 @@ def create_redis(settings: Settings, *, block_seconds: float = 0.0) -> RedisClie
     }
     if settings.redis_cluster:
         return cast(RedisClient, RedisCluster.from_url(settings.redis_url, **options))
+    # After a Redis restart every pooled connection is dead: retry once on a new one, so
+    # the first command on each does not fail. A refused connection fails again at once; a
+    # timeout (a hung server) is not retried, so a call never waits more than one timeout.
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    options |= {"retry": retry, "retry_on_error": [RedisConnectionError]}
     return Redis.from_url(settings.redis_url, **options)
 
 

@@ -89,6 +89,7 @@ class Submission:
     job_id: UUID | None = None
     completed: float | None = None
     tries: int = 0
+    status: int = 0  # the last HTTP status (0: no answer)
 
 
 @dataclass
@@ -107,7 +108,11 @@ class Ledger:
 
     def record_direct(self, key: str, job_id: UUID, at: float) -> None:
         """A job committed as the API would (it then died before answering)."""
-        self.submissions[key] = Submission(key, at, "ok", job_id, at, 1)
+        self.submissions[key] = Submission(key, at, "ok", job_id, at, 1, 202)
+
+    def retried_committed(self) -> int:
+        """Submissions whose retry found the job an earlier, unanswered try had committed."""
+        return sum(1 for s in self.submissions.values() if s.tries > 1 and s.status == 200)
 
     @property
     def http_5xx_other(self) -> int:
@@ -150,6 +155,36 @@ class LoadGenerator:
                 return sub
             await asyncio.sleep(RETRY_PAUSE)
 
+    async def submit_batch(self, bodies: Sequence[dict[str, Any]]) -> None:
+        """One ``POST /v1/jobs/batch`` (all committed, then XADDed at once: an instant backlog),
+        each item with its own idempotency key; retried whole until a definite answer."""
+        subs = [Submission(uuid.uuid4().hex, time.time()) for _ in bodies]
+        for sub in subs:
+            self.ledger.submissions[sub.key] = sub
+        items = [{**b, "idempotency_key": sub.key} for b, sub in zip(bodies, subs, strict=True)]
+        give_up = time.monotonic() + self.deadline
+        timeout = httpx.Timeout(self.request_timeout)
+        async with httpx.AsyncClient(transport=self.transport, timeout=timeout) as client:
+            while True:
+                for sub in subs:
+                    sub.tries += 1
+                try:
+                    response = await client.post(
+                        f"{self.base_url}/v1/jobs/batch", json={"jobs": items}
+                    )
+                except httpx.HTTPError as exc:
+                    self.ledger.errors[type(exc).__name__] += 1
+                else:
+                    self.ledger.statuses[response.status_code] += 1
+                    if response.status_code == 202:
+                        for sub, job in zip(subs, response.json()["jobs"], strict=True):
+                            sub.outcome, sub.job_id = "ok", UUID(job["id"])
+                            sub.completed, sub.status = time.time(), 202
+                        return
+                if time.monotonic() > give_up:
+                    return
+                await asyncio.sleep(RETRY_PAUSE)
+
     async def _try(self, client: httpx.AsyncClient, body: dict[str, Any], sub: Submission) -> int:
         began = time.monotonic()
         try:
@@ -161,6 +196,7 @@ class LoadGenerator:
             return 0
         self.ledger.slowest_answer = max(self.ledger.slowest_answer, time.monotonic() - began)
         self.ledger.statuses[response.status_code] += 1
+        sub.status = response.status_code
         if response.status_code == 503 and "retry-after" not in response.headers:
             self.ledger.missing_retry_after += 1
         if response.status_code in (200, 202):
@@ -224,7 +260,8 @@ class Supervisor:
         self.procs: dict[str, Proc] = {}
         self.history: list[Proc] = []
         self.restarts = 0
-        self.faults: list[Fault] = []
+        self.faults: list[Fault] = []  # kills, and crashes noticed by the supervisor
+        self._killed: set[int] = set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -258,12 +295,15 @@ class Supervisor:
         while True:
             for name, proc in list(self.procs.items()):
                 if not proc.alive():
+                    if proc.pid not in self._killed:
+                        self.faults.append(Fault(time.time(), "crash", worker=name))
                     self.restarts += 1
                     self._launch(name)
             await asyncio.sleep(0.2)
 
     def kill(self, name: str, kind: str = "sigkill") -> None:
         self.faults.append(Fault(time.time(), kind, worker=name))
+        self._killed.add(self.procs[name].pid)
         self.procs[name].proc.kill()
 
     async def kill_randomly(
@@ -532,6 +572,7 @@ async def check(
             "fail": ledger.count("fail"),
             "http_503": ledger.statuses.get(503, 0),
             "http_5xx_other": ledger.http_5xx_other,
+            "retried_committed": ledger.retried_committed(),
             **extra,
         },
     )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -41,8 +43,10 @@ async def test_redis_data_loss_loses_no_job(
     spawn: Spawner, settings: Settings, fault_redis: EmbeddedRedis, queue: str, results: Path
 ) -> None:
     """Scenario 4: FLUSHALL at 30 % of the load; at 60 %, kill -9 the redis-server and start
-    it again, empty, on the same port. Workers recreate their consumer groups (from id 0),
-    detect the loss and re-dispatch every queued job from Postgres; none of them crashes."""
+    it again, empty, on the same port. Each fault hits a backlog of stream entries, delayed
+    jobs and jobs waiting for a retry. Workers recreate their consumer groups (from id 0),
+    detect the loss and re-dispatch every queued job from Postgres; delayed and retrying jobs
+    were never in Redis; no worker crashes."""
     await create_effects_table(settings.database_url)
     rng = random.Random(4)
     _, url = spawn.api()
@@ -55,10 +59,12 @@ async def test_redis_data_loss_loses_no_job(
     load = asyncio.create_task(gen.run(bodies, 30.0))
     faults: list[Fault] = []
     await gen.reached(0.3 * len(bodies))
+    await LoadGenerator(ledger, url).submit_batch(_at_stake(queue, rng))
     async with Redis.from_url(fault_redis.url) as redis:
         faults.append(Fault(time.time(), "flushall"))
         await redis.flushall()
     await gen.reached(0.6 * len(bodies))
+    await LoadGenerator(ledger, url).submit_batch(_at_stake(queue, rng))
     faults.append(Fault(time.time(), "redis_kill9"))
     fault_redis.kill()
     await asyncio.sleep(2.0)
@@ -78,6 +84,22 @@ async def test_redis_data_loss_loses_no_job(
     assert workers.restarts == 0, "a worker process died of a Redis fault"
     assert report.extra["http_5xx_other"] == 0
     assert workers.logged("consumer group missing") > 0, "NOGROUP was never met"
+    assert workers.logged(r"re-dispatching (\d+) queued job") > 0, "no lost entry was re-sent"
+
+
+def _at_stake(queue: str, rng: random.Random) -> list[dict[str, Any]]:
+    """What a Redis loss must not take along: 200 entries waiting in the stream, 25 delayed
+    jobs due in 2 s, 25 jobs failing (and waiting for their retry) for 2 s."""
+    until = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    return (
+        [effect_body(queue, rng) for _ in range(200)]
+        + [effect_body(queue, rng, delay_seconds=2) for _ in range(25)]
+        + [
+            {"type": "demo.fail", "queue": queue, "payload": {"fail_until": until}}
+            | {"max_attempts": 20}
+            for _ in range(25)
+        ]
+    )
 
 
 async def _outage(

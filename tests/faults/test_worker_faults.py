@@ -90,7 +90,7 @@ async def test_paused_worker_is_fenced(
     # Jobs long enough that the paused worker holds some mid-handler; a load one worker
     # can carry alone.
     bodies = [
-        effect_body(queue, rng, payload={"sleep_ms": rng.randint(50, 250)}) for _ in range(800)
+        effect_body(queue, rng, payload={"sleep_ms": rng.randint(100, 400)}) for _ in range(800)
     ]
     load = asyncio.create_task(gen.run(bodies, 30.0))
     faults: list[Fault] = []
@@ -149,7 +149,9 @@ async def test_poison_jobs_die_alone(
         for body in poison:
             bodies.insert(rng.randrange(len(bodies)), dict(body))
     await LoadGenerator(ledger, url).run(bodies, 40.0)
-    report = await conclude("poison", settings.database_url, queue, ledger, workers, results)
+    report = await conclude(
+        "poison", settings.database_url, queue, ledger, workers, results, workers.faults
+    )
     by_type: dict[str, list[tuple[str, int, int]]] = {}
     for row in report.snap.jobs.values():
         by_type.setdefault(row["type"], []).append(
