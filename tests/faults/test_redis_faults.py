@@ -16,10 +16,14 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.embedded import EmbeddedRedis
 from app.settings import Settings
+from app.streams.client import create_redis
 from tests.faults.harness import (
     Fault,
     Ledger,
@@ -187,3 +191,32 @@ async def test_redis_stopped_submissions_answer_202_and_run_later(
     spawn: Spawner, settings: Settings, fault_redis: EmbeddedRedis, queue: str, results: Path
 ) -> None:
     await _outage(spawn, settings, fault_redis, queue, results, hang=False)
+
+
+async def test_client_survives_restart_and_waits_one_timeout_on_a_hang(
+    settings: Settings, fault_redis: EmbeddedRedis
+) -> None:
+    """After a restart the pooled connections are dead: the next command reconnects instead of
+    failing. A hung server costs one socket timeout per call (no retry), a stopped one fails
+    at once."""
+    client = create_redis(settings)
+    try:
+        assert await client.ping()
+        fault_redis.kill()
+        fault_redis.start()
+        assert await client.ping()
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            assert await pipe.execute() == [True]
+        fault_redis.pause()
+        began = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            await client.ping()
+        waited = time.monotonic() - began
+        fault_redis.resume()
+        assert settings.redis_timeout_seconds * 0.9 < waited < settings.redis_timeout_seconds * 1.9
+        fault_redis.stop()
+        with pytest.raises(RedisConnectionError):
+            await client.ping()
+    finally:
+        await client.aclose()
