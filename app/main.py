@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from app.api import errors
 from app.api.auth import Authenticator, AuthGate, parse_keys
 from app.api.deps import AppState
-from app.api.limits import BodyLimits
+from app.api.limits import BodyLimits, SingleValuedQuery
 from app.api.ratelimit import RateLimit, RateLimiter
 from app.api.routes import dlq, jobs, ops
 from app.db.engine import create_engine, create_session_factory
@@ -67,9 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-    app.include_router(jobs.router, dependencies=[RateLimit])
-    app.include_router(dlq.router, dependencies=[RateLimit])
-    app.include_router(ops.router, dependencies=[RateLimit])
+    v1 = [RateLimit, SingleValuedQuery]
+    app.include_router(jobs.router, dependencies=v1)
+    app.include_router(dlq.router, dependencies=v1)
+    app.include_router(ops.router, dependencies=v1)
     app.include_router(ops.public)
     app.add_middleware(BodyLimits, max_bytes=settings.max_payload_bytes)
     app.add_middleware(AuthGate, auth=auth)  # outermost: 401 before any body is read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -10,6 +11,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     WithJsonSchema,
@@ -24,6 +26,18 @@ MAX_DELAY_SECONDS = 366 * 24 * 3600
 MAX_BATCH = 1000
 
 
+_ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]")
+
+
+def iso_only(value: Any) -> Any:
+    """An ISO 8601 date-time, as documented; not a number read as a Unix timestamp."""
+    if isinstance(value, datetime):
+        return value
+    if not (isinstance(value, str) and _ISO_DATETIME.match(value)):
+        raise ValueError("expected an ISO 8601 date-time with a time zone")
+    return value
+
+
 def to_utc(value: datetime) -> datetime:
     """UTC, so PostgreSQL never sees an offset beyond its ±15:59 or a year past 9999."""
     try:
@@ -32,7 +46,7 @@ def to_utc(value: datetime) -> datetime:
         raise ValueError("datetime out of range") from None
 
 
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(to_utc)]
+UtcDatetime = Annotated[AwareDatetime, BeforeValidator(iso_only), AfterValidator(to_utc)]
 
 
 class JobCreate(BaseModel):

@@ -182,3 +182,31 @@ async def test_replay_id_list_over_its_maximum_is_422_not_413(client: httpx.Asyn
     assert too_many.status_code == 422, too_many.text
     most = await client.post("/v1/dlq/replay", json={"ids": ids[:5000]})
     assert most.status_code == 202 and most.json() == {"replayed": 0}
+
+
+# schemathesis ST201 (negative_data_rejection, 200 random examples): a number where an ISO
+# date-time is documented was read as a Unix timestamp (GET /v1/jobs?created_after=1.17e-38
+# answered 200), and a repeated scalar query parameter silently kept its last value.
+@pytest.mark.parametrize("value", ["1.175494351e-38", "-7.9e-46", "1700000000", "tomorrow"])
+async def test_datetime_parameters_take_only_iso_8601(
+    client: httpx.AsyncClient, db: Database, value: str
+) -> None:
+    listing = await client.get("/v1/jobs", params={"created_after": value})
+    assert listing.status_code == 422, listing.text
+    before = await db.snapshot()
+    number: Any = float(value) if value[0].isdigit() or value[0] == "-" else value
+    submit = await client.post("/v1/jobs", json={"type": "demo.echo", "run_at": number})
+    assert submit.status_code == 422, submit.text
+    assert await db.snapshot() == before
+
+
+async def test_repeated_query_parameter_is_422(client: httpx.AsyncClient) -> None:
+    for path, query in [
+        ("/v1/dlq", "queue=a&queue=b"),
+        ("/v1/jobs", "status=queued&status=running"),
+        ("/v1/jobs", "limit=1&limit=2"),
+    ]:
+        response = await client.get(f"{path}?{query}")
+        assert response.status_code == 422, response.text
+        assert response.json()["details"][0]["type"] == "repeated"
+    assert (await client.get("/v1/jobs?status=queued&limit=2")).status_code == 200
