@@ -60,8 +60,10 @@ class JobCreate(BaseModel):
     type: str = Field(pattern=TYPE_PATTERN, description="A registered job type.")
     payload: dict[str, Any] = Field(default_factory=dict)
     queue: str = Field(default="default", pattern=QUEUE_PATTERN)
+    # numbers are strict: true, "3" or 3.5 where a number is documented is a 422, not a guess
     priority: int = Field(
         default=0,
+        strict=True,
         ge=-1000,
         le=1000,
         description=(
@@ -70,12 +72,14 @@ class JobCreate(BaseModel):
             " band, first in first out (1 and 1000 are both simply high)."
         ),
     )
-    max_attempts: int = Field(default=3, ge=1, le=100)
+    max_attempts: int = Field(default=3, strict=True, ge=1, le=100)
     run_at: UtcDatetime | None = Field(default=None, description="Not started before this.")
     delay_seconds: float | None = Field(
-        default=None, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False
+        default=None, strict=True, ge=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False
     )
-    timeout_seconds: float | None = Field(default=None, gt=0, le=86400, allow_inf_nan=False)
+    timeout_seconds: float | None = Field(
+        default=None, strict=True, gt=0, le=86400, allow_inf_nan=False
+    )
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
     @model_validator(mode="after")

@@ -210,3 +210,29 @@ async def test_repeated_query_parameter_is_422(client: httpx.AsyncClient) -> Non
         assert response.status_code == 422, response.text
         assert response.json()["details"][0]["type"] == "repeated"
     assert (await client.get("/v1/jobs?status=queued&limit=2")).status_code == 200
+
+
+# schemathesis ST201 (--hypothesis-seed=98416133424806432698783230619379215341, 200 examples):
+# {"timeout_seconds": true} in a batch item was accepted as a 1-second timeout.
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("timeout_seconds", True),
+        ("delay_seconds", True),
+        ("max_attempts", True),
+        ("priority", False),
+        ("max_attempts", "5"),
+        ("priority", 1.5),
+        ("timeout_seconds", "10"),
+    ],
+)
+async def test_numbers_are_not_coerced_from_booleans_or_strings(
+    client: httpx.AsyncClient, db: Database, field: str, value: Any
+) -> None:
+    before = await db.snapshot()
+    item = {"type": "demo.echo", field: value}
+    assert (await client.post("/v1/jobs", json=item)).status_code == 422
+    batch = await client.post("/v1/jobs/batch", json={"jobs": [{"type": "demo.echo"}, item]})
+    assert batch.status_code == 422
+    assert batch.json()["details"][0]["index"] == 1
+    assert await db.snapshot() == before
