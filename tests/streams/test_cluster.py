@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -45,6 +46,10 @@ def _start_node(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def _cmd(node: redis.Redis, *args: Any) -> Any:
+    return node.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def _wait_ping(port: int) -> None:
     for _ in range(100):
         try:
@@ -66,11 +71,11 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
         share = 16384 // len(nodes)
         for i, node in enumerate(nodes):
             last = 16383 if i == len(nodes) - 1 else (i + 1) * share - 1
-            node.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+            _cmd(node, "CLUSTER", "ADDSLOTSRANGE", i * share, last)
         for node in nodes[1:]:
-            node.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+            _cmd(node, "CLUSTER", "MEET", "127.0.0.1", ports[0])
         for _ in range(200):
-            if all(b"cluster_state:ok" in n.execute_command("CLUSTER", "INFO") for n in nodes):
+            if all(b"cluster_state:ok" in _cmd(n, "CLUSTER", "INFO") for n in nodes):
                 break
             time.sleep(0.05)
         else:
@@ -121,9 +126,9 @@ async def test_jobs_flow_through_partitions_spread_over_cluster_nodes(
     owners = set()
     for partition in range(settings.partitions):
         stream = keys.stream(queue, partition, 1)
-        slot = redis.Redis(port=cluster[0]).execute_command("CLUSTER", "KEYSLOT", stream)
+        slot = _cmd(redis.Redis(port=cluster[0]), "CLUSTER", "KEYSLOT", stream)
         for port in cluster:
             node = redis.Redis(port=port)
-            if node.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) > 0:
+            if _cmd(node, "CLUSTER", "COUNTKEYSINSLOT", slot) > 0:
                 owners.add(port)
     assert len(owners) >= 2
