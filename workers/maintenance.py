@@ -229,7 +229,7 @@ class Maintenance:
                 queue
                 for (queue, partition), epoch in zip(partitions, epochs, strict=True)
                 if await repository.record_epoch(
-                    session, f"redis-epoch:{self.w.keys.prefix}:{queue}:{partition}", epoch
+                    session, repository.epoch_key(self.w.keys.prefix, queue, partition), epoch
                 )
             }
             if lost:

@@ -4,7 +4,9 @@ Postgres commits first; then the entry is XADDed; then ``dispatched_at`` is set.
 any two steps leaves ``dispatched_at`` NULL, and the dispatcher sweep sends the job again after a
 grace period. Two entries for one job are harmless: only one claim can move it to ``running``.
 A confirmation only marks a job still in the ``queued`` turn that the XADD was for (queued no
-later than the XADD): a late one must not hide a job that ran and was queued again since.
+later than the XADD), and only if no loss of Redis data was detected since the XADD: a late
+one must not hide a job that ran and was queued again since, or whose entry Redis lost after
+the loss's re-dispatch had run.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class Dispatcher:
     async def send_and_confirm(self, session: AsyncSession, targets: Sequence[Target]) -> int:
         """Send jobs that were already ``queued`` when the caller's transaction began (and that
         it holds locked), then mark them in that transaction."""
+        began = time.monotonic()
         sent = await self.send(targets)
-        await repository.confirm_dispatched(session, list(sent))
+        await self._confirm(session, [(job_id, began) for job_id in sent])
         return len(sent)
 
     async def send_committed(self, targets: Sequence[Target]) -> int:
@@ -71,8 +74,7 @@ class Dispatcher:
         sent = await self.send(targets)
         if sent:
             async with self.sessions.begin() as session:
-                ago = time.monotonic() - began
-                await repository.confirm_dispatched(session, list(sent), [ago] * len(sent))
+                await self._confirm(session, [(job_id, began) for job_id in sent])
         return len(sent)
 
     async def send_after_commit(self, targets: Sequence[Target]) -> None:
@@ -112,6 +114,14 @@ class Dispatcher:
         if not sent:
             return
         async with self.sessions.begin() as session:
-            now = time.monotonic()
-            ids = [job_id for job_id, _ in sent]
-            await repository.confirm_dispatched(session, ids, [now - at for _, at in sent])
+            await self._confirm(session, sent)
+
+    async def _confirm(self, session: AsyncSession, sent: Sequence[tuple[UUID, float]]) -> None:
+        """Mark ``(job, monotonic time of its XADD)`` pairs as dispatched, where still valid."""
+        now = time.monotonic()
+        await repository.confirm_dispatched(
+            session,
+            [job_id for job_id, _ in sent],
+            [now - at for _, at in sent],
+            self.stream.keys.prefix,
+        )

@@ -26,6 +26,7 @@ _BACKOFF = (
     " * (0.5 + random() / 2)"
 )
 _OUT_OF_ATTEMPTS = "(j.attempts >= j.max_attempts)"
+EPOCH_KEY_PREFIX = "redis-epoch:"  # conveyor_state keys of the Redis data epochs
 
 
 @dataclass(frozen=True)
@@ -103,21 +104,30 @@ UPDATE jobs j SET dispatched_at = now()
 FROM unnest(CAST(:ids AS uuid[]), CAST(:ages AS float8[])) AS v(id, age)
 WHERE j.id = v.id AND j.status = 'queued' AND j.dispatched_at IS NULL
   AND j.enqueued_at <= now() - make_interval(secs => v.age)
+  AND NOT EXISTS (
+      SELECT FROM conveyor_state s WHERE starts_with(s.key, :epochs)
+      AND s.updated_at > now() - make_interval(secs => v.age))
 """
 
 
 async def confirm_dispatched(
-    session: AsyncSession, ids: Sequence[UUID], sent_ago: Sequence[float] | None = None
+    session: AsyncSession,
+    ids: Sequence[UUID],
+    sent_ago: Sequence[float],
+    redis_prefix: str,
 ) -> None:
     """Record that the stream entries of these jobs exist (the dispatch marker).
 
-    ``sent_ago``: seconds since each XADD was sent (0 when the caller holds the rows locked).
-    A job queued again after its XADD (it ran, failed and was promoted meanwhile) is left
-    unmarked: that entry was for its previous turn, and the sweep must send it again.
+    ``sent_ago``: seconds since each XADD was sent. A job queued again after its XADD (it ran,
+    failed and was promoted meanwhile) is left unmarked: that entry was for its previous turn,
+    and the sweep must send it again. So is every job sent before a loss of Redis data was
+    detected (a data epoch of ``redis_prefix`` recorded since): its entry may be gone, and the
+    loss's re-dispatch may have run already.
     """
     if ids:
-        ages = list(sent_ago) if sent_ago is not None else [0.0] * len(ids)
-        await session.execute(text(_CONFIRM), {"ids": list(ids), "ages": ages})
+        epochs = f"{EPOCH_KEY_PREFIX}{redis_prefix}:"
+        params = {"ids": list(ids), "ages": list(sent_ago), "epochs": epochs}
+        await session.execute(text(_CONFIRM), params)
 
 
 # -- worker hot path -----------------------------------------------------------------------------
@@ -378,6 +388,11 @@ async def lock_undispatched(
         {"grace": grace_seconds, "limit": limit, "queues": list(queues)},
     )
     return [Target(r.id, r.queue, r.priority) for r in result]
+
+
+def epoch_key(redis_prefix: str, queue: str, partition: int) -> str:
+    """The ``conveyor_state`` key of a queue partition's Redis data epoch."""
+    return f"{EPOCH_KEY_PREFIX}{redis_prefix}:{queue}:{partition}"
 
 
 async def record_epoch(session: AsyncSession, key: str, epoch: str) -> bool:

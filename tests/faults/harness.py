@@ -31,8 +31,11 @@ from uuid import UUID
 
 import asyncpg
 import httpx
+from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
+from app.settings import Settings
+from app.streams.keys import Keys
 from tests.support.processes import Proc, Spawner
 
 Outcome = Literal["ok", "fail", "info"]
@@ -340,6 +343,36 @@ class Supervisor:
     def tracebacks(self) -> int:
         """Unhandled errors the workers printed (a loop that died, a task that crashed)."""
         return self.logged(r"Traceback \(most recent call last\)")
+
+
+# -- invariants mid-run ---------------------------------------------------------------------------
+
+
+async def _marked_without_entry(settings: Settings, queue: str) -> set[UUID]:
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        rows = await conn.fetch(
+            "SELECT id FROM jobs WHERE queue = $1 AND status = 'queued'"
+            " AND dispatched_at IS NOT NULL",
+            queue,
+        )
+    finally:
+        await conn.close()
+    streams = Keys(settings.redis_prefix).queue_streams(queue, settings.partitions)
+    async with Redis.from_url(settings.redis_url, decode_responses=True) as redis:
+        entries = [e for s in streams for e in await redis.xrange(s, "-", "+") or []]
+    present = {(fields or {}).get("job") for _, fields in entries}
+    return {r["id"] for r in rows if str(r["id"]) not in present}
+
+
+async def stranded(settings: Settings, queue: str) -> set[UUID]:
+    """Queued jobs marked as dispatched whose stream entry does not exist, seen twice 2 s
+    apart: nothing would ever send them again (the sweep skips marked jobs)."""
+    first = await _marked_without_entry(settings, queue)
+    if not first:
+        return first
+    await asyncio.sleep(2.0)
+    return first & await _marked_without_entry(settings, queue)
 
 
 # -- drain and check ---------------------------------------------------------------------------

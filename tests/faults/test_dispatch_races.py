@@ -16,6 +16,7 @@ import httpx
 from redis.asyncio import Redis
 
 from app.db.engine import create_engine, create_session_factory
+from app.embedded import EmbeddedRedis
 from app.jobs import repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.repository import Backoff, Failure, Target
@@ -114,3 +115,43 @@ async def test_confirmation_marks_a_fresh_submission(
     finally:
         await conn.close()
     assert marker is not None
+
+
+async def test_confirmation_of_an_entry_lost_with_redis_is_refused(
+    spawn: Spawner, settings: Settings, fault_redis: EmbeddedRedis, queue: str
+) -> None:
+    """XADD, then Redis loses everything, a worker detects it (records the new data epoch,
+    forgets the queue's dispatch markers) and only then the API's confirmation of that XADD
+    arrives: it must not mark the job, whose entry is gone, or the job waits forever."""
+    await create_effects_table(settings.database_url)
+    engine = create_engine(settings)
+    sessions = create_session_factory(engine)
+    stream = StreamClient(create_redis(settings), Keys(settings.redis_prefix), maxlen=100)
+    dispatcher = Dispatcher(stream, sessions, settings.partitions)  # confirm loop not started
+    try:
+        async with sessions.begin() as session:
+            [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
+        await dispatcher.send_after_commit([Target(job.id, job.queue, job.priority)])
+        await asyncio.sleep(0.1)
+        async with Redis.from_url(settings.redis_url) as redis:
+            await redis.flushall()
+        # What a worker's reconcile does on seeing the loss (its sweep would follow).
+        [epoch] = await stream.epochs([(queue, 0)])
+        async with sessions.begin() as session:
+            key = repository.epoch_key(settings.redis_prefix, queue, 0)
+            assert await repository.record_epoch(session, key, epoch)
+            await repository.forget_dispatches(session, [queue])
+        await dispatcher.stop()  # the late confirmation
+    finally:
+        await stream.close()
+        await engine.dispose()
+    workers = Supervisor(spawn, [queue], 1)  # sees the epoch it recorded: no loss to repair
+    workers.start()
+    await drain(settings.database_url, queue, timeout=20.0)
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        status = await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job.id)
+    finally:
+        await conn.close()
+    await workers.stop()
+    assert status == "succeeded"

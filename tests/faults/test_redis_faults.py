@@ -33,6 +33,7 @@ from tests.faults.harness import (
     create_effects_table,
     dsn,
     effect_body,
+    stranded,
 )
 from tests.support.processes import Spawner
 
@@ -67,12 +68,16 @@ async def test_redis_data_loss_loses_no_job(
     async with Redis.from_url(fault_redis.url) as redis:
         faults.append(Fault(time.time(), "flushall"))
         await redis.flushall()
+    await asyncio.sleep(3 * settings.reconcile_seconds)
+    assert not await stranded(settings, queue), "jobs marked dispatched whose entries are gone"
     await gen.reached(0.6 * len(bodies))
     await LoadGenerator(ledger, url).submit_batch(_at_stake(queue, rng))
     faults.append(Fault(time.time(), "redis_kill9"))
     fault_redis.kill()
     await asyncio.sleep(2.0)
     fault_redis.start()
+    await asyncio.sleep(3 * settings.reconcile_seconds)
+    assert not await stranded(settings, queue), "jobs marked dispatched whose entries are gone"
     await load
     report = await conclude(
         "redis_flushall_kill9",
