@@ -206,6 +206,8 @@ class Worker:
         ]
         released = await repository.release_many(session, self.name, claimed)
         queued = [Target(r.id, r.queue, r.priority) for r in rows if r.status == "queued"]
+        # Their entries are deleted next; a full stream may refuse the new ones: sweep them.
+        await repository.unmark_dispatched(session, [t.id for t in queued])
         return queued + released
 
     # -- reading and claiming -----------------------------------------------------------------

@@ -130,6 +130,19 @@ async def confirm_dispatched(
         await session.execute(text(_CONFIRM), params)
 
 
+async def unmark_dispatched(session: AsyncSession, ids: Sequence[UUID]) -> None:
+    """These queued jobs' entries are about to be deleted: until a new send is confirmed, the
+    sweep must treat them as never sent."""
+    if ids:
+        await session.execute(
+            text(
+                "UPDATE jobs SET dispatched_at = NULL"
+                " WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'queued'"
+            ),
+            {"ids": list(ids)},
+        )
+
+
 # -- worker hot path -----------------------------------------------------------------------------
 
 _CLAIM = """

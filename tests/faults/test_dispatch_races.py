@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -20,10 +21,12 @@ from app.embedded import EmbeddedRedis
 from app.jobs import repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.repository import Backoff, Failure, Target
+from app.main import create_app
 from app.settings import Settings
 from app.streams.client import StreamClient, create_redis
-from app.streams.keys import Keys
-from tests.faults.harness import Supervisor, create_effects_table, drain, dsn
+from app.streams.keys import DEFAULT_BAND, GROUP, Keys
+from tests.conftest import Backends, make_settings
+from tests.faults.harness import Supervisor, create_effects_table, drain, dsn, stranded
 from tests.faults.test_api_faults import orphan_row
 from tests.support.processes import Spawner
 
@@ -155,3 +158,62 @@ async def test_confirmation_of_an_entry_lost_with_redis_is_refused(
         await conn.close()
     await workers.stop()
     assert status == "succeeded"
+
+
+async def test_shutdown_with_a_full_stream_strands_no_job(
+    backends: Backends, queue: str, tmp_path: Path
+) -> None:
+    """A worker stops while entries delivered to it wait unclaimed and the stream is at its
+    bound: the entries it hands back cannot be sent again at once, so the jobs must be left
+    for the sweep (unmarked), never marked dispatched with their only entry deleted."""
+    settings = make_settings(backends, stream_maxlen=100, shutdown_grace_seconds=0.5)
+    spawn = Spawner(settings, tmp_path)
+    try:
+        await _served_before(spawn, settings, queue)
+        await _strand_on_shutdown(spawn, settings, queue)
+    finally:
+        spawn.stop_all()
+    assert not await stranded(settings, queue)
+
+
+async def _served_before(spawn: Spawner, settings: Settings, queue: str) -> None:
+    """A worker served the queue (recorded its Redis epoch), so the next start is not a first
+    start (whose reconcile re-sends every queued job anyway)."""
+    workers = Supervisor(spawn, [queue], 1)
+    workers.start()
+    await workers.ready(settings.database_url)
+    await _epoch_recorded(settings, queue)
+    await workers.stop()
+
+
+async def _strand_on_shutdown(spawn: Spawner, settings: Settings, queue: str) -> None:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):  # 120 naps: 100 in the stream, 20 waiting
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as http:
+            nap = {"type": "test.nap", "queue": queue, "payload": {"seconds": 30.0}}
+            response = await http.post("/v1/jobs/batch", json={"jobs": [nap] * 120})
+            assert response.status_code == 202
+    workers = Supervisor(spawn, [queue], 1, concurrency=1)
+    workers.start()
+    await _running_count(settings, queue, 1)
+    stream = Keys(settings.redis_prefix).stream(queue, 0, DEFAULT_BAND)
+    async with Redis.from_url(settings.redis_url) as redis:  # delivered to it, unclaimed
+        await redis.xreadgroup(GROUP, workers.names[0], {stream: ">"}, count=5)
+        assert await redis.xlen(stream) == 100
+    await workers.stop()
+
+
+async def _running_count(settings: Settings, queue: str, count: int) -> None:
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        for _ in range(600):
+            running = await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE queue = $1 AND status = 'running'", queue
+            )
+            if running == count:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    raise AssertionError(f"{count} job(s) never ran")
