@@ -423,13 +423,24 @@ async def record_epoch(session: AsyncSession, key: str, epoch: str) -> bool:
 
 
 async def forget_dispatches(session: AsyncSession, queues: Sequence[str]) -> int:
-    """After Redis lost data: every queued job of these queues must be sent again."""
+    """After Redis lost data: every queued job of these queues must be sent again.
+
+    The rows are locked first: a sweep whose XADD the loss swallowed may not have committed
+    its marks yet; they are cleared once it has (else they would stay marked, entry-less)."""
+    params = {"queues": list(queues)}
+    await session.execute(
+        text(
+            "SELECT id FROM jobs WHERE status = 'queued'"
+            " AND queue = ANY(CAST(:queues AS text[])) ORDER BY id FOR UPDATE"
+        ),
+        params,
+    )
     result = await session.execute(
         text(
             "UPDATE jobs SET dispatched_at = NULL WHERE status = 'queued'"
             " AND dispatched_at IS NOT NULL AND queue = ANY(CAST(:queues AS text[]))"
         ),
-        {"queues": list(queues)},
+        params,
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 from redis.asyncio import Redis
+from sqlalchemy import text
 
 from app.db.engine import create_engine, create_session_factory
 from app.embedded import EmbeddedRedis
@@ -217,3 +218,39 @@ async def _running_count(settings: Settings, queue: str, count: int) -> None:
     finally:
         await conn.close()
     raise AssertionError(f"{count} job(s) never ran")
+
+
+async def test_redispatch_after_a_loss_waits_for_a_sweep_in_flight(
+    settings: Settings, queue: str
+) -> None:
+    """Redis loses its data between a sweep's XADD and its COMMIT, and a worker handles the
+    loss meanwhile: clearing the queue's dispatch markers must wait for the sweep's row locks
+    and clear its marks too, or those jobs stay marked with their entries gone."""
+    engine = create_engine(settings)
+    sessions = create_session_factory(engine)
+    try:
+        async with sessions.begin() as session:
+            [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
+        async with sessions() as sweep, sweep.begin():
+            [target] = await repository.lock_undispatched(sweep, [queue], 0.0)
+            assert target.id == job.id
+            # (the XADD happens here, and Redis loses it)
+            await repository.confirm_dispatched(sweep, [job.id], [0.0], settings.redis_prefix)
+
+            async def forget() -> None:
+                async with sessions.begin() as session:
+                    await repository.forget_dispatches(session, [queue])
+
+            loss = asyncio.create_task(forget())
+            await asyncio.sleep(0.5)
+            assert not loss.done(), "the loss handling did not wait for the sweep in flight"
+        await loss
+        async with sessions() as session:
+            marker = (
+                await session.execute(
+                    text("SELECT dispatched_at FROM jobs WHERE id = :id"), {"id": job.id}
+                )
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    assert marker is None
