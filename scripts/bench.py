@@ -189,7 +189,8 @@ async def main(args: argparse.Namespace) -> None:
 
         floor = await bare_stream(redis_url, args.jobs)
         submit, health = await latency(url, "bench-latency", args.requests)
-        rate = await batch_submit(url, "bench-drain", args.jobs)
+        # Workers start first (their first start records the Redis epoch), then the backlog
+        # is submitted while they drain it.
         for i in range(args.workers):
             procs.append(
                 subprocess.Popen(
@@ -208,6 +209,8 @@ async def main(args: argparse.Namespace) -> None:
                     env=env,
                 )
             )
+        await asyncio.sleep(3)
+        rate = await batch_submit(url, "bench-drain", args.jobs)
         drained = await drain(db_url, "bench-drain", args.jobs)
 
         print(f"bare stream (no Postgres) : {floor:10.0f} entries/s   (baseline)")
