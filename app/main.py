@@ -100,11 +100,24 @@ def _openapi(app: FastAPI, registry: Registry, auth: bool) -> dict[str, Any]:
         job_create["enum"] = [t.name for t in registry.all()]
     if not auth:
         schema["components"].pop("securitySchemes", None)
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                operation.pop("security", None)
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            _tidy_operation(operation, auth)
     app.openapi_schema = schema
     return schema
+
+
+def _tidy_operation(operation: dict[str, Any], auth: bool) -> None:
+    """No security without keys; and a query or header parameter cannot be JSON ``null``
+    (absent is the only way to omit it), so ``anyOf: [X, null]`` becomes plain X."""
+    if not auth:
+        operation.pop("security", None)
+    for parameter in operation.get("parameters", []):
+        schema = parameter.get("schema", {})
+        options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+        if len(options) == 1 and len(schema["anyOf"]) == 2:
+            del schema["anyOf"]
+            schema.update(options[0])
 
 
 def _rewrite_refs(node: Any) -> Any:
