@@ -14,42 +14,23 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from app.db.engine import create_engine, create_session_factory
 from app.jobs import repository
 from app.settings import Settings
+from tests.faults.checker import conclude
 from tests.faults.harness import (
     Fault,
     Ledger,
     LoadGenerator,
     Supervisor,
-    conclude,
     create_effects_table,
     effect_body,
+    orphan_row,
 )
 from tests.support.processes import Spawner
 
 ORPHANS = 200
-
-
-def orphan_row(queue: str, key: str) -> dict[str, Any]:
-    """A row as ``service.submit`` writes it (queued, ``dispatched_at`` NULL)."""
-    return {
-        "id": str(uuid.uuid4()),
-        "type": "test.effect",
-        "queue": queue,
-        "status": "queued",
-        "priority": 0,
-        "payload": {"sleep_ms": 5},
-        "max_attempts": 20,
-        "timeout_seconds": None,
-        "idempotency_key": key,
-        "idempotency_scope": "",
-        "request_hash": None,
-        "owner": None,
-        "run_at": None,
-    }
 
 
 async def commit_orphans(settings: Settings, queue: str, ledger: Ledger) -> Fault:

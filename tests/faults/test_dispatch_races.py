@@ -27,8 +27,8 @@ from app.settings import Settings
 from app.streams.client import StreamClient, create_redis
 from app.streams.keys import DEFAULT_BAND, GROUP, Keys
 from tests.conftest import Backends, make_settings
-from tests.faults.harness import Supervisor, create_effects_table, drain, dsn, stranded
-from tests.faults.test_api_faults import orphan_row
+from tests.faults.checker import drain, stranded
+from tests.faults.harness import Supervisor, create_effects_table, dsn, orphan_row
 from tests.support.processes import Spawner
 
 

@@ -22,13 +22,13 @@ import pytest
 from app.db.migrate import upgrade
 from app.embedded import EmbeddedPostgres, EmbeddedRedis
 from app.settings import Settings
+from tests.faults.checker import conclude
 from tests.faults.conftest import fault_settings
 from tests.faults.harness import (
     Fault,
     Ledger,
     LoadGenerator,
     Supervisor,
-    conclude,
     create_effects_table,
     dsn,
     effect_body,

@@ -24,16 +24,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.embedded import EmbeddedRedis
 from app.settings import Settings
 from app.streams.client import create_redis
+from tests.faults.checker import conclude, stranded
 from tests.faults.harness import (
     Fault,
     Ledger,
     LoadGenerator,
     Supervisor,
-    conclude,
     create_effects_table,
     dsn,
     effect_body,
-    stranded,
 )
 from tests.support.processes import Spawner
 

@@ -20,15 +20,14 @@ from redis.asyncio import Redis
 from app.main import create_app
 from app.streams.keys import GROUP, Keys
 from tests.conftest import Backends, make_settings
+from tests.faults.checker import conclude, open_jobs
 from tests.faults.harness import (
     Ledger,
     LoadGenerator,
     Supervisor,
-    conclude,
     create_effects_table,
     dsn,
     effect_body,
-    open_jobs,
 )
 from tests.support.processes import Spawner
 

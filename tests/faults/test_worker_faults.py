@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from app.settings import Settings
+from tests.faults.checker import conclude
 from tests.faults.harness import (
     Fault,
     Ledger,
     LoadGenerator,
     Supervisor,
-    conclude,
     create_effects_table,
     effect_body,
 )
