@@ -305,9 +305,11 @@ class Supervisor:
         self.history.append(proc)
 
     async def _watch(self) -> None:
+        """Restart workers that died; not those stopped on purpose (SIGTERM: exit code 0),
+        so a spawner's teardown is final even if a test failed before :meth:`stop`."""
         while True:
             for name, proc in list(self.procs.items()):
-                if not proc.alive():
+                if not proc.alive() and proc.proc.returncode != 0:
                     if proc.pid not in self._killed:
                         self.faults.append(Fault(time.time(), "crash", worker=name))
                     self.restarts += 1
