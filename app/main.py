@@ -19,6 +19,7 @@ from app.api.routes import dlq, jobs, ops
 from app.db.engine import create_engine, create_session_factory
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import Registry, load_handlers
+from app.logs import configure as configure_logging
 from app.settings import Settings, get_settings
 from app.streams.client import StreamClient, create_redis
 from app.streams.keys import Keys
@@ -37,6 +38,8 @@ and at `GET /v1/job-types`.
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if not logging.getLogger().handlers:  # a server process (`conveyor api`), not a test
+        configure_logging(settings.log_level)
     registry = load_handlers(settings.handler_module_list)
     auth = Authenticator(parse_keys(settings.api_keys))
 
