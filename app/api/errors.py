@@ -11,7 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -86,8 +86,16 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", "internal error")
 
 
+async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+    """Postgres refused a value the validators let through: the request, not the service, is
+    at fault, so retrying would not help (422, nothing written: the transaction rolled back)."""
+    log.warning("Postgres refused a value: %s", type(getattr(exc, "orig", exc)).__name__)
+    return error_response(422, "invalid", "a value in the request cannot be stored")
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.ConveyorError, _domain)
+    app.add_exception_handler(DataError, _unstorable)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     for exc_type in (
