@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from app.db.models import JobRow
 from app.jobs import queries, repository
@@ -33,11 +34,13 @@ class Maintenance:
         idle = worker.settings.claim_idle_seconds
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
+        self.leased: set[UUID] = set()  # jobs whose leases the last heartbeat extended
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         s = self.w.settings
         return [
             self._every(self.heartbeat_every, self.heartbeat),
+            self._every(self.heartbeat_every, self.refresh_entries),
             self._every(s.promote_interval_seconds, self.promote_and_dispatch),
             self._every(self.autoclaim_every, self.autoclaim),
             self._reconcile_loop(),
@@ -83,24 +86,26 @@ class Maintenance:
             log.warning("could not unregister: %s", exc)
 
     async def heartbeat(self) -> None:
-        """Extend our leases in Postgres and refresh our pending entries in Redis.
-
-        Only attempts we still hold are refreshed: after a reclaim, XCLAIM would take the
-        entry back from the worker that runs the newer attempt.
-        """
+        """Extend our leases in Postgres. A loop of its own: a slow or hung Redis must never
+        delay a lease extension past the lease."""
         running = list(self.w.running.values())
         async with self.w.sessions.begin() as session:
-            held = await repository.extend_leases(
+            self.leased = await repository.extend_leases(
                 session,
                 self.w.name,
                 [(r.job.id, r.job.attempts) for r in running],
                 self.w.lease_seconds,
             )
             await queries.upsert_worker(session, self._worker_values())
-        mine = [r.delivery for r in running if r.job.id in held]
-        # A slow or hung Redis must not delay the next lease extension past the lease.
-        async with asyncio.timeout(self.heartbeat_every):
-            await self.w.stream.refresh(self.w.name, mine + self.w.held)
+
+    async def refresh_entries(self) -> None:
+        """Reset the idle time of our pending entries in Redis, so XAUTOCLAIM leaves them.
+
+        Only attempts we still hold (at the last heartbeat) are refreshed: after a reclaim,
+        XCLAIM would take the entry back from the worker that runs the newer attempt.
+        """
+        mine = [r.delivery for r in self.w.running.values() if r.job.id in self.leased]
+        await self.w.stream.refresh(self.w.name, mine + self.w.held)
 
     # -- promotion and dispatch -------------------------------------------------------------------
 

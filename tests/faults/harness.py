@@ -30,6 +30,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from app.settings import Settings
 from tests.support.processes import Proc, Spawner
 
 Outcome = Literal["ok", "fail", "info"]
@@ -264,11 +265,18 @@ class Supervisor:
     """Keeps ``count`` workers (stable names) running; restarts any that dies within ~0.2 s."""
 
     def __init__(
-        self, spawn: Spawner, queues: list[str], count: int, *, concurrency: int = 8
+        self,
+        spawn: Spawner,
+        queues: list[str],
+        count: int,
+        *,
+        concurrency: int = 8,
+        settings: Settings | None = None,
     ) -> None:
         self.spawn = spawn
         self.queues = queues
         self.concurrency = concurrency
+        self.settings = settings  # None: the spawner's
         self.names = [f"{queues[0]}-w{i}" for i in range(count)]
         self.procs: dict[str, Proc] = {}
         self.history: list[Proc] = []
@@ -300,7 +308,9 @@ class Supervisor:
             await conn.close()
 
     def _launch(self, name: str) -> None:
-        proc = self.spawn.worker(self.queues, concurrency=self.concurrency, name=name)
+        proc = self.spawn.worker(
+            self.queues, concurrency=self.concurrency, name=name, settings=self.settings
+        )
         self.procs[name] = proc
         self.history.append(proc)
 
