@@ -99,14 +99,15 @@ async def find_by_keys(session: AsyncSession, scope: str, keys: Sequence[str]) -
     return {row.idempotency_key or "": row for row in (await session.scalars(stmt)).all()}
 
 
+_EPOCHS_SHARED = "SELECT FROM conveyor_state WHERE starts_with(key, :epochs) FOR SHARE"
 _CONFIRM = """
 UPDATE jobs j SET dispatched_at = now()
 FROM unnest(CAST(:ids AS uuid[]), CAST(:ages AS float8[])) AS v(id, age)
 WHERE j.id = v.id AND j.status = 'queued' AND j.dispatched_at IS NULL
-  AND j.enqueued_at <= now() - make_interval(secs => v.age)
+  AND j.enqueued_at <= statement_timestamp() - make_interval(secs => v.age)
   AND NOT EXISTS (
       SELECT FROM conveyor_state s WHERE starts_with(s.key, :epochs)
-      AND s.updated_at > now() - make_interval(secs => v.age))
+      AND s.updated_at > statement_timestamp() - make_interval(secs => v.age))
 """
 
 
@@ -126,6 +127,10 @@ async def confirm_dispatched(
     """
     if ids:
         epochs = f"{EPOCH_KEY_PREFIX}{redis_prefix}:"
+        # Serialise with a data-loss record (record_epoch updates these rows): one in flight
+        # is waited for, so the UPDATE's fresh snapshot sees it; one that comes later waits
+        # for our commit, and the re-dispatch that follows it sees our marks.
+        await session.execute(text(_EPOCHS_SHARED), {"epochs": epochs})
         params = {"ids": list(ids), "ages": list(sent_ago), "epochs": epochs}
         await session.execute(text(_CONFIRM), params)
 
@@ -425,22 +430,15 @@ async def record_epoch(session: AsyncSession, key: str, epoch: str) -> bool:
 async def forget_dispatches(session: AsyncSession, queues: Sequence[str]) -> int:
     """After Redis lost data: every queued job of these queues must be sent again.
 
-    The rows are locked first: a sweep whose XADD the loss swallowed may not have committed
-    its marks yet; they are cleared once it has (else they would stay marked, entry-less)."""
-    params = {"queues": list(queues)}
-    await session.execute(
-        text(
-            "SELECT id FROM jobs WHERE status = 'queued'"
-            " AND queue = ANY(CAST(:queues AS text[])) ORDER BY id FOR UPDATE"
-        ),
-        params,
-    )
+    Call it after :func:`record_epoch` in the same transaction: confirmations in flight
+    (which share-lock the epoch rows) have committed by then, so their marks are cleared too.
+    """
     result = await session.execute(
         text(
             "UPDATE jobs SET dispatched_at = NULL WHERE status = 'queued'"
             " AND dispatched_at IS NOT NULL AND queue = ANY(CAST(:queues AS text[]))"
         ),
-        params,
+        {"queues": list(queues)},
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

@@ -37,31 +37,40 @@ ENDS_ATTEMPT = TERMINAL | {"failed", "reclaimed", "released"}
 # -- invariants mid-run ---------------------------------------------------------------------------
 
 
-async def _marked_without_entry(settings: Settings, queue: str) -> set[UUID]:
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        rows = await conn.fetch(
-            "SELECT id FROM jobs WHERE queue = $1 AND status = 'queued'"
-            " AND dispatched_at IS NOT NULL",
-            queue,
-        )
-    finally:
-        await conn.close()
+async def _marked_without_entry(settings: Settings, queue: str) -> set[tuple[UUID, Any]]:
+    """(job, its mark) of queued jobs marked as dispatched with no entry in their streams."""
     streams = Keys(settings.redis_prefix).queue_streams(queue, settings.partitions)
     async with Redis.from_url(settings.redis_url, decode_responses=True) as redis:
-        entries = [e for s in streams for e in await redis.xrange(s, "-", "+") or []]
-    present = {(fields or {}).get("job") for _, fields in entries}
-    return {r["id"] for r in rows if str(r["id"]) not in present}
+        before = [e for s in streams for e in await redis.xrange(s, "-", "+") or []]
+        conn = await asyncpg.connect(dsn(settings.database_url))
+        try:
+            rows = await conn.fetch(
+                "SELECT id, dispatched_at FROM jobs WHERE queue = $1 AND status = 'queued'"
+                " AND dispatched_at IS NOT NULL",
+                queue,
+            )
+        finally:
+            await conn.close()
+        after = [e for s in streams for e in await redis.xrange(s, "-", "+") or []]
+    present = {(fields or {}).get("job") for _, fields in before + after}
+    return {(r["id"], r["dispatched_at"]) for r in rows if str(r["id"]) not in present}
 
 
-async def stranded(settings: Settings, queue: str) -> set[UUID]:
-    """Queued jobs marked as dispatched whose stream entry does not exist, seen twice 2 s
-    apart: nothing would ever send them again (the sweep skips marked jobs)."""
+async def stranded(settings: Settings, queue: str) -> dict[UUID, list[str]]:
+    """Queued jobs marked as dispatched, with the same mark 2 s apart, whose stream entry is
+    missing both times: nothing would ever send them again (the sweep skips marked jobs).
+    Returns each one's history (``event@attempt``) for the assertion message."""
     first = await _marked_without_entry(settings, queue)
+    if first:
+        await asyncio.sleep(2.0)
+        first &= await _marked_without_entry(settings, queue)
     if not first:
-        return first
-    await asyncio.sleep(2.0)
-    return first & await _marked_without_entry(settings, queue)
+        return {}
+    snap = await snapshot(settings.database_url, queue)
+    return {
+        job_id: [f"{e.event}@{e.attempt}" for e in snap.history.get(job_id, [])]
+        for job_id, _ in first
+    }
 
 
 # -- drain and check ---------------------------------------------------------------------------

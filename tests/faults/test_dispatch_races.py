@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
 from redis.asyncio import Redis
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
 from app.embedded import EmbeddedRedis
@@ -174,7 +176,7 @@ async def test_shutdown_with_a_full_stream_strands_no_job(
         await _strand_on_shutdown(spawn, settings, queue)
     finally:
         spawn.stop_all()
-    assert not await stranded(settings, queue)
+    assert await stranded(settings, queue) == {}
 
 
 async def _served_before(spawn: Spawner, settings: Settings, queue: str) -> None:
@@ -220,37 +222,74 @@ async def _running_count(settings: Settings, queue: str, count: int) -> None:
     raise AssertionError(f"{count} job(s) never ran")
 
 
-async def test_redispatch_after_a_loss_waits_for_a_sweep_in_flight(
+async def test_loss_record_waits_for_a_confirmation_in_flight(
     settings: Settings, queue: str
 ) -> None:
-    """Redis loses its data between a sweep's XADD and its COMMIT, and a worker handles the
-    loss meanwhile: clearing the queue's dispatch markers must wait for the sweep's row locks
-    and clear its marks too, or those jobs stay marked with their entries gone."""
+    """A sweep sent a job and marked it, uncommitted, when a worker records a Redis data loss:
+    the record waits for the sweep's commit, so the re-dispatch that follows clears the mark
+    (the entry may have been lost) instead of missing it."""
     engine = create_engine(settings)
     sessions = create_session_factory(engine)
+    key = repository.epoch_key(settings.redis_prefix, queue, 0)
     try:
         async with sessions.begin() as session:
+            await repository.record_epoch(session, key, "before")
             [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
         async with sessions() as sweep, sweep.begin():
             [target] = await repository.lock_undispatched(sweep, [queue], 0.0)
             assert target.id == job.id
             # (the XADD happens here, and Redis loses it)
             await repository.confirm_dispatched(sweep, [job.id], [0.0], settings.redis_prefix)
-
-            async def forget() -> None:
-                async with sessions.begin() as session:
-                    await repository.forget_dispatches(session, [queue])
-
-            loss = asyncio.create_task(forget())
+            loss = asyncio.create_task(_record_loss(sessions, key, queue))
             await asyncio.sleep(0.5)
-            assert not loss.done(), "the loss handling did not wait for the sweep in flight"
+            assert not loss.done(), "the loss was recorded past a confirmation in flight"
         await loss
-        async with sessions() as session:
-            marker = (
-                await session.execute(
-                    text("SELECT dispatched_at FROM jobs WHERE id = :id"), {"id": job.id}
-                )
-            ).scalar_one()
+        assert await _marker(sessions, job.id) is None
     finally:
         await engine.dispose()
-    assert marker is None
+
+
+async def test_confirmation_waits_for_a_loss_record_in_flight(
+    settings: Settings, queue: str
+) -> None:
+    """A worker is recording a Redis data loss (its re-dispatch already ran, uncommitted) when
+    a late confirmation of an XADD sent before the loss arrives: it waits for the record, sees
+    it, and leaves the job unmarked for the sweep (its entry is gone)."""
+    engine = create_engine(settings)
+    sessions = create_session_factory(engine)
+    key = repository.epoch_key(settings.redis_prefix, queue, 0)
+    try:
+        async with sessions.begin() as session:
+            await repository.record_epoch(session, key, "before")
+            [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
+        await asyncio.sleep(1.0)  # the XADD happened a second ago
+        async with sessions() as reconcile, reconcile.begin():
+            assert await repository.record_epoch(reconcile, key, "after")
+            await repository.forget_dispatches(reconcile, [queue])
+
+            async def confirm() -> None:
+                async with sessions.begin() as session:
+                    await repository.confirm_dispatched(
+                        session, [job.id], [1.0], settings.redis_prefix
+                    )
+
+            late = asyncio.create_task(confirm())
+            await asyncio.sleep(0.5)
+            assert not late.done(), "the confirmation did not wait for the loss record"
+        await late
+        assert await _marker(sessions, job.id) is None
+    finally:
+        await engine.dispose()
+
+
+async def _record_loss(sessions: async_sessionmaker[AsyncSession], key: str, queue: str) -> None:
+    """What a worker's reconcile does on seeing a new data epoch."""
+    async with sessions.begin() as session:
+        assert await repository.record_epoch(session, key, "after")
+        await repository.forget_dispatches(session, [queue])
+
+
+async def _marker(sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID) -> Any:
+    async with sessions() as session:
+        query = text("SELECT dispatched_at FROM jobs WHERE id = :id")
+        return (await session.execute(query, {"id": job_id})).scalar_one()

@@ -68,7 +68,8 @@ async def test_redis_data_loss_loses_no_job(
         faults.append(Fault(time.time(), "flushall"))
         await redis.flushall()
     await asyncio.sleep(3 * settings.reconcile_seconds)
-    assert not await stranded(settings, queue), "jobs marked dispatched whose entries are gone"
+    lost_entries = await stranded(settings, queue)
+    assert not lost_entries, f"jobs marked dispatched whose entries are gone: {lost_entries}"
     await gen.reached(0.6 * len(bodies))
     await LoadGenerator(ledger, url).submit_batch(_at_stake(queue, rng))
     faults.append(Fault(time.time(), "redis_kill9"))
@@ -76,7 +77,8 @@ async def test_redis_data_loss_loses_no_job(
     await asyncio.sleep(2.0)
     fault_redis.start()
     await asyncio.sleep(3 * settings.reconcile_seconds)
-    assert not await stranded(settings, queue), "jobs marked dispatched whose entries are gone"
+    lost_entries = await stranded(settings, queue)
+    assert not lost_entries, f"jobs marked dispatched whose entries are gone: {lost_entries}"
     await load
     report = await conclude(
         "redis_flushall_kill9",
