@@ -260,6 +260,9 @@ class Worker:
             self.held.extend(deliveries)  # Postgres is down: keep them and try again
             raise
         won = {row.id: row for row in claimed}
+        if won and self.stopping.is_set():
+            await self._release_late(list(won.values()), deliveries)
+            return
         dropped: list[Delivery] = []
         for d in deliveries:
             row = won.pop(d.job_id, None) if d.job_id is not None else None
@@ -270,6 +273,17 @@ class Worker:
             self.running[row.id] = entry
             entry.task = asyncio.create_task(self._run(entry), name=f"job-{row.id}")
         await self.stream.ack(dropped)
+
+    async def _release_late(self, rows: list[JobRow], deliveries: list[Delivery]) -> None:
+        """A claim that committed after shutdown began (a loop slow to cancel): hand those
+        jobs straight back instead of starting them, so none is left ``running``."""
+        async with self.sessions.begin() as session:
+            released = await repository.release_many(
+                session, self.name, [(r.id, r.attempts) for r in rows]
+            )
+        await self.dispatcher.send_committed(released)
+        await self.stream.ack(deliveries)
+        log.info("handed back %d job(s) claimed during shutdown", len(released))
 
     async def _run(self, entry: Running) -> None:
         outcome = await execute(entry.job, self.registry, self.name)
