@@ -76,7 +76,7 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return error_response(
         503,
         "unavailable",
-        "a backing service is unavailable; nothing was written, retry later",
+        "a backing service is unavailable; retry later (with the same Idempotency-Key)",
         headers={"Retry-After": RETRY_AFTER_SECONDS},
     )
 

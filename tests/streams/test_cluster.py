@@ -21,6 +21,13 @@ from tests.conftest import Backends, make_settings, wait_until
 from tests.support.processes import Spawner
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid too."""
+    while (port := free_port()) > 55000:
+        continue
+    return port
+
+
 def _start_node(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     workdir.mkdir()
     argv = [
@@ -62,7 +69,7 @@ def _wait_ping(port: int) -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[int]]:
-    ports = [free_port() for _ in range(3)]
+    ports = [_cluster_port() for _ in range(3)]
     procs = [_start_node(p, tmp_path / str(p)) for p in ports]
     try:
         for p in ports:
