@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
 from app.db.migrate import upgrade
@@ -153,3 +154,21 @@ async def wait_for_status(
 
     result: dict[str, Any] = await wait_until(check, timeout)
     return result
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A client of the test's Redis (use the test's own key prefix; never flush)."""
+    r = Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        yield r
+    finally:
+        await r.aclose()
+
+
+async def submit(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/jobs and insist on 202."""
+    response = await client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job: dict[str, Any] = response.json()
+    return job

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from redis.asyncio import Redis
 
 from app.settings import Settings
 from app.streams.keys import Keys
-from tests.conftest import Backends, make_settings, wait_for_status, wait_until
+from tests.conftest import Backends, make_settings, submit, wait_for_status, wait_until
 from tests.support.processes import Spawner
 
 ADMIN_SECRET = "dlq-test-admin-secret"
@@ -34,22 +33,6 @@ async def admin(client: httpx.AsyncClient) -> httpx.AsyncClient:
     return client
 
 
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    r = Redis.from_url(settings.redis_url, decode_responses=True)
-    try:
-        yield r
-    finally:
-        await r.aclose()
-
-
-async def _submit(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    response = await client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    job: dict[str, Any] = response.json()
-    return job
-
-
 async def _events(client: httpx.AsyncClient, job_id: str) -> list[str]:
     response = await client.get(f"/v1/jobs/{job_id}/events")
     assert response.status_code == 200
@@ -64,7 +47,7 @@ async def _dead_job(client: httpx.AsyncClient, queue: str, gate: Path) -> dict[s
         "max_attempts": 1,
         "payload": {"path": str(gate)},
     }
-    job = await _submit(client, body)
+    job = await submit(client, body)
     dead = await wait_for_status(client, job["id"], {"dead", "succeeded"}, timeout=30)
     assert dead["status"] == "dead"
     return dead
@@ -80,7 +63,7 @@ async def test_exhausted_job_is_dead_listed_and_notified_on_the_dlq_stream(
     admin: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
 ) -> None:
     spawn.worker([queue])
-    job = await _submit(
+    job = await submit(
         admin,
         {"type": "demo.fail", "queue": queue, "max_attempts": 2, "payload": {"message": "boom"}},
     )
@@ -151,7 +134,7 @@ async def test_replay_of_a_job_not_in_the_dlq_is_404_and_needs_admin(
     admin: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
 ) -> None:
     spawn.worker([queue])
-    ok = await _submit(admin, {"type": "demo.echo", "queue": queue, "payload": {}})
+    ok = await submit(admin, {"type": "demo.echo", "queue": queue, "payload": {}})
     await wait_for_status(admin, ok["id"], {"succeeded"}, timeout=30)
     response = await admin.post(f"/v1/dlq/{ok['id']}/replay")
     assert response.status_code == 404
@@ -171,7 +154,7 @@ async def test_bulk_replay_by_ids_and_by_type(
     spawn.worker([queue], concurrency=8)
     gate = tmp_path / "gate"
     fails = [await _dead_job(admin, queue, gate) for _ in range(4)]
-    permanent = await _submit(
+    permanent = await submit(
         admin, {"type": "test.permanent", "queue": queue, "max_attempts": 3, "payload": {}}
     )
     await wait_for_status(admin, permanent["id"], {"dead"}, timeout=30)

@@ -5,33 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 from redis.asyncio import Redis
 
 from app.settings import Settings
 from app.streams.keys import DEFAULT_BAND, GROUP, Keys
-from tests.conftest import wait_for_status, wait_until
+from tests.conftest import submit, wait_for_status, wait_until
 from tests.support.processes import Proc, Spawner
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    r = Redis.from_url(settings.redis_url, decode_responses=True)
-    try:
-        yield r
-    finally:
-        await r.aclose()
-
-
-async def _submit(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    response = await client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    job: dict[str, Any] = response.json()
-    return job
 
 
 async def _events(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
@@ -56,7 +38,7 @@ async def test_sigkilled_worker_jobs_are_finished_by_another(
 ) -> None:
     lost = spawn.worker([queue], concurrency=4, name=f"doomed-{queue}")
     jobs = [
-        await _submit(
+        await submit(
             client,
             {
                 "type": "test.nap",
@@ -96,7 +78,7 @@ async def test_job_longer_than_claim_idle_on_a_live_worker_runs_once(
     assert settings.claim_idle_seconds == 2.0
     spawn.worker([queue], name=f"first-{queue}")
     spawn.worker([queue], name=f"second-{queue}")  # idle, and looking for work to reclaim
-    job = await _submit(client, {"type": "test.nap", "queue": queue, "payload": {"seconds": 5}})
+    job = await submit(client, {"type": "test.nap", "queue": queue, "payload": {"seconds": 5}})
     await wait_until(lambda: _all_running(client, [job["id"]]), timeout=30)
     [claim] = [e for e in await _events(client, job["id"]) if e["event"] == "claimed"]
     await asyncio.sleep(3.5)  # past the claim idle time, still running
@@ -122,7 +104,7 @@ async def test_frozen_worker_changes_nothing_after_its_job_was_reclaimed(
     client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
 ) -> None:
     frozen = spawn.worker([queue], name=f"frozen-{queue}")
-    job = await _submit(
+    job = await submit(
         client,
         {"type": "test.nap", "queue": queue, "payload": {"seconds": 4, "until_attempt": 1}},
     )
@@ -160,7 +142,7 @@ async def _logged(proc: Proc, text: str) -> bool:
 async def test_job_that_kills_its_worker_ends_dead_after_max_attempts(
     client: httpx.AsyncClient, spawn: Spawner, queue: str
 ) -> None:
-    job = await _submit(
+    job = await submit(
         client, {"type": "test.crash", "queue": queue, "max_attempts": 3, "payload": {}}
     )
     crashes = 0
@@ -196,9 +178,9 @@ async def test_pending_entry_deleted_from_the_stream_is_dispatched_again(
     """A consumer took the entry and vanished; then the entry itself was deleted (XDEL).
     XAUTOCLAIM reports only its id, so the job is found again through Postgres."""
     worker = spawn.worker([queue], concurrency=1, name=f"busy-{queue}")
-    blocker = await _submit(client, {"type": "test.nap", "queue": queue, "payload": {"seconds": 6}})
+    blocker = await submit(client, {"type": "test.nap", "queue": queue, "payload": {"seconds": 6}})
     await wait_until(lambda: _all_running(client, [blocker["id"]]), timeout=30)
-    job = await _submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": 1}})
+    job = await submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": 1}})
     stream = Keys(settings.redis_prefix).stream(queue, 0, DEFAULT_BAND)
 
     async def entry_ids() -> list[str]:

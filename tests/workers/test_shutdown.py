@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,29 +12,13 @@ from redis.asyncio import Redis
 
 from app.settings import Settings
 from app.streams.keys import GROUP, Keys
-from tests.conftest import wait_for_status, wait_until
+from tests.conftest import submit, wait_for_status, wait_until
 from tests.support.processes import Proc, Spawner
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    r = Redis.from_url(settings.redis_url, decode_responses=True)
-    try:
-        yield r
-    finally:
-        await r.aclose()
-
-
-async def _submit(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    response = await client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    job: dict[str, Any] = response.json()
-    return job
 
 
 async def _nap(client: httpx.AsyncClient, queue: str, seconds: float) -> str:
     body = {"type": "test.nap", "queue": queue, "payload": {"seconds": seconds}}
-    return str((await _submit(client, body))["id"])
+    return str((await submit(client, body))["id"])
 
 
 async def _statuses(client: httpx.AsyncClient, ids: list[str]) -> list[str]:
