@@ -9,7 +9,8 @@ import sys
 
 from app.logs import configure
 from app.settings import get_settings
-from workers.runner import Worker, WorkerConfig, default_name
+from workers.context import WorkerConfig, default_name
+from workers.runner import Worker
 
 
 async def _main(worker: Worker) -> None:

@@ -7,10 +7,12 @@ import json
 import traceback
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from app.db.models import JobRow
 from app.errors import PermanentError
 from app.jobs.registry import JobContext, Registry
+from app.jobs.repository import ErrorRecord
 
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
@@ -38,17 +40,20 @@ class ResultNotStorable(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
-    job_id: Any
+    job_id: UUID
     attempt: int
     ok: bool
-    result: Any = None
-    error: dict[str, Any] | None = None
+    result: str | None = None  # the result as JSON text, when ok
+    error: ErrorRecord | None = None  # when not ok
     permanent: bool = False
 
 
-def _error(job: JobRow, worker: str, message: str, kind: str, tb: str | None) -> dict[str, Any]:
+def error_record(
+    attempt: int, worker: str, message: str, kind: str, tb: str | None = None
+) -> ErrorRecord:
+    """The one way to build an entry of a job's error history: bounded, storable text."""
     return {
-        "attempt": job.attempts,
+        "attempt": attempt,
         "error": storable(message[:MAX_ERROR_CHARS]),
         "type": storable(kind),
         "traceback": storable(tb[-MAX_TRACEBACK_CHARS:]) if tb else None,
@@ -59,7 +64,7 @@ def _error(job: JobRow, worker: str, message: str, kind: str, tb: str | None) ->
 def _failure(job: JobRow, worker: str, exc: BaseException, *, permanent: bool) -> Outcome:
     tb = "".join(traceback.format_exception(exc, limit=20))
     message = str(exc) or type(exc).__name__
-    error = _error(job, worker, message, type(exc).__name__, tb)
+    error = error_record(job.attempts, worker, message, type(exc).__name__, tb)
     return Outcome(job.id, job.attempts, ok=False, error=error, permanent=permanent)
 
 
@@ -67,7 +72,8 @@ async def execute(job: JobRow, registry: Registry, worker: str) -> Outcome:
     """Run the job's handler once; ``timeout`` and every exception become a failed outcome."""
     job_type = registry.find(job.type)
     if job_type is None:
-        error = _error(job, worker, f"no handler for job type {job.type!r}", "UnknownType", None)
+        message = f"no handler for job type {job.type!r}"
+        error = error_record(job.attempts, worker, message, "UnknownType")
         return Outcome(job.id, job.attempts, ok=False, error=error, permanent=True)
     ctx = JobContext(job.id, job.type, job.queue, job.attempts, job.max_attempts, worker)
     timeout = job.timeout_seconds or job_type.timeout_seconds
@@ -78,7 +84,7 @@ async def execute(job: JobRow, registry: Registry, worker: str) -> Outcome:
             result = _result(await job_type.handler(payload, ctx))
     except TimeoutError as exc:
         if deadline.expired():
-            error = _error(job, worker, "timeout", "Timeout", None)
+            error = error_record(job.attempts, worker, "timeout", "Timeout")
             return Outcome(job.id, job.attempts, ok=False, error=error)
         return _failure(job, worker, exc, permanent=False)
     except PermanentError as exc:
@@ -88,12 +94,13 @@ async def execute(job: JobRow, registry: Registry, worker: str) -> Outcome:
     return Outcome(job.id, job.attempts, ok=True, result=result)
 
 
-def _result(value: Any) -> Any:
-    """The handler's return value as storable JSON; NaN, Infinity and non-JSON types fail."""
+def _result(value: Any) -> str:
+    """The handler's return value as storable JSON text; NaN, Infinity and non-JSON types
+    fail."""
     try:
         text = json.dumps(_storable_json(value), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ResultNotStorable(f"result is not JSON: {exc}") from exc
     if len(text) > MAX_RESULT_BYTES:
         raise ResultNotStorable(f"result is {len(text)} bytes; the limit is {MAX_RESULT_BYTES}")
-    return json.loads(text)
+    return text

@@ -7,19 +7,17 @@ errors and goes on. Postgres decides; Redis is only told.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
-from app.db.models import JobRow
 from app.jobs import queries, repository
-
-if TYPE_CHECKING:
-    from workers.runner import Worker
+from app.jobs.status import JobStatus
+from workers.context import WorkerContext
+from workers.reporter import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +27,19 @@ WORKER_ROW_TTL_SECONDS = 3600
 
 
 class Maintenance:
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
-        idle = worker.settings.claim_idle_seconds
+    def __init__(self, ctx: WorkerContext, reporter: Reporter) -> None:
+        self.ctx = ctx
+        self.reporter = reporter  # tells the DLQ stream of jobs that a reclaim made dead
+        idle = ctx.settings.claim_idle_seconds
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
-        self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
         self.leased: set[UUID] = set()  # jobs whose leases the last heartbeat extended
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
-        s = self.w.settings
+        s = self.ctx.settings
         return [
             self._every(self.heartbeat_every, self.heartbeat),
             self._every(self.heartbeat_every, self.refresh_entries),
             self._every(s.promote_interval_seconds, self.promote_and_dispatch),
-            self._every(self.autoclaim_every, self.autoclaim),
             self._reconcile_loop(),
         ]
 
@@ -60,41 +57,41 @@ class Maintenance:
 
     def _worker_values(self) -> dict[str, Any]:
         return {
-            "name": self.w.name,
+            "name": self.ctx.name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "queues": self.w.config.queues,
-            "concurrency": self.w.config.concurrency,
-            "in_flight": len(self.w.running),
+            "queues": self.ctx.config.queues,
+            "concurrency": self.ctx.config.concurrency,
+            "in_flight": len(self.ctx.running),
         }
 
     async def register(self) -> None:
-        async with self.w.sessions.begin() as session:
+        async with self.ctx.sessions.begin() as session:
             await queries.upsert_worker(session, self._worker_values())
 
     async def unregister(self) -> None:
         try:
-            async with self.w.sessions.begin() as session:
-                await queries.remove_workers(session, [self.w.name])
-            for stream in self.w.all_streams:
+            async with self.ctx.sessions.begin() as session:
+                await queries.remove_workers(session, [self.ctx.name])
+            for stream in self.ctx.all_streams:
                 mine = [
-                    c for c in await self.w.stream.consumers(stream) if c["name"] == self.w.name
+                    c for c in await self.ctx.stream.consumers(stream) if c["name"] == self.ctx.name
                 ]
                 if mine and mine[0]["pending"] == 0:
-                    await self.w.stream.delete_consumer(stream, self.w.name)
+                    await self.ctx.stream.delete_consumer(stream, self.ctx.name)
         except Exception as exc:
             log.warning("could not unregister: %s", exc)
 
     async def heartbeat(self) -> None:
         """Extend our leases in Postgres. A loop of its own: a slow or hung Redis must never
         delay a lease extension past the lease."""
-        running = list(self.w.running.values())
-        async with self.w.sessions.begin() as session:
+        running = list(self.ctx.running)
+        async with self.ctx.sessions.begin() as session:
             self.leased = await repository.extend_leases(
                 session,
-                self.w.name,
+                self.ctx.name,
                 [(r.job.id, r.job.attempts) for r in running],
-                self.w.lease_seconds,
+                self.ctx.lease_seconds,
             )
             await queries.upsert_worker(session, self._worker_values())
 
@@ -104,31 +101,31 @@ class Maintenance:
         Only attempts we still hold (at the last heartbeat) are refreshed: after a reclaim,
         XCLAIM would take the entry back from the worker that runs the newer attempt.
         """
-        mine = [r.delivery for r in self.w.running.values() if r.job.id in self.leased]
-        await self.w.stream.refresh(self.w.name, mine + self.w.held)
+        mine = [r.delivery for r in self.ctx.running if r.job.id in self.leased]
+        await self.ctx.stream.refresh(self.ctx.name, mine + self.ctx.running.held)
 
     # -- promotion and dispatch -------------------------------------------------------------------
 
     async def promote_and_dispatch(self) -> None:
         """Due scheduled/retrying jobs → queued → their streams; then unconfirmed ones again."""
         while True:
-            async with self.w.sessions.begin() as session:
+            async with self.ctx.sessions.begin() as session:
                 targets = await repository.promote_due(
-                    session, self.w.config.queues, DISPATCH_BATCH
+                    session, self.ctx.config.queues, DISPATCH_BATCH
                 )
-            await self.w.dispatcher.send_committed(targets)
+            await self.ctx.dispatcher.send_committed(targets)
             if len(targets) < DISPATCH_BATCH:
                 break
-        await self.sweep_undispatched(self.w.settings.dispatch_grace_seconds)
+        await self.sweep_undispatched(self.ctx.settings.dispatch_grace_seconds)
 
     async def sweep_undispatched(self, grace: float) -> int:
         total = 0
         while True:
-            async with self.w.sessions.begin() as session:
+            async with self.ctx.sessions.begin() as session:
                 targets = await repository.lock_undispatched(
-                    session, self.w.config.queues, grace, DISPATCH_BATCH
+                    session, self.ctx.config.queues, grace, DISPATCH_BATCH
                 )
-                sent = await self.w.dispatcher.send_and_confirm(session, targets)
+                sent = await self.ctx.dispatcher.send_and_confirm(session, targets)
             total += sent
             if len(targets) < DISPATCH_BATCH or sent == 0:
                 break
@@ -137,22 +134,6 @@ class Maintenance:
         return total
 
     # -- reclaim ------------------------------------------------------------------------------
-
-    async def autoclaim(self) -> None:
-        """Take over entries idle on dead consumers; their lapsed attempts count as failed."""
-        min_idle_ms = int(self.w.settings.claim_idle_seconds * 1000)
-        for queue, partition in self.w.partitions:
-            for stream in self.w.keys.partition_streams(queue, partition):
-                if self.w.free <= 0 or self.w.stopping.is_set():
-                    return
-                found = await self.w.stream.autoclaim(stream, self.w.name, min_idle_ms, self.w.free)
-                if found.deleted:
-                    await self.entries_vanished(queue, stream, len(found.deleted))
-                if not found.deliveries:
-                    continue
-                ids = [d.job_id for d in found.deliveries if d.job_id is not None]
-                await self.reclaim(ids)
-                await self.w.start(found.deliveries)
 
     async def entries_vanished(self, queue: str, stream: str, count: int) -> None:
         """Pending entries were deleted from the stream: which jobs they stood for is gone
@@ -164,20 +145,20 @@ class Maintenance:
             stream,
             queue,
         )
-        async with self.w.sessions.begin() as session:
+        async with self.ctx.sessions.begin() as session:
             await repository.forget_dispatches(session, [queue])
         await self.sweep_undispatched(0.0)
 
-    async def reclaim(self, ids: Sequence[Any] | None) -> int:
+    async def reclaim(self, ids: Sequence[UUID] | None) -> int:
         """Fail the attempts whose lease lapsed (``worker lost``): retry, or dead at the cap."""
         total = 0
         while True:
-            async with self.w.sessions.begin() as session:
+            async with self.ctx.sessions.begin() as session:
                 rows = await repository.reclaim_expired(
                     session,
-                    self.w.name,
-                    self.w.backoff,
-                    self.w.config.queues,
+                    self.ctx.name,
+                    self.ctx.backoff,
+                    self.ctx.config.queues,
                     ids=ids,
                     limit=RECLAIM_BATCH,
                 )
@@ -187,25 +168,9 @@ class Maintenance:
                     "reclaimed job from a lost worker",
                     extra={"job_id": str(row.id), "status": row.status},
                 )
-            await self.dead_lettered([r for r in rows if r.status == "dead"])
+            await self.reporter.dead_lettered([r for r in rows if r.status == JobStatus.DEAD])
             if ids is not None or len(rows) < RECLAIM_BATCH:
                 return total
-
-    async def dead_lettered(self, rows: Sequence[JobRow]) -> None:
-        """Tell ``<prefix>:dlq`` (a notification: the DLQ of record is the ``dead`` status)."""
-        for row in rows:
-            try:
-                await self.w.stream.add_dead_letter(
-                    {
-                        "job": str(row.id),
-                        "type": row.type,
-                        "queue": row.queue,
-                        "attempts": str(row.attempts),
-                        "errors": json.dumps(row.errors, default=str),
-                    }
-                )
-            except Exception as exc:
-                log.warning("dlq stream notification failed: %s", exc)
 
     # -- reconcile ----------------------------------------------------------------------------
 
@@ -217,24 +182,24 @@ class Maintenance:
                 raise
             except Exception as exc:
                 log.warning("reconcile failed: %s", exc)
-            loss = self.w.stream.data_loss
+            loss = self.ctx.stream.data_loss
             try:
-                await asyncio.wait_for(loss.wait(), timeout=self.w.settings.reconcile_seconds)
+                await asyncio.wait_for(loss.wait(), timeout=self.ctx.settings.reconcile_seconds)
             except TimeoutError:
                 continue
 
     async def reconcile(self) -> None:
         """Compare Postgres with Redis and repair what Redis lost."""
-        self.w.stream.data_loss.clear()
-        partitions = self.w.partitions
-        epochs = await self.w.stream.epochs(partitions)
+        self.ctx.stream.data_loss.clear()
+        partitions = self.ctx.partitions
+        epochs = await self.ctx.stream.epochs(partitions)
         forgotten = 0
-        async with self.w.sessions.begin() as session:
+        async with self.ctx.sessions.begin() as session:
             lost = {
                 queue
                 for (queue, partition), epoch in zip(partitions, epochs, strict=True)
                 if await repository.record_epoch(
-                    session, repository.epoch_key(self.w.keys.prefix, queue, partition), epoch
+                    session, repository.epoch_key(self.ctx.keys.prefix, queue, partition), epoch
                 )
             }
             if lost:
@@ -246,18 +211,18 @@ class Maintenance:
                 ",".join(sorted(lost)),
                 forgotten,
             )
-            await self.w.stream.ensure_groups(self.w.all_streams, force=True)
+            await self.ctx.stream.ensure_groups(self.ctx.all_streams, force=True)
             await self.sweep_undispatched(0.0)
         await self.reclaim(None)
         await self._prune()
 
     async def _prune(self) -> None:
         """Forget long-gone workers; delete their consumers only once nothing is pending."""
-        async with self.w.sessions.begin() as session:
+        async with self.ctx.sessions.begin() as session:
             gone = await queries.stale_workers(session, WORKER_ROW_TTL_SECONDS)
             await queries.remove_workers(session, gone)
         idle_ms = WORKER_ROW_TTL_SECONDS * 1000
-        for stream in self.w.all_streams:
-            for consumer in await self.w.stream.consumers(stream):
+        for stream in self.ctx.all_streams:
+            for consumer in await self.ctx.stream.consumers(stream):
                 if consumer["pending"] == 0 and consumer["idle"] > idle_ms:
-                    await self.w.stream.delete_consumer(stream, consumer["name"])
+                    await self.ctx.stream.delete_consumer(stream, consumer["name"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 from uuid import UUID
 
 from sqlalchemy import select, text
@@ -47,11 +47,21 @@ class Target:
     priority: int
 
 
+class ErrorRecord(TypedDict):
+    """One entry of ``jobs.errors`` as a worker writes it; Postgres adds ``at``."""
+
+    attempt: int
+    error: str
+    type: str
+    traceback: str | None
+    worker: str
+
+
 @dataclass(frozen=True)
 class Failure:
     job_id: UUID
     attempt: int
-    error: dict[str, Any]  # {attempt, error, type, traceback, worker}; "at" is added in SQL
+    error: ErrorRecord
     permanent: bool = False
 
 
@@ -200,15 +210,16 @@ SELECT id FROM done
 
 
 async def succeed_many(
-    session: AsyncSession, worker: str, outcomes: Sequence[tuple[UUID, int, Any]]
+    session: AsyncSession, worker: str, outcomes: Sequence[tuple[UUID, int, str]]
 ) -> set[UUID]:
-    """running → succeeded, guarded by (attempt, worker). Returns the ids that moved."""
+    """running → succeeded, guarded by (attempt, worker); each result is JSON text.
+    Returns the ids that moved."""
     if not outcomes:
         return set()
     params = {
         "ids": [o[0] for o in outcomes],
         "attempts": [o[1] for o in outcomes],
-        "results": [json.dumps(o[2]) for o in outcomes],
+        "results": [o[2] for o in outcomes],
         "worker": worker,
     }
     return set((await session.scalars(text(_SUCCEED), params)).all())

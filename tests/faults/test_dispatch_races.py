@@ -32,6 +32,7 @@ from tests.conftest import Backends, make_settings
 from tests.faults.checker import drain, stranded
 from tests.faults.harness import Supervisor, create_effects_table, dsn, orphan_row
 from tests.support.processes import Spawner
+from workers.execution import error_record
 
 
 async def test_late_confirmation_does_not_hide_a_requeued_job(
@@ -60,7 +61,8 @@ async def test_late_confirmation_does_not_hide_a_requeued_job(
         async with sessions.begin() as session:
             await repository.claim_many(session, [job.id], "w-elsewhere", 30.0)
         async with sessions.begin() as session:
-            failure = Failure(job.id, 1, {"attempt": 1, "error": "boom", "type": "RuntimeError"})
+            error = error_record(1, "w-elsewhere", "boom", "RuntimeError")
+            failure = Failure(job.id, 1, error)
             await repository.fail_many(session, "w-elsewhere", [failure], Backoff(0.0, 0.0))
         async with sessions.begin() as session:
             assert [t.id for t in await repository.promote_due(session, [queue])] == [job.id]

@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""Drain benchmark: how fast real worker processes empty a backlog of no-op jobs.
+
+    .venv/bin/python scripts/bench_drain.py [--jobs 20000] [--concurrency 64] \
+        [--processes 1,2] [--repeat 3] [--profile DIR]
+
+Each round pre-loads N ``demo.echo`` jobs (committed in Postgres and XADDed, as the API
+would), starts ``conveyor worker`` and times the drain from the first claim to the last
+success, as Postgres recorded them (process start-up is not counted). Every claim and every
+outcome is a guarded statement in Postgres with its event rows, as in production.
+
+Baseline, in the same invocation: the same number of entries through a bare Redis Stream
+consumer group (XADD, XREADGROUP of 500, XACK + XDEL), with no Postgres at all.
+
+Also printed: the workers' peak RSS. ``--profile DIR`` runs each worker under ``py-spy
+record`` and writes collapsed stacks there. Uses CONVEYOR_TEST_DATABASE_URL and
+CONVEYOR_TEST_REDIS_URL (a throwaway database is created and dropped; keys get a unique
+prefix and are deleted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.db.engine import create_engine, create_session_factory
+from app.db.migrate import upgrade
+from app.jobs import repository
+from app.jobs.dispatch import Dispatcher
+from app.jobs.repository import Target
+from app.settings import Settings
+from app.streams.client import StreamClient, create_redis
+from app.streams.keys import Keys
+
+QUEUE = "bench-drain"
+LOAD_CHUNK = 5000
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _admin(server_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(_dsn(server_url))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def bare_stream(redis_url: str, n: int, count: int = 500) -> float:
+    """Entries per second through a consumer group with no Postgres: the floor of our cost."""
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    key = f"bench-bare-{uuid.uuid4().hex[:8]}"
+    await redis.xgroup_create(key, "g", id="0", mkstream=True)
+    start = time.perf_counter()
+    for i in range(0, n, 1000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for _ in range(min(1000, n - i)):
+                pipe.xadd(key, {"job": str(uuid.uuid4())})
+            await pipe.execute()
+    done = 0
+    while done < n:
+        reply: Any = await redis.xreadgroup("g", "c", {key: ">"}, count=count)
+        ids = [e for _, entries in reply for e, _ in entries]
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.xack(key, "g", *ids)
+            pipe.xdel(key, *ids)
+            await pipe.execute()
+        done += len(ids)
+    elapsed = time.perf_counter() - start
+    await redis.delete(key)
+    await redis.aclose()
+    return n / elapsed
+
+
+def _row(n: int) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "type": "demo.echo",
+        "queue": QUEUE,
+        "status": "queued",
+        "priority": 0,
+        "payload": {"n": n},
+        "max_attempts": 3,
+        "timeout_seconds": None,
+        "idempotency_key": None,
+        "idempotency_scope": "",
+        "request_hash": None,
+        "owner": None,
+        "run_at": None,
+    }
+
+
+async def preload(settings: Settings, n: int) -> None:
+    """Commit N queued jobs, then XADD them (the API's order), in chunks."""
+    engine = create_engine(settings)
+    sessions = create_session_factory(engine)
+    stream = StreamClient(create_redis(settings), Keys(settings.redis_prefix), maxlen=n + 1000)
+    dispatcher = Dispatcher(stream, sessions, settings.partitions)
+    try:
+        for start in range(0, n, LOAD_CHUNK):
+            rows = [_row(i) for i in range(start, min(n, start + LOAD_CHUNK))]
+            async with sessions.begin() as session:
+                jobs = await repository.insert_jobs(session, rows)
+            await dispatcher.send_committed([Target(j.id, j.queue, j.priority) for j in jobs])
+    finally:
+        await stream.close()
+        await engine.dispose()
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update(
+        CONVEYOR_DATABASE_URL=settings.database_url,
+        CONVEYOR_REDIS_URL=settings.redis_url,
+        CONVEYOR_REDIS_PREFIX=settings.redis_prefix,
+        CONVEYOR_STREAM_MAXLEN=str(settings.stream_maxlen),
+        CONVEYOR_LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def spawn_workers(
+    settings: Settings, processes: int, concurrency: int, profile: Path | None, tag: str
+) -> list[subprocess.Popen[bytes]]:
+    """``conveyor worker`` processes; with ``--processes`` support, one parent for all."""
+    argv = [sys.executable, "-m", "app.cli", "worker", "--queues", QUEUE]
+    argv += ["--concurrency", str(concurrency)]
+    if processes > 1 and _has_processes_flag():
+        cmds = [[*argv, "--processes", str(processes), "--name", f"bench-{tag}"]]
+    else:
+        cmds = [[*argv, "--name", f"bench-{tag}-{i}"] for i in range(processes)]
+    procs = []
+    for i, cmd in enumerate(cmds):
+        if profile is not None:
+            out = profile / f"{tag}-{i}.txt"
+            cmd = ["py-spy", "record", "--format", "raw", "-r", "250", "-s", "-o", str(out), "--"]
+            cmd += cmds[i]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(settings)))
+    return procs
+
+
+def _has_processes_flag() -> bool:
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "worker", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "--processes" in out.stdout
+
+
+def _peak_rss_mb(pids: list[int]) -> float:
+    """The largest resident memory of any one of these processes or their descendants (not
+    counting py-spy), in MB."""
+    best = 0.0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            status = Path(f"/proc/{pid}/status").read_text()
+            exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+        if b"py-spy" in exe:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                best = max(best, int(line.split()[1]) / 1024)
+    return best
+
+
+async def _wait_epoch(conn: asyncpg.Connection, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await conn.fetchval("SELECT count(*) FROM conveyor_state"):
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("no worker recorded the Redis epoch")
+
+
+async def drain_round(
+    settings: Settings,
+    conn: asyncpg.Connection,
+    n: int,
+    processes: int,
+    concurrency: int,
+    profile: Path | None,
+    tag: str,
+) -> tuple[float, float, float]:
+    """Load N jobs, drain them; returns (jobs/s from first claim to last success, wall
+    seconds from worker spawn, peak worker RSS in MB)."""
+    await conn.execute("TRUNCATE jobs, job_events")
+    await preload(settings, n)
+    spawned = time.monotonic()
+    procs = spawn_workers(settings, processes, concurrency, profile, tag)
+    rss = 0.0
+    try:
+        deadline = time.monotonic() + max(120.0, n / 200)
+        while True:
+            done = await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            rss = max(rss, _peak_rss_mb([p.pid for p in procs]))
+            if done >= n:
+                break
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"drain stalled at {done}/{n}")
+            await asyncio.sleep(0.2)
+        wall = time.monotonic() - spawned
+        span = await conn.fetchval(
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs"
+        )
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return n / float(span), wall, rss
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--processes", default="1", help="comma-separated, e.g. 1,2")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", type=Path, default=None)
+    args = parser.parse_args()
+    server = os.environ.get(
+        "CONVEYOR_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+    )
+    redis_url = os.environ.get("CONVEYOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if args.profile is not None:
+        if shutil.which("py-spy") is None:
+            sys.exit("--profile needs py-spy on PATH")
+        args.profile.mkdir(parents=True, exist_ok=True)
+    name = f"conveyor_bench_{uuid.uuid4().hex[:8]}"
+    await _admin(server, f'CREATE DATABASE "{name}"')
+    db_url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        database_url=db_url,
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        stream_maxlen=max(100000, args.jobs + 1000),
+    )
+    try:
+        upgrade(db_url)
+        conn = await asyncpg.connect(_dsn(db_url))
+        # A first start records the Redis epoch (and would re-send every queued job): get it
+        # out of the way before any backlog exists.
+        first = spawn_workers(settings, 1, 1, None, "warmup")
+        await _wait_epoch(conn)
+        for p in first:
+            p.send_signal(signal.SIGTERM)
+            p.wait(60)
+        results: dict[int, list[tuple[float, float, float]]] = {}
+        floors: list[float] = []
+        for r in range(args.repeat):
+            floors.append(await bare_stream(redis_url, args.jobs))
+            for procs in [int(p) for p in args.processes.split(",")]:
+                tag = f"p{procs}-r{r}"
+                one_round = await drain_round(
+                    settings, conn, args.jobs, procs, args.concurrency, args.profile, tag
+                )
+                results.setdefault(procs, []).append(one_round)
+                rate, wall, rss = one_round
+                print(
+                    f"  round {r}, {procs} process(es): {rate:8.0f} jobs/s, {wall:.1f} s wall,"
+                    f" peak RSS {rss:.0f} MB",
+                    flush=True,
+                )
+        await conn.close()
+    finally:
+        await _admin(server, f'DROP DATABASE "{name}" WITH (FORCE)')
+        redis = Redis.from_url(redis_url)
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+    floor = statistics.median(floors)
+    print(f"\n{args.jobs} demo.echo jobs, --concurrency {args.concurrency}, {args.repeat} rounds")
+    print(f"bare stream (no Postgres)   : {floor:8.0f} entries/s (median; baseline)")
+    one = 0.0
+    for procs, got in results.items():
+        rates = [g[0] for g in got]
+        med = statistics.median(rates)
+        one = one or med
+        print(
+            f"worker drain, {procs} process(es): {med:8.0f} jobs/s "
+            f"(range {min(rates):.0f}-{max(rates):.0f}; ratio to baseline {med / floor:.3f}; "
+            f"to 1 process {med / one:.2f}x; peak RSS {max(g[2] for g in got):.0f} MB)"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
