@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx
 from fastapi import FastAPI
 from sqlalchemy.exc import DataError, OperationalError
@@ -85,3 +88,26 @@ async def test_middleware_rejections_are_domain_errors() -> None:
         assert (nan.status_code, nan.json()["error"]) == (422, "invalid")
         ok = await client.post("/echo", json={"a": 1})
         assert ok.status_code == 200
+
+
+async def test_invalid_content_length_is_400_bad_request() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the request must not reach the app")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/jobs",
+        "headers": [(b"content-length", b"12abc"), (b"content-type", b"application/json")],
+    }
+    await BodyLimits(app, max_bytes=1024)(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["error"] == "bad_request"
