@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.db.migrate import upgrade
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from app.devserver import EmbeddedPostgres, EmbeddedRedis, free_port
 
 
 def _dsn(url: str) -> str:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.db.migrate import upgrade
 from app.db.models import JobRow
-from app.embedded import EmbeddedPostgres
+from app.devserver import EmbeddedPostgres
 from app.jobs.queries import QUEUE_COUNTS, Cursor, JobFilter, listing
 from app.jobs.status import JobStatus
 

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
 from app.db.migrate import upgrade
-from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.devserver import EmbeddedPostgres, EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
 from tests.support.processes import Spawner

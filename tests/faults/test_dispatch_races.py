@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
-from app.embedded import EmbeddedRedis
+from app.devserver import EmbeddedRedis
 from app.jobs import repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.repository import Backoff, Failure, Target

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from app.db.migrate import upgrade
-from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.devserver import EmbeddedPostgres, EmbeddedRedis
 from app.settings import Settings
 from tests.faults.checker import conclude
 from tests.faults.conftest import fault_settings

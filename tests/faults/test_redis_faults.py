@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.embedded import EmbeddedRedis
+from app.devserver import EmbeddedRedis
 from app.settings import Settings
 from app.streams.client import create_redis
 from tests.faults.checker import conclude, stranded

@@ -1,9 +1,9 @@
-"""The ``conveyor`` command."""
+"""The ``conveyor`` command: the server commands here, the operator commands in
+:mod:`app.cli.operator_commands`."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from app.settings import get_settings
@@ -41,7 +41,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from app.dev import run_dev
+    from app.devserver.supervisor import run_dev
 
     return run_dev(args.host, args.port, args.data_dir)
 
@@ -71,13 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None)
     p.set_defaults(func=_worker)
 
-    from app.operator import add_operator_commands
+    from app.cli.operator_commands import add_operator_commands
 
     add_operator_commands(sub)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())
