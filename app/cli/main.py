@@ -8,6 +8,8 @@ from pathlib import Path
 
 from app.settings import get_settings
 
+DESCRIPTION = "Conveyor, an HTTP job queue: run its servers, or operate it over its HTTP API."
+
 
 def _migrate(args: argparse.Namespace) -> int:
     from app.db.migrate import upgrade
@@ -47,7 +49,7 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
+    parser = argparse.ArgumentParser(prog="conveyor", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("dev", help="run everything locally with embedded Redis and Postgres")
