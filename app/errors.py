@@ -1,16 +1,19 @@
-"""The domain error tree. The API maps each class to one status code (``app/api/errors.py``).
+"""The domain error tree: every error the API answers with is one of these. The API maps each
+class to one status code in one table (``app/api/errors.py``), which the middlewares use too.
 
 ::
 
     ConveyorError
+    ├── BadRequest               400  malformed framing (an invalid Content-Length)
     ├── NotFound                 404  unknown job / not in the DLQ
-    ├── InvalidInput             422  unknown type, payload failing its schema, bad filter
+    ├── InvalidInput             422  unknown type, payload failing its schema, bad filter,
+    │                                 a body that is not storable JSON
     ├── Conflict                 409  idempotency key reused with another request,
     │                                 cancel of a running or finished job
     ├── Unauthenticated          401  missing or unknown API key
     ├── Forbidden                403  key lacks the role for the operation
-    ├── PayloadTooLarge          413
-    ├── UnsupportedMediaType     415
+    ├── PayloadTooLarge          413  body over CONVEYOR_MAX_PAYLOAD_BYTES
+    ├── UnsupportedMediaType     415  a body that is not JSON
     ├── RateLimited              429  carries ``retry_after``
     └── Unavailable              503  Postgres or Redis unreachable; nothing was written
 
@@ -31,6 +34,10 @@ class ConveyorError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+
+class BadRequest(ConveyorError):
+    code = "bad_request"
 
 
 class NotFound(ConveyorError):

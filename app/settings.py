@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/conveyor"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The built-in job types (demo.*, http.request): always loaded, whatever the setting lists.
+BUILTIN_HANDLER_MODULES = ("workers.handlers",)
 
 
 class Settings(BaseSettings):
@@ -24,7 +26,7 @@ class Settings(BaseSettings):
     partitions: int = Field(default=1, ge=1, le=1024)
     redis_prefix: str = Field(default="conveyor", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     api_keys: str | None = None
-    handler_modules: str = "workers.handlers"
+    handler_modules: str = ",".join(BUILTIN_HANDLER_MODULES)
     retry_base_seconds: float = Field(default=1.0, ge=0)
     retry_max_seconds: float = Field(default=300.0, ge=0)
     claim_idle_seconds: float = Field(default=30.0, gt=0)
@@ -47,7 +49,10 @@ class Settings(BaseSettings):
 
     @property
     def handler_module_list(self) -> list[str]:
-        return [m.strip() for m in self.handler_modules.split(",") if m.strip()]
+        """The modules whose import registers job types: the built-in ones first, each once.
+        The API and the workers load this same list."""
+        configured = [m.strip() for m in self.handler_modules.split(",") if m.strip()]
+        return list(dict.fromkeys([*BUILTIN_HANDLER_MODULES, *configured]))
 
 
 @lru_cache

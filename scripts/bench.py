@@ -32,21 +32,17 @@ from typing import Any
 import asyncpg
 import httpx
 from redis.asyncio import Redis
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.db.migrate import upgrade
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-
-
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+from app.db.url import asyncpg_dsn, with_database
+from app.devserver import EmbeddedPostgres, EmbeddedRedis, free_port
 
 
 async def _db(server_url: str, name: str, create: bool) -> None:
-    conn = await asyncpg.connect(_dsn(server_url))
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
     try:
         sql = f'CREATE DATABASE "{name}"' if create else f'DROP DATABASE "{name}" WITH (FORCE)'
         await conn.execute(sql)
@@ -135,7 +131,7 @@ async def batch_submit(url: str, queue: str, n: int) -> float:
 
 
 async def drain(db_url: str, queue: str, n: int, timeout: float = 600) -> float:
-    conn = await asyncpg.connect(_dsn(db_url))
+    conn = await asyncpg.connect(asyncpg_dsn(db_url))
     try:
         first = await conn.fetchval("SELECT min(started_at) FROM jobs WHERE queue = $1", queue)
         start = time.monotonic()
@@ -173,7 +169,7 @@ async def main(args: argparse.Namespace) -> None:
         servers.append(rd)
     name = f"conveyor_bench_{uuid.uuid4().hex[:8]}"
     await _db(server, name, create=True)
-    db_url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    db_url = with_database(server, name)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         await asyncio.to_thread(upgrade, db_url)

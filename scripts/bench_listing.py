@@ -36,7 +36,6 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import Select, func, text, tuple_
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from app.db.migrate import upgrade
 from app.db.models import JobRow
-from app.embedded import EmbeddedPostgres
+from app.db.url import asyncpg_dsn, with_database
+from app.devserver import EmbeddedPostgres
 from app.jobs.queries import QUEUE_COUNTS, Cursor, JobFilter, listing
 from app.jobs.status import JobStatus
 
@@ -80,12 +80,8 @@ class Measured:
     buffers: int
 
 
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 async def _admin(server_url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_dsn(server_url))
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
     try:
         await conn.execute(sql)
     finally:
@@ -230,7 +226,7 @@ async def bench(database_url: str, rows: int) -> None:
 def run(server_url: str, rows: int, keep: bool) -> None:
     name = f"conveyor_bench_listing_{uuid.uuid4().hex[:8]}"
     asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    url = with_database(server_url, name)
     try:
         upgrade(url)
         asyncio.run(bench(url, rows))

@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy.engine import make_url
 
 from app.db.migrate import upgrade
-from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.devserver import EmbeddedPostgres, EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
+from tests.support.db import scratch_database
 from tests.support.processes import Spawner
 
 
@@ -34,26 +33,6 @@ from tests.support.processes import Spawner
 class Backends:
     database_url: str
     redis_url: str
-
-
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def _create_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(_dsn(server_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-async def _drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(_dsn(server_url))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -69,14 +48,11 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
         redis = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False)
         redis_url = redis.start()
         servers.append(redis)
-    name = f"conveyor_test_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_create_database(server_url, name))
-    database_url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     try:
-        upgrade(database_url)
-        yield Backends(database_url, redis_url)
+        with scratch_database(server_url, "conveyor_test") as database_url:
+            upgrade(database_url)
+            yield Backends(database_url, redis_url)
     finally:
-        asyncio.run(_drop_database(server_url, name))
         for server in reversed(servers):
             server.stop()
 

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.conftest import Backends
+from tests.support.db import fetch, scratch_database
 from tests.support.processes import Spawner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,28 +149,14 @@ def test_errors_exit_non_zero(api_url: str) -> None:
 # -- conveyor migrate ------------------------------------------------------------------------
 
 
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 async def _run(url: str, sql: str) -> list[tuple[Any, ...]]:
-    conn = await asyncpg.connect(_dsn(url))
-    try:
-        return [tuple(r) for r in await conn.fetch(sql)]
-    finally:
-        await conn.close()
+    return [tuple(r) for r in await fetch(url, sql)]
 
 
 @pytest.fixture
 def empty_db(backends: Backends) -> Iterator[str]:
-    name = f"conveyor_cli_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_run(backends.database_url, f'CREATE DATABASE "{name}"'))
-    try:
-        yield (
-            make_url(backends.database_url).set(database=name).render_as_string(hide_password=False)
-        )
-    finally:
-        asyncio.run(_run(backends.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database(backends.database_url, "conveyor_cli") as url:
+        yield url
 
 
 def test_migrate_twice_is_a_no_op(empty_db: str) -> None:

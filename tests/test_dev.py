@@ -6,19 +6,23 @@ checks by pid (psutil) that every process it started is gone afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import psutil
+import pytest
 
-from app.embedded import free_port
+from app.devserver import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 180.0  # initdb and the first start share a loaded 2-core machine
@@ -115,6 +119,27 @@ def _get_job(url: str, job_id: str) -> dict[str, Any]:
     return job
 
 
+def _assert_postgres_needs_the_password(pg_dir: Path) -> None:
+    """The dev database over TCP: refused without the password, accepted with the one kept in
+    the data directory (readable by its owner only)."""
+    port = int((pg_dir / "postgres.port").read_text())
+    password_file = pg_dir / "password"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+
+    async def login(password: str | None) -> object:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=port, user="postgres", password=password, database="conveyor"
+        )
+        try:
+            return await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        asyncio.run(login(None))
+    assert asyncio.run(login(password_file.read_text().strip())) == 1
+
+
 def test_dev_runs_a_job_then_sigterm_stops_everything_and_restart_keeps_it(
     tmp_path: Path,
 ) -> None:
@@ -129,6 +154,7 @@ def test_dev_runs_a_job_then_sigterm_stops_everything_and_restart_keeps_it(
         assert httpx.get(f"{dev.url}/docs", trust_env=False).status_code == 200
         job = _submit_and_finish(dev.url, {"hello": "dev"})
         assert job["status"] == "succeeded" and job["result"] == {"hello": "dev"}
+        _assert_postgres_needs_the_password(data_dir / "postgres")
 
         assert dev.stop() == 0
         dev.assert_nothing_left()

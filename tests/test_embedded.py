@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
+import asyncpg
 import psutil
 import pytest
 import redis.asyncio as aioredis
@@ -17,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port
+from app.devserver import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +67,7 @@ def start_and_die(cls: str, data_dir: Path) -> int:
     script = textwrap.dedent(f"""
         import os, signal, sys
         from pathlib import Path
-        from app.embedded import {cls}
+        from app.devserver import {cls}
         server = {cls}(Path(sys.argv[1]))
         server.start()
         print(server.pid, flush=True)
@@ -90,7 +93,8 @@ async def test_postgres_serves_the_conveyor_database_and_keeps_data_across_resta
     pg = EmbeddedPostgres(pg_dir)
     url = pg.start()
     try:
-        assert url == f"postgresql+asyncpg://postgres@127.0.0.1:{pg.port}/conveyor"
+        password = quote(pg.password, safe="")
+        assert url == f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{pg.port}/conveyor"
         await fetch(url, "CREATE TABLE kept AS SELECT 42 AS v")
         first_pid, port = pg.pid, pg.port
 
@@ -102,6 +106,57 @@ async def test_postgres_serves_the_conveyor_database_and_keeps_data_across_resta
         assert await fetch(url, "SELECT current_database()") == "conveyor"
     finally:
         pg.stop()
+
+
+async def _login(port: int, password: str | None) -> object:
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=port, user="postgres", password=password, database="conveyor"
+    )
+    try:
+        return await conn.fetchval("SELECT current_user")
+    finally:
+        await conn.close()
+
+
+async def _assert_password_needed(pg: EmbeddedPostgres) -> None:
+    """Over TCP, no password and a wrong one are refused; the one in the file is accepted."""
+    for wrong in (None, "", "not-the-password"):
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await _login(pg.port, wrong)
+    assert pg.password_file.read_text().strip() == pg.password
+    assert stat.S_IMODE(pg.password_file.stat().st_mode) == 0o600
+    assert await _login(pg.port, pg.password) == "postgres"
+
+
+async def test_postgres_tcp_needs_the_password_kept_in_a_private_file(pg_dir: Path) -> None:
+    """On a shared host another local user can reach 127.0.0.1 but not read the 0600 file."""
+    with EmbeddedPostgres(pg_dir) as pg:
+        await _assert_password_needed(pg)
+        assert "trust" not in _hba_rules(pg_dir, "host")
+        socket_dir = Path(pg._socket_dir)
+        assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700  # where `local` trust applies
+
+
+def _hba_rules(pg_dir: Path, kind: str) -> str:
+    lines = (pg_dir / "pgdata" / "pg_hba.conf").read_text().splitlines()
+    return "\n".join(line for line in lines if line.startswith(kind))
+
+
+async def test_postgres_data_dir_of_an_older_version_gets_a_password(pg_dir: Path) -> None:
+    """A cluster made when every connection was trusted, with no password file: the first
+    start generates the password, sets it and closes TCP to anyone without it; data stays."""
+    with EmbeddedPostgres(pg_dir) as pg:
+        await fetch(pg.url, "CREATE TABLE IF NOT EXISTS older AS SELECT 7 AS v")
+    hba = pg_dir / "pgdata" / "pg_hba.conf"
+    hba.write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+    (pg_dir / "password").unlink()
+    with EmbeddedPostgres(pg_dir) as pg:
+        await _assert_password_needed(pg)
+        assert await fetch(pg.url, "SELECT v FROM older") == 7
+    kept = (pg_dir / "password").read_text()
+    with EmbeddedPostgres(pg_dir) as pg:  # the next start keeps the password
+        assert pg.password_file.read_text() == kept
+        assert await _login(pg.port, pg.password) == "postgres"
 
 
 def test_postgres_stop_leaves_no_process_and_is_idempotent(pg_dir: Path) -> None:

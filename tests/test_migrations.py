@@ -3,60 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.db.migrate import alembic_config, downgrade, upgrade
 from app.db.models import Base
 from tests.conftest import Backends
+from tests.support import db
+from tests.support.db import scratch_database
 
 TABLES = {"jobs", "job_events", "workers"}
 
 
-def _dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def _admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_dsn(url))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-async def _fetch(url: str, sql: str) -> list[Any]:
-    conn = await asyncpg.connect(_dsn(url))
-    try:
-        return [tuple(r) for r in await conn.fetch(sql)]
-    finally:
-        await conn.close()
-
-
 def fetch(url: str, sql: str) -> list[Any]:
-    return asyncio.run(_fetch(url, sql))
+    return [tuple(r) for r in asyncio.run(db.fetch(url, sql))]
 
 
 @pytest.fixture
 def fresh_db(backends: Backends) -> Iterator[str]:
     """An empty database of its own on the test server, dropped afterwards."""
-    name = f"conveyor_mig_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(backends.database_url, f'CREATE DATABASE "{name}"'))
-    try:
-        yield (
-            make_url(backends.database_url).set(database=name).render_as_string(hide_password=False)
-        )
-    finally:
-        asyncio.run(_admin(backends.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database(backends.database_url, "conveyor_mig") as url:
+        yield url
 
 
 def head() -> str:

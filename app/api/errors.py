@@ -1,9 +1,11 @@
-"""Error → HTTP status, in one table. Every error body is ``{"error", "message", "details"}``."""
+"""Error → HTTP status, in one table (:data:`TABLE`), which also documents the answers in the
+OpenAPI document (:data:`ERRORS`). Every error body is ``{"error", "message", "details"}``."""
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,19 +18,45 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import errors
+from app.jobs.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[type[errors.ConveyorError], int] = {
-    errors.InvalidInput: 422,
-    errors.NotFound: 404,
-    errors.Conflict: 409,
-    errors.Unauthenticated: 401,
-    errors.Forbidden: 403,
-    errors.PayloadTooLarge: 413,
-    errors.UnsupportedMediaType: 415,
-    errors.RateLimited: 429,
-    errors.Unavailable: 503,
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    description: str  # for the OpenAPI document
+    headers: dict[str, Any] | None = None
+
+
+# The one table: each domain error's status code and how the OpenAPI document describes it.
+TABLE: dict[type[errors.ConveyorError], _Answer] = {
+    errors.BadRequest: _Answer(400, "Malformed request framing (e.g. a bad Content-Length)"),
+    errors.Unauthenticated: _Answer(
+        401,
+        "No API key, or an unknown one",
+        {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    ),
+    errors.Forbidden: _Answer(403, "The key's role may not do this"),
+    errors.NotFound: _Answer(404, "No such job (or not yours)"),
+    errors.Conflict: _Answer(409, "Conflicts with the job's state or an earlier request"),
+    errors.PayloadTooLarge: _Answer(413, "Body larger than CONVEYOR_MAX_PAYLOAD_BYTES"),
+    errors.UnsupportedMediaType: _Answer(415, "Body is not application/json"),
+    errors.InvalidInput: _Answer(422, "Invalid input; nothing was written"),
+    errors.RateLimited: _Answer(429, "Rate limit exceeded", _RETRY_AFTER),
+    errors.Unavailable: _Answer(
+        503, "Postgres or Redis unreachable; nothing was written", _RETRY_AFTER
+    ),
+}
+STATUS: dict[type[errors.ConveyorError], int] = {cls: a.status for cls, a in TABLE.items()}
+# ``responses=ERRORS`` on a route documents every error answer it may give.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    a.status: {"model": ErrorBody, "description": a.description}
+    | ({"headers": a.headers} if a.headers else {})
+    for a in TABLE.values()
 }
 RETRY_AFTER_SECONDS = "2"
 
@@ -44,8 +72,8 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _domain(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.ConveyorError)
+def domain_response(exc: errors.ConveyorError) -> JSONResponse:
+    """The answer to a domain error (also sent by the middlewares, which run before routing)."""
     status = STATUS.get(type(exc), 400)
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Unauthenticated):
@@ -54,7 +82,14 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, errors.Unavailable):
         headers["Retry-After"] = RETRY_AFTER_SECONDS
+    if isinstance(exc, errors.PayloadTooLarge):
+        headers["Connection"] = "close"  # the rest of the body was not read
     return error_response(status, exc.code, exc.message, exc.details, headers)
+
+
+async def _domain(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ConveyorError)
+    return domain_response(exc)
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:

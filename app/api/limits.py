@@ -26,8 +26,14 @@ from fastapi import Depends, Request
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
-from app.errors import InvalidInput
+from app.api.errors import domain_response
+from app.errors import (
+    BadRequest,
+    ConveyorError,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 MAX_DEPTH = 32
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -37,19 +43,8 @@ _OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 
 
-class BodyRejected(Exception):
-    """A request body that the API will not accept; carries the response to send."""
-
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-def _invalid(message: str, kind: str) -> BodyRejected:
-    return BodyRejected(422, "invalid", message, [{"loc": ["body"], "msg": message, "type": kind}])
+def _invalid(message: str, kind: str) -> InvalidInput:
+    return InvalidInput(message, details=[{"loc": ["body"], "msg": message, "type": kind}])
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:
@@ -124,7 +119,7 @@ def _check_strings(document: Any) -> None:
 
 
 def check_json(body: bytes, max_depth: int = MAX_DEPTH) -> None:
-    """Raise :class:`BodyRejected` (422) unless ``body`` is JSON the API can store as-is."""
+    """Raise :class:`InvalidInput` (422) unless ``body`` is JSON the API can store as-is."""
     if json_depth_exceeds(body, max_depth):
         raise _invalid(f"JSON nesting is deeper than {max_depth} levels", "json_too_deep")
     try:
@@ -161,7 +156,7 @@ def _declared_length(headers: Headers) -> int | None:
     if raw is None:
         return None
     if not raw.strip().isdigit():
-        raise BodyRejected(400, "bad_request", "invalid Content-Length header")
+        raise BadRequest("invalid Content-Length header")
     return int(raw)
 
 
@@ -179,10 +174,8 @@ class BodyLimits:
             return
         try:
             body = await self._admit(scope, receive)
-        except BodyRejected as exc:
-            headers = {"Connection": "close"} if exc.status == 413 else None
-            response = error_response(exc.status, exc.code, exc.message, exc.details, headers)
-            await response(scope, receive, send)
+        except ConveyorError as exc:
+            await domain_response(exc)(scope, receive, send)
             return
         except _Disconnected:
             return
@@ -198,11 +191,9 @@ class BodyLimits:
         if not (chunked or (declared or 0) > 0) or scope["method"] not in BODY_METHODS:
             return None
         if not _is_json(headers.get("content-type")):
-            raise BodyRejected(
-                415,
-                "unsupported_media_type",
+            raise UnsupportedMediaType(
                 "request bodies must be application/json",
-                {"accepted": ["application/json"]},
+                details={"accepted": ["application/json"]},
             )
         body = await self._read(receive)
         if body:
@@ -222,12 +213,10 @@ class BodyLimits:
             if not message.get("more_body", False):
                 return bytes(buffer)
 
-    def _too_large(self) -> BodyRejected:
-        return BodyRejected(
-            413,
-            "payload_too_large",
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
             f"the request body exceeds {self.max_bytes} bytes",
-            {"max_bytes": self.max_bytes},
+            details={"max_bytes": self.max_bytes},
         )
 
 

@@ -1,4 +1,8 @@
-"""ORM models. Postgres is the record: every job state lives here, never only in Redis."""
+"""ORM models. Postgres is the record: every job state lives here, never only in Redis.
+
+The status column, its CHECK constraints and the partial indexes' predicates are built from
+:class:`app.jobs.status.JobStatus` (a leaf module), the one definition of the status machine.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from app.jobs.status import TERMINAL, JobStatus
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -37,7 +45,33 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-TERMINAL_SQL = "('succeeded', 'dead', 'cancelled')"
+def _sql_in(statuses: frozenset[JobStatus] | set[JobStatus]) -> str:
+    """``('a', 'b')``: the statuses as a SQL list for ``IN``, in declaration order."""
+    return "(" + ", ".join(f"'{s.value}'" for s in JobStatus if s in statuses) + ")"
+
+
+def _status_is(status: JobStatus) -> str:
+    return f"status = '{status.value}'"
+
+
+ALL_SQL = _sql_in(set(JobStatus))
+TERMINAL_SQL = _sql_in(TERMINAL)
+# Rows that stay open for a while: everything but succeeded and cancelled (dead jobs are listed
+# in the DLQ). Queue stats and the open listings read only these.
+OPEN_SQL = f"status NOT IN {_sql_in({JobStatus.SUCCEEDED, JobStatus.CANCELLED})}"
+
+
+class StatusText(TypeDecorator[JobStatus]):
+    """A :class:`JobStatus` stored as ``text`` (the CHECK constraint keeps it to the enum)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: JobStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
 
 
 class JobRow(Base):
@@ -46,7 +80,7 @@ class JobRow(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     type: Mapped[str] = mapped_column(Text)
     queue: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text)
+    status: Mapped[JobStatus] = mapped_column(StatusText)
     priority: Mapped[int] = mapped_column(Integer, server_default="0")
     payload: Mapped[Json] = mapped_column(JSONB)
     result: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
@@ -70,11 +104,7 @@ class JobRow(Base):
     dlq_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('scheduled', 'queued', 'running', 'retrying', 'succeeded', 'dead',"
-            " 'cancelled')",
-            name="status_valid",
-        ),
+        CheckConstraint(f"status IN {ALL_SQL}", name="status_valid"),
         CheckConstraint(
             f"(finished_at IS NOT NULL) = (status IN {TERMINAL_SQL})", name="finished_iff_terminal"
         ),
@@ -105,7 +135,7 @@ class JobRow(Base):
             "ix_jobs_open",
             "queue",
             "status",
-            postgresql_where=text("status NOT IN ('succeeded', 'cancelled')"),
+            postgresql_where=text(OPEN_SQL),
         ),
         # Listing a queue's jobs in one open status ("dead in q"), in order, however rare.
         Index(
@@ -114,26 +144,34 @@ class JobRow(Base):
             "status",
             text("created_at DESC"),
             text("id DESC"),
-            postgresql_where=text("status NOT IN ('succeeded', 'cancelled')"),
+            postgresql_where=text(OPEN_SQL),
         ),
         # Maintenance: promotion, re-dispatch, lease expiry.
-        Index("ix_jobs_scheduled_due", "run_at", postgresql_where=text("status = 'scheduled'")),
+        Index(
+            "ix_jobs_scheduled_due",
+            "run_at",
+            postgresql_where=text(_status_is(JobStatus.SCHEDULED)),
+        ),
         Index(
             "ix_jobs_retrying_due",
             "next_attempt_at",
-            postgresql_where=text("status = 'retrying'"),
+            postgresql_where=text(_status_is(JobStatus.RETRYING)),
         ),
         Index(
             "ix_jobs_undispatched",
             "enqueued_at",
-            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+            postgresql_where=text(f"{_status_is(JobStatus.QUEUED)} AND dispatched_at IS NULL"),
         ),
-        Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        Index(
+            "ix_jobs_lease",
+            "lease_expires_at",
+            postgresql_where=text(_status_is(JobStatus.RUNNING)),
+        ),
         Index(
             "ix_jobs_dlq",
             text("finished_at DESC"),
             text("id DESC"),
-            postgresql_where=text("status = 'dead' AND dlq_removed_at IS NULL"),
+            postgresql_where=text(f"{_status_is(JobStatus.DEAD)} AND dlq_removed_at IS NULL"),
         ),
     )
 

@@ -14,7 +14,7 @@ from sqlalchemy import Select, and_, delete, func, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import JobEventRow, JobRow, WorkerRow
+from app.db.models import OPEN_SQL, JobEventRow, JobRow, WorkerRow
 from app.errors import InvalidInput
 from app.jobs.status import JobStatus
 
@@ -133,9 +133,8 @@ async def events(session: AsyncSession, job_id: UUID) -> list[JobEventRow]:
 
 # The WHERE clause is the predicate of the partial index ``ix_jobs_open``, so the counts come
 # from an index-only scan of the unfinished (and dead) rows, never from the whole table.
-QUEUE_COUNTS = (
-    "SELECT queue, status, count(*) AS n FROM jobs"
-    " WHERE status NOT IN ('succeeded', 'cancelled') GROUP BY queue, status"
+QUEUE_COUNTS = " ".join(
+    ("SELECT queue, status, count(*) AS n FROM jobs WHERE", OPEN_SQL, "GROUP BY queue, status")
 )
 
 

@@ -1,7 +1,8 @@
 """Job types: ``@job_type("demo.echo")`` ties a name to a payload model and an async handler.
 
 The API validates payloads with the model and publishes its JSON Schema; workers call the
-handler. Both load the same modules (``CONVEYOR_HANDLER_MODULES``), so they agree.
+handler. Both load the same modules (``Settings.handler_module_list``: the built-in types'
+package, then those of ``CONVEYOR_HANDLER_MODULES``), so they agree.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def job_type(
 
 
 def load_handlers(modules: Iterable[str]) -> Registry:
-    """Import the handler modules (the built-in ones always) and return the registry."""
-    for module in ("workers.handlers", *modules):
+    """Import the handler modules (``Settings.handler_module_list``) and return the registry."""
+    for module in modules:
         importlib.import_module(module)
     return REGISTRY

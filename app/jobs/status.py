@@ -26,6 +26,7 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# Statuses that end a job: ``finished_at`` is set exactly in these (a CHECK constraint).
 TERMINAL: frozenset[JobStatus] = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED}
 )
@@ -33,20 +34,3 @@ WAITING: frozenset[JobStatus] = frozenset(
     {JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.RETRYING}
 )
 CANCELLABLE = WAITING
-
-
-class JobEvent(StrEnum):
-    """What ``job_events.event`` records for each transition."""
-
-    SUBMITTED = "submitted"
-    SCHEDULED = "scheduled"
-    PROMOTED = "promoted"
-    CLAIMED = "claimed"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"  # an attempt failed; the job waits to retry
-    DEAD = "dead"
-    RECLAIMED = "reclaimed"  # the holder was lost; the attempt counts as failed
-    RELEASED = "released"  # handed back on shutdown; the attempt does not count
-    CANCELLED = "cancelled"
-    REPLAYED = "replayed"
-    DLQ_REMOVED = "dlq_removed"

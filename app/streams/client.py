@@ -174,9 +174,7 @@ class StreamClient:
 
     async def ack(self, deliveries: Iterable[Delivery]) -> None:
         """XACK and XDEL finished entries, so streams hold only live work."""
-        by_stream: dict[str, list[str]] = defaultdict(list)
-        for d in deliveries:
-            by_stream[d.stream].append(d.entry_id)
+        by_stream = _entries_by_stream(deliveries)
         if not by_stream:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -187,9 +185,7 @@ class StreamClient:
 
     async def refresh(self, consumer: str, deliveries: Iterable[Delivery]) -> None:
         """Reset the idle time of our own pending entries so nobody reclaims a live job."""
-        by_stream: dict[str, list[Any]] = defaultdict(list)
-        for d in deliveries:
-            by_stream[d.stream].append(d.entry_id)
+        by_stream = _entries_by_stream(deliveries)
         if not by_stream:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -269,6 +265,13 @@ class StreamClient:
             keys=[self.keys.rate_limit(principal)], args=[rate, burst]
         )
         return 0.0 if int(allowed) else max(int(wait_ms), 1) / 1000
+
+
+def _entries_by_stream(deliveries: Iterable[Delivery]) -> dict[str, list[Any]]:
+    by_stream: dict[str, list[Any]] = defaultdict(list)
+    for d in deliveries:
+        by_stream[d.stream].append(d.entry_id)
+    return by_stream
 
 
 def _stream_items(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str] | None]]]]:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx
 from fastapi import FastAPI
 from sqlalchemy.exc import DataError, OperationalError
 
+from app import errors as app_errors
 from app.api import errors
+from app.api.limits import BodyLimits
 
 
 def _app() -> FastAPI:
@@ -35,3 +40,74 @@ async def test_refused_value_is_422_and_unreachable_database_is_503() -> None:
         assert down.status_code == 503
         assert down.headers["retry-after"]
         assert down.json()["error"] == "unavailable"
+
+
+def _domain_classes() -> list[type[app_errors.ConveyorError]]:
+    found, stack = [], [app_errors.ConveyorError]
+    while stack:
+        cls = stack.pop()
+        found += cls.__subclasses__()
+        stack += cls.__subclasses__()
+    return [c for c in found if c.__module__ == app_errors.__name__]
+
+
+def test_one_tree_one_table() -> None:
+    """Every domain error has one status in the table, is documented for OpenAPI under that
+    status, and is drawn in the tree of ``app/errors.py``; no other error type carries a
+    status of its own."""
+    classes = _domain_classes()
+    assert set(classes) == set(errors.TABLE)
+    for cls in classes:
+        status = errors.STATUS[cls]
+        assert errors.ERRORS[status]["description"]
+        assert f"{cls.__name__} " in (app_errors.__doc__ or ""), cls
+        assert f"{status}  " in (app_errors.__doc__ or "").split(cls.__name__, 1)[1].split("\n")[0]
+    assert len(set(errors.STATUS.values())) == len(classes)  # one class per status
+
+
+async def test_middleware_rejections_are_domain_errors() -> None:
+    """The body limits answer with the domain tree's codes (413 also closes the connection)."""
+    app = FastAPI()
+    errors.install(app)
+
+    @app.post("/echo")
+    async def echo() -> dict[str, bool]:
+        return {"ok": True}
+
+    limited = BodyLimits(app, max_bytes=1024)
+    transport = httpx.ASGITransport(app=limited)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        big = await client.post("/echo", content=b"[" + b"1," * 1000 + b"1]")
+        assert (big.status_code, big.json()["error"]) == (413, "payload_too_large")
+        assert big.headers["connection"] == "close"
+        text = await client.post("/echo", content=b"hi", headers={"content-type": "text/plain"})
+        assert (text.status_code, text.json()["error"]) == (415, "unsupported_media_type")
+        nan = await client.post(
+            "/echo", content=b"[NaN]", headers={"content-type": "application/json"}
+        )
+        assert (nan.status_code, nan.json()["error"]) == (422, "invalid")
+        ok = await client.post("/echo", json={"a": 1})
+        assert ok.status_code == 200
+
+
+async def test_invalid_content_length_is_400_bad_request() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the request must not reach the app")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/jobs",
+        "headers": [(b"content-length", b"12abc"), (b"content-type", b"application/json")],
+    }
+    await BodyLimits(app, max_bytes=1024)(scope, receive, send)
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["error"] == "bad_request"

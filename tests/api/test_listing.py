@@ -9,17 +9,16 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.db.migrate import upgrade
 from app.jobs.queries import Cursor, JobFilter, listing
 from app.jobs.status import JobStatus
 from tests.conftest import Backends, wait_for_status
+from tests.support.db import scratch_database
 from tests.support.processes import Spawner
 
 
@@ -190,25 +189,10 @@ CROSS JOIN LATERAL (SELECT CASE
 """
 
 
-def _server_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="module")
 def explain_db(backends: Backends) -> Iterator[str]:
     """A database of its own, migrated and filled with jobs, so the planner sees a real table."""
-    name = f"conveyor_explain_{uuid.uuid4().hex[:8]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(_server_dsn(backends.database_url))
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    url = make_url(backends.database_url).set(database=name).render_as_string(False)
-    try:
+    with scratch_database(backends.database_url, "conveyor_explain") as url:
         upgrade(url)
 
         async def fill() -> None:
@@ -224,8 +208,6 @@ def explain_db(backends: Backends) -> Iterator[str]:
 
         asyncio.run(fill())
         yield url
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

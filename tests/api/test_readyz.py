@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.embedded import EmbeddedRedis
+from app.devserver import EmbeddedRedis
 from app.main import create_app
 from tests.conftest import Backends, make_settings, wait_until
 

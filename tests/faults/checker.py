@@ -25,9 +25,10 @@ from uuid import UUID
 import asyncpg
 from redis.asyncio import Redis
 
+from app.db.url import asyncpg_dsn
 from app.settings import Settings
 from app.streams.keys import Keys
-from tests.faults.harness import Fault, Ledger, Supervisor, dsn
+from tests.faults.harness import Fault, Ledger, Supervisor
 
 TERMINAL = frozenset({"succeeded", "dead", "cancelled"})
 PROGRESS = TERMINAL | {"claimed"}
@@ -42,7 +43,7 @@ async def _marked_without_entry(settings: Settings, queue: str) -> set[tuple[UUI
     streams = Keys(settings.redis_prefix).queue_streams(queue, settings.partitions)
     async with Redis.from_url(settings.redis_url, decode_responses=True) as redis:
         before = [e for s in streams for e in await redis.xrange(s, "-", "+") or []]
-        conn = await asyncpg.connect(dsn(settings.database_url))
+        conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
         try:
             rows = await conn.fetch(
                 "SELECT id, dispatched_at FROM jobs WHERE queue = $1 AND status = 'queued'"
@@ -77,7 +78,7 @@ async def stranded(settings: Settings, queue: str) -> dict[UUID, list[str]]:
 
 
 async def open_jobs(database_url: str, queue: str) -> int:
-    conn = await asyncpg.connect(dsn(database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         count: int = await conn.fetchval(
             "SELECT count(*) FROM jobs WHERE queue = $1"
@@ -171,7 +172,7 @@ class Snapshot:
 
 
 async def snapshot(database_url: str, queue: str) -> Snapshot:
-    conn = await asyncpg.connect(dsn(database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         jobs = await conn.fetch(
             "SELECT id, status, type, attempts, max_attempts, idempotency_key FROM jobs"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from app.embedded import EmbeddedRedis
+from app.devserver import EmbeddedRedis
 from app.settings import Settings
 from tests.conftest import Backends, make_settings
 

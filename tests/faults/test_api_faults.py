@@ -9,7 +9,6 @@ API). Every job still runs, once per key.
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 import time
 import uuid
@@ -22,11 +21,8 @@ from tests.faults.checker import conclude
 from tests.faults.harness import (
     Fault,
     Ledger,
-    LoadGenerator,
-    Supervisor,
-    create_effects_table,
-    effect_body,
     orphan_row,
+    start_scenario,
 )
 from tests.support.processes import Spawner
 
@@ -52,16 +48,10 @@ async def commit_orphans(settings: Settings, queue: str, ledger: Ledger) -> Faul
 async def test_api_death_between_commit_and_xadd(
     spawn: Spawner, settings: Settings, queue: str, results: Path
 ) -> None:
-    await create_effects_table(settings.database_url)
-    rng = random.Random(3)
-    api, url = spawn.api()
-    workers = Supervisor(spawn, [queue], 2)
-    workers.start()
-    await workers.ready(settings.database_url)
-    ledger = Ledger()
-    gen = LoadGenerator(ledger, url)
-    bodies = [effect_body(queue, rng) for _ in range(700)]
-    load = asyncio.create_task(gen.run(bodies, 30.0))
+    run = await start_scenario(spawn, settings, queue, seed=3)
+    api, gen, ledger, workers = run.api, run.gen, run.ledger, run.workers
+    bodies = run.effects(queue, 700)
+    load = run.load(bodies, 30.0)
     faults = [await commit_orphans(settings, queue, ledger)]
     for fraction in (0.15, 0.3, 0.45, 0.6, 0.75):
         await gen.reached(fraction * len(bodies))

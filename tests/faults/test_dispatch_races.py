@@ -13,14 +13,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
-from app.embedded import EmbeddedRedis
+from app.devserver import EmbeddedRedis
 from app.jobs import repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.repository import Backoff, Failure, Target
@@ -30,7 +29,8 @@ from app.streams.client import StreamClient, create_redis
 from app.streams.keys import DEFAULT_BAND, GROUP, Keys
 from tests.conftest import Backends, make_settings
 from tests.faults.checker import drain, stranded
-from tests.faults.harness import Supervisor, create_effects_table, dsn, orphan_row
+from tests.faults.harness import Supervisor, create_effects_table, orphan_row, wait_running
+from tests.support import db
 from tests.support.processes import Spawner
 from workers.execution import error_record
 
@@ -72,38 +72,24 @@ async def test_late_confirmation_does_not_hide_a_requeued_job(
     finally:
         await stream.close()
         await engine.dispose()
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        marker = await conn.fetchval("SELECT dispatched_at FROM jobs WHERE id = $1", job.id)
-    finally:
-        await conn.close()
+    marker = await db.fetchval(
+        settings.database_url, "SELECT dispatched_at FROM jobs WHERE id = $1", job.id
+    )
     assert marker is None, "a stale confirmation marked the re-queued job as dispatched"
     workers = Supervisor(spawn, [queue], 1)
     workers.start()
     await drain(settings.database_url, queue, timeout=20.0)
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        status = await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job.id)
-    finally:
-        await conn.close()
+    status = await db.fetchval(
+        settings.database_url, "SELECT status FROM jobs WHERE id = $1", job.id
+    )
     await workers.stop()
     assert status == "succeeded"
 
 
 async def _epoch_recorded(settings: Settings, queue: str) -> None:
     """Wait until a worker's reconcile has recorded the Redis data epoch of ``queue``."""
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        for _ in range(400):
-            found = await conn.fetchval(
-                "SELECT count(*) FROM conveyor_state WHERE key LIKE '%' || $1 || '%'", queue
-            )
-            if found:
-                return
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    raise AssertionError("no worker recorded the Redis data epoch")
+    sql = "SELECT count(*) > 0 FROM conveyor_state WHERE key LIKE '%' || $1 || '%'"
+    await db.wait_for_value(settings.database_url, sql, queue, expected=True, timeout=20.0)
 
 
 async def test_confirmation_marks_a_fresh_submission(
@@ -113,16 +99,8 @@ async def test_confirmation_marks_a_fresh_submission(
     response = await client.post("/v1/jobs", json={"type": "demo.echo", "queue": queue})
     assert response.status_code == 202
     job_id = uuid.UUID(response.json()["id"])
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        for _ in range(200):
-            marker = await conn.fetchval("SELECT dispatched_at FROM jobs WHERE id = $1", job_id)
-            if marker is not None:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    assert marker is not None
+    marked = "SELECT dispatched_at IS NOT NULL FROM jobs WHERE id = $1"
+    await db.wait_for_value(settings.database_url, marked, job_id, expected=True, timeout=10.0)
 
 
 async def test_confirmation_of_an_entry_lost_with_redis_is_refused(
@@ -156,11 +134,9 @@ async def test_confirmation_of_an_entry_lost_with_redis_is_refused(
     workers = Supervisor(spawn, [queue], 1)  # sees the epoch it recorded: no loss to repair
     workers.start()
     await drain(settings.database_url, queue, timeout=20.0)
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        status = await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job.id)
-    finally:
-        await conn.close()
+    status = await db.fetchval(
+        settings.database_url, "SELECT status FROM jobs WHERE id = $1", job.id
+    )
     await workers.stop()
     assert status == "succeeded"
 
@@ -201,27 +177,12 @@ async def _strand_on_shutdown(spawn: Spawner, settings: Settings, queue: str) ->
             assert response.status_code == 202
     workers = Supervisor(spawn, [queue], 1, concurrency=1)
     workers.start()
-    await _running_count(settings, queue, 1)
+    await wait_running(settings.database_url, queue, 1)
     stream = Keys(settings.redis_prefix).stream(queue, 0, DEFAULT_BAND)
     async with Redis.from_url(settings.redis_url) as redis:  # delivered to it, unclaimed
         await redis.xreadgroup(GROUP, workers.names[0], {stream: ">"}, count=5)
         assert await redis.xlen(stream) == 100
     await workers.stop()
-
-
-async def _running_count(settings: Settings, queue: str, count: int) -> None:
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        for _ in range(600):
-            running = await conn.fetchval(
-                "SELECT count(*) FROM jobs WHERE queue = $1 AND status = 'running'", queue
-            )
-            if running == count:
-                return
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    raise AssertionError(f"{count} job(s) never ran")
 
 
 async def test_loss_record_waits_for_a_confirmation_in_flight(

@@ -15,24 +15,22 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
 from app.db.migrate import upgrade
-from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.devserver import EmbeddedPostgres, EmbeddedRedis
 from app.settings import Settings
 from tests.faults.checker import conclude
 from tests.faults.conftest import fault_settings
 from tests.faults.harness import (
     Fault,
-    Ledger,
     LoadGenerator,
     Supervisor,
-    create_effects_table,
-    dsn,
     effect_body,
+    start_scenario,
 )
+from tests.support import db
 from tests.support.processes import Spawner
 
 OUTAGE_SECONDS = 3.0
@@ -61,16 +59,10 @@ async def test_postgres_restart_mid_run(
     results: Path,
 ) -> None:
     """Scenario 5: stop PostgreSQL at 40 % of the load, keep it down 3 s, start it again."""
-    await create_effects_table(settings.database_url)
-    rng = random.Random(5)
-    _, url = spawn.api()
-    workers = Supervisor(spawn, [queue], 2)
-    workers.start()
-    await workers.ready(settings.database_url)
-    ledger = Ledger()
-    gen = LoadGenerator(ledger, url)
-    bodies = [effect_body(queue, rng) for _ in range(700)]
-    load = asyncio.create_task(gen.run(bodies, 30.0))
+    run = await start_scenario(spawn, settings, queue, seed=5)
+    url, gen, ledger, workers = run.url, run.gen, run.ledger, run.workers
+    bodies = run.effects(queue, 700)
+    load = run.load(bodies, 30.0)
     await gen.reached(0.4 * len(bodies))
     # Jobs that finish while Postgres is down: their workers must hold the outcomes.
     naps = [{"type": "test.nap", "queue": queue, "payload": {"seconds": 1.5}, "max_attempts": 20}]
@@ -129,13 +121,11 @@ async def test_postgres_down_answers_503_and_writes_nothing(
                 assert time.monotonic() - began < 10.0
     finally:
         own_postgres.start()
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        written = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE idempotency_key = ANY($1::text[])", keys
-        )
-    finally:
-        await conn.close()
+    written = await db.fetchval(
+        settings.database_url,
+        "SELECT count(*) FROM jobs WHERE idempotency_key = ANY($1::text[])",
+        keys,
+    )
     assert written == 0
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
         response = await http.post("/v1/jobs", json={"type": "demo.echo", "queue": queue})

@@ -14,25 +14,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.embedded import EmbeddedRedis
+from app.devserver import EmbeddedRedis
 from app.settings import Settings
 from app.streams.client import create_redis
 from tests.faults.checker import conclude, stranded
 from tests.faults.harness import (
     Fault,
-    Ledger,
     LoadGenerator,
-    Supervisor,
-    create_effects_table,
-    dsn,
     effect_body,
+    start_scenario,
+    wait_running,
 )
 from tests.support.processes import Spawner
 
@@ -51,16 +48,10 @@ async def test_redis_data_loss_loses_no_job(
     jobs and jobs waiting for a retry. Workers recreate their consumer groups (from id 0),
     detect the loss and re-dispatch every queued job from Postgres; delayed and retrying jobs
     were never in Redis; no worker crashes."""
-    await create_effects_table(settings.database_url)
-    rng = random.Random(4)
-    _, url = spawn.api()
-    workers = Supervisor(spawn, [queue], 2)
-    workers.start()
-    await workers.ready(settings.database_url)
-    ledger = Ledger()
-    gen = LoadGenerator(ledger, url)
-    bodies = [effect_body(queue, rng) for _ in range(900)]
-    load = asyncio.create_task(gen.run(bodies, 30.0))
+    run = await start_scenario(spawn, settings, queue, seed=4)
+    rng, url, gen, ledger, workers = run.rng, run.url, run.gen, run.ledger, run.workers
+    bodies = run.effects(queue, 900)
+    load = run.load(bodies, 30.0)
     faults: list[Fault] = []
     await gen.reached(0.3 * len(bodies))
     await LoadGenerator(ledger, url).submit_batch(_at_stake(queue, rng))
@@ -123,17 +114,13 @@ async def _outage(
 ) -> None:
     """Redis hangs (SIGSTOP) or refuses connections (stopped) for 5 s while jobs run (and
     finish) and new jobs are submitted."""
-    await create_effects_table(settings.database_url)
-    _, url = spawn.api()
-    workers = Supervisor(spawn, [queue], 2)
-    workers.start()
-    await workers.ready(settings.database_url)
-    ledger = Ledger()
+    run = await start_scenario(spawn, settings, queue, seed=5)
+    url, ledger, workers = run.url, run.ledger, run.workers
     # Naps running when Redis goes: most end during the outage, two outlast it.
     nap = {"type": "test.nap", "queue": queue, "payload": {"seconds": 3.0}}
     naps = [nap] * (NAPS - 2) + [{**nap, "payload": {"seconds": 7.0}}] * 2
     await LoadGenerator(ledger, url).run(naps, 100.0)
-    await _running(settings.database_url, queue, NAPS)
+    await wait_running(settings.database_url, queue, NAPS)
     fault = Fault(time.time(), "redis_hang" if hang else "redis_down")
     if hang:
         server.pause()
@@ -143,7 +130,7 @@ async def _outage(
         ready = await http.get("/readyz")
     assert ready.status_code == 503 and ready.json()["redis"] is False, ready.text
     gen = LoadGenerator(ledger, url, concurrency=5, request_timeout=30.0, deadline=0.0)
-    await gen.run([effect_body(queue, random.Random(5)) for _ in range(20)], 20.0)
+    await gen.run(run.effects(queue, 20), 20.0)
     await asyncio.sleep(max(0.0, fault.at + OUTAGE_SECONDS - time.time()))
     outage = time.time() - fault.at
     if hang:
@@ -170,21 +157,6 @@ async def _outage(
     # leases were kept), those that finished during it were written at once, none ran twice.
     assert {r["attempts"] for r in report.snap.jobs.values()} == {1}
     assert report.dup_exec == 0 and report.extra["fenced"] == 0
-
-
-async def _running(database_url: str, queue: str, count: int) -> None:
-    conn = await asyncpg.connect(dsn(database_url))
-    try:
-        for _ in range(600):
-            running = await conn.fetchval(
-                "SELECT count(*) FROM jobs WHERE queue = $1 AND status = 'running'", queue
-            )
-            if running == count:
-                return
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    raise AssertionError(f"{count} jobs never ran at once")
 
 
 async def test_redis_hung_submissions_answer_202_in_bounded_time(

@@ -13,7 +13,6 @@ import random
 import time
 from pathlib import Path
 
-import asyncpg
 import httpx
 from redis.asyncio import Redis
 
@@ -26,9 +25,9 @@ from tests.faults.harness import (
     LoadGenerator,
     Supervisor,
     create_effects_table,
-    dsn,
     effect_body,
 )
+from tests.support import db
 from tests.support.processes import Spawner
 
 MAXLEN = 100
@@ -51,13 +50,11 @@ async def test_backlog_beyond_maxlen_stays_bounded_and_completes(
     streams = Keys(settings.redis_prefix).queue_streams(queue, settings.partitions)
     async with Redis.from_url(settings.redis_url) as redis:
         assert sum([await redis.xlen(s) for s in streams]) == MAXLEN
-        conn = await asyncpg.connect(dsn(settings.database_url))
-        try:
-            waiting = await conn.fetchval(
-                "SELECT count(*) FROM jobs WHERE queue = $1 AND dispatched_at IS NULL", queue
-            )
-        finally:
-            await conn.close()
+        waiting = await db.fetchval(
+            settings.database_url,
+            "SELECT count(*) FROM jobs WHERE queue = $1 AND dispatched_at IS NULL",
+            queue,
+        )
         assert waiting == JOBS - MAXLEN  # the rest waits in Postgres, not in Redis
 
         spawn = Spawner(settings, tmp_path)

@@ -8,7 +8,6 @@ processes kept alive by the supervisor.
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 import time
 from pathlib import Path
@@ -17,33 +16,21 @@ from app.settings import Settings
 from tests.faults.checker import conclude
 from tests.faults.harness import (
     Fault,
-    Ledger,
-    LoadGenerator,
-    Supervisor,
-    create_effects_table,
     effect_body,
+    start_scenario,
 )
 from tests.support.processes import Spawner
-
-
-async def _setup(spawn: Spawner, settings: Settings, queue: str, workers: int) -> Supervisor:
-    await create_effects_table(settings.database_url)
-    supervisor = Supervisor(spawn, [queue], workers)
-    supervisor.start()
-    await supervisor.ready(settings.database_url)
-    return supervisor
 
 
 async def test_baseline_without_faults(
     spawn: Spawner, settings: Settings, queue: str, results: Path
 ) -> None:
     """The reference figures: the scenario-1 load with no fault; nothing runs twice."""
-    rng = random.Random(0)
-    _, url = spawn.api()
-    workers = await _setup(spawn, settings, queue, 3)
-    ledger = Ledger()
-    await LoadGenerator(ledger, url).run([effect_body(queue, rng) for _ in range(1000)], 40.0)
-    report = await conclude("baseline", settings.database_url, queue, ledger, workers, results)
+    run = await start_scenario(spawn, settings, queue, seed=0, workers=3)
+    await run.gen.run(run.effects(queue, 1000), 40.0)
+    report = await conclude(
+        "baseline", settings.database_url, queue, run.ledger, run.workers, results
+    )
     assert report.statuses == {"succeeded": report.jobs}
     assert report.dup_exec == 0
 
@@ -53,13 +40,11 @@ async def test_sigkill_storm_loses_nothing(
 ) -> None:
     """Scenario 1: a random worker is SIGKILLed every 2 s while 1000 jobs flow; the supervisor
     restarts it. Every accepted job ends terminal once, nothing runs that was not accepted."""
-    rng = random.Random(1)
-    _, url = spawn.api()
-    workers = await _setup(spawn, settings, queue, 3)
-    ledger = Ledger()
+    run = await start_scenario(spawn, settings, queue, seed=1, workers=3)
+    ledger, workers = run.ledger, run.workers
     stop = asyncio.Event()
-    chaos = asyncio.create_task(workers.kill_randomly(2.0, rng, stop, limit=15))
-    await LoadGenerator(ledger, url).run([effect_body(queue, rng) for _ in range(1000)], 40.0)
+    chaos = asyncio.create_task(workers.kill_randomly(2.0, run.rng, stop, limit=15))
+    await run.gen.run(run.effects(queue, 1000), 40.0)
     stop.set()
     await chaos
     report = await conclude(
@@ -82,17 +67,14 @@ async def test_paused_worker_is_fenced(
     """Scenario 2: a worker is SIGSTOPped for 3x the claim idle time, then SIGCONT, twice. Its
     jobs are reclaimed and run elsewhere; when it wakes, its completions are rejected by the
     attempt fence: no stale attempt ever writes a terminal state."""
-    rng = random.Random(2)
-    _, url = spawn.api()
-    workers = await _setup(spawn, settings, queue, 2)
-    ledger = Ledger()
-    gen = LoadGenerator(ledger, url)
+    run = await start_scenario(spawn, settings, queue, seed=2)
+    rng, gen, ledger, workers = run.rng, run.gen, run.ledger, run.workers
     # Jobs long enough that the paused worker holds some mid-handler; a load one worker
     # can carry alone.
     bodies = [
         effect_body(queue, rng, payload={"sleep_ms": rng.randint(100, 400)}) for _ in range(800)
     ]
-    load = asyncio.create_task(gen.run(bodies, 30.0))
+    load = run.load(bodies, 30.0)
     faults: list[Fault] = []
     victim = workers.names[0]
     for fraction in (0.2, 0.6):
@@ -136,19 +118,17 @@ async def test_poison_jobs_die_alone(
     """Scenario 6: poison jobs (one kind kills its worker, one always raises) among healthy
     ones. Each poison job ends dead with attempts == max_attempts; every healthy job succeeds.
     """
-    rng = random.Random(6)
-    _, url = spawn.api()
-    workers = await _setup(spawn, settings, queue, 2)
-    ledger = Ledger()
+    run = await start_scenario(spawn, settings, queue, seed=6)
+    rng, ledger, workers = run.rng, run.ledger, run.workers
     poison = [
         {"type": "test.effect_crash", "queue": queue, "max_attempts": 3},
         {"type": "test.effect_fail", "queue": queue, "max_attempts": 3},
     ]
-    bodies = [effect_body(queue, rng) for _ in range(600)]
+    bodies = run.effects(queue, 600)
     for _ in range(4):
         for body in poison:
             bodies.insert(rng.randrange(len(bodies)), dict(body))
-    await LoadGenerator(ledger, url).run(bodies, 40.0)
+    await run.gen.run(bodies, 40.0)
     report = await conclude(
         "poison", settings.database_url, queue, ledger, workers, results, workers.faults
     )

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
+from app.db.url import asyncpg_dsn
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import Backends, make_settings
@@ -104,8 +104,7 @@ class Database:
 
 @pytest.fixture
 async def db(backends: Backends) -> AsyncIterator[Database]:
-    dsn = make_url(backends.database_url).set(drivername="postgresql")
-    conn = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+    conn = await asyncpg.connect(asyncpg_dsn(backends.database_url))
     try:
         yield Database(conn)
     finally:

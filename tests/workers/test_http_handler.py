@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from app.embedded import free_port
+from app.devserver import free_port
 from app.settings import Settings
 from tests.conftest import wait_for_status
 from tests.support.processes import Spawner

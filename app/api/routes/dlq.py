@@ -8,7 +8,7 @@ from uuid import UUID
 from fastapi import APIRouter, Query, Response
 
 from app.api.deps import AdminDep, DispatcherDep, PrincipalDep, SessionDep
-from app.api.routes.jobs import ERRORS
+from app.api.errors import ERRORS
 from app.jobs import queries, service
 from app.jobs.queries import Cursor, JobFilter
 from app.jobs.schemas import QUEUE_PATTERN, TYPE_PATTERN, Job, JobPage, ReplayRequest, ReplayResult

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
 
 from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep
+from app.api.errors import ERRORS
 from app.jobs import queries, service
 from app.jobs.queries import Cursor, JobFilter
 from app.jobs.schemas import (
     QUEUE_PATTERN,
     TYPE_PATTERN,
-    ErrorBody,
     Job,
     JobBatch,
     JobBatchCreate,
@@ -26,29 +26,6 @@ from app.jobs.status import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {
-        "model": ErrorBody,
-        "description": "No API key, or an unknown one",
-        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-    },
-    403: {"model": ErrorBody, "description": "The key's role may not do this"},
-    404: {"model": ErrorBody, "description": "No such job (or not yours)"},
-    409: {
-        "model": ErrorBody,
-        "description": "Conflicts with the job's state or an earlier request",
-    },
-    413: {"model": ErrorBody, "description": "Body larger than CONVEYOR_MAX_PAYLOAD_BYTES"},
-    415: {"model": ErrorBody, "description": "Body is not application/json"},
-    422: {"model": ErrorBody, "description": "Invalid input; nothing was written"},
-    429: {"model": ErrorBody, "description": "Rate limit exceeded", "headers": _RETRY_AFTER},
-    503: {
-        "model": ErrorBody,
-        "description": "Postgres or Redis unreachable; nothing was written",
-        "headers": _RETRY_AFTER,
-    },
-}
 IdempotencyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
 ]

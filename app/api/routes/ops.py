@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import text
 
 from app.api.deps import PrincipalDep, SessionDep, StateDep
-from app.api.routes.jobs import ERRORS
+from app.api.errors import ERRORS
 from app.jobs import queries
 from app.jobs.schemas import (
     Health,

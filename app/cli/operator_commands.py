@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-TERMINAL = {"succeeded", "dead", "cancelled"}
+from app.jobs.status import TERMINAL, JobStatus
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
@@ -49,7 +49,7 @@ def _submit(args: argparse.Namespace) -> int:
             response = client.get(f"/v1/jobs/{job_id}")
             if not response.is_success or response.json()["status"] in TERMINAL:
                 code = _show(response)
-                return code if response.json().get("status") != "dead" else 1
+                return code if response.json().get("status") != JobStatus.DEAD else 1
             time.sleep(0.2)
 
 

@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING, NoReturn
 import httpx
 import platformdirs
 
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, child_preexec
+from app.devserver.postgres import EmbeddedPostgres
+from app.devserver.process import child_preexec
+from app.devserver.server import EmbeddedServerError
+from app.devserver.valkey import EmbeddedRedis
 
 if TYPE_CHECKING:
     from signal import _HANDLER

@@ -1,12 +1,14 @@
-"""The ``conveyor`` command."""
+"""The ``conveyor`` command: the server commands here, the operator commands in
+:mod:`app.cli.operator_commands`."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from app.settings import get_settings
+
+DESCRIPTION = "Conveyor, an HTTP job queue: run its servers, or operate it over its HTTP API."
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -41,13 +43,13 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from app.dev import run_dev
+    from app.devserver.supervisor import run_dev
 
     return run_dev(args.host, args.port, args.data_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
+    parser = argparse.ArgumentParser(prog="conveyor", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("dev", help="run everything locally with embedded Redis and Postgres")
@@ -71,13 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None)
     p.set_defaults(func=_worker)
 
-    from app.operator import add_operator_commands
+    from app.cli.operator_commands import add_operator_commands
 
     add_operator_commands(sub)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
-
-
-if __name__ == "__main__":
-    sys.exit(main())
