@@ -11,6 +11,7 @@ a one-line change here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobRow
 from app.jobs import repository
-from app.jobs.repository import Backoff, Failure
+from app.jobs.repository import Backoff, ErrorRecord, Failure
 from app.jobs.status import TERMINAL, JobStatus
 from tests.jobs.factories import (
     MAX_ATTEMPTS,
@@ -49,14 +50,20 @@ async def claim(s: AsyncSession, job: JobRow, worker: str = WORKER) -> bool:
 
 
 async def succeed(s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0) -> bool:
-    outcome = (job.id, attempt or job.attempts, {"answer": 42})
+    outcome = (job.id, attempt or job.attempts, json.dumps({"answer": 42}))
     return bool(await repository.succeed_many(s, worker, [outcome]))
 
 
 async def fail(
     s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0, permanent: bool = False
 ) -> bool:
-    error = {"attempt": attempt or job.attempts, "error": "boom", "type": "RuntimeError"}
+    error = ErrorRecord(
+        attempt=attempt or job.attempts,
+        error="boom",
+        type="RuntimeError",
+        traceback=None,
+        worker=worker,
+    )
     failure = Failure(job.id, attempt or job.attempts, error, permanent)
     return bool(await repository.fail_many(s, worker, [failure], BACKOFF))
 
