@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from app.devserver import free_port
+from tests.support.db import login_over_tcp
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 180.0  # initdb and the first start share a loaded 2-core machine
@@ -125,19 +126,9 @@ def _assert_postgres_needs_the_password(pg_dir: Path) -> None:
     port = int((pg_dir / "postgres.port").read_text())
     password_file = pg_dir / "password"
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
-
-    async def login(password: str | None) -> object:
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=port, user="postgres", password=password, database="conveyor"
-        )
-        try:
-            return await conn.fetchval("SELECT 1")
-        finally:
-            await conn.close()
-
     with pytest.raises(asyncpg.InvalidPasswordError):
-        asyncio.run(login(None))
-    assert asyncio.run(login(password_file.read_text().strip())) == 1
+        asyncio.run(login_over_tcp(port, None))
+    assert asyncio.run(login_over_tcp(port, password_file.read_text().strip())) == "postgres"
 
 
 def test_dev_runs_a_job_then_sigterm_stops_everything_and_restart_keeps_it(

@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.devserver import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, free_port
+from tests.support.db import login_over_tcp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,24 +109,14 @@ async def test_postgres_serves_the_conveyor_database_and_keeps_data_across_resta
         pg.stop()
 
 
-async def _login(port: int, password: str | None) -> object:
-    conn = await asyncpg.connect(
-        host="127.0.0.1", port=port, user="postgres", password=password, database="conveyor"
-    )
-    try:
-        return await conn.fetchval("SELECT current_user")
-    finally:
-        await conn.close()
-
-
 async def _assert_password_needed(pg: EmbeddedPostgres) -> None:
     """Over TCP, no password and a wrong one are refused; the one in the file is accepted."""
     for wrong in (None, "", "not-the-password"):
         with pytest.raises(asyncpg.InvalidPasswordError):
-            await _login(pg.port, wrong)
+            await login_over_tcp(pg.port, wrong)
     assert pg.password_file.read_text().strip() == pg.password
     assert stat.S_IMODE(pg.password_file.stat().st_mode) == 0o600
-    assert await _login(pg.port, pg.password) == "postgres"
+    assert await login_over_tcp(pg.port, pg.password) == "postgres"
 
 
 async def test_postgres_tcp_needs_the_password_kept_in_a_private_file(pg_dir: Path) -> None:
@@ -156,7 +147,7 @@ async def test_postgres_data_dir_of_an_older_version_gets_a_password(pg_dir: Pat
     kept = (pg_dir / "password").read_text()
     with EmbeddedPostgres(pg_dir) as pg:  # the next start keeps the password
         assert pg.password_file.read_text() == kept
-        assert await _login(pg.port, pg.password) == "postgres"
+        assert await login_over_tcp(pg.port, pg.password) == "postgres"
 
 
 def test_postgres_stop_leaves_no_process_and_is_idempotent(pg_dir: Path) -> None:

@@ -8,10 +8,9 @@
 - :class:`Supervisor`: keeps worker processes alive (restarts the dead), and kills them on demand.
 - :class:`Fault`: when a fault hit and whom; the checker measures how long the jobs it touched
   took to make progress again (their next claim or terminal transition).
-- :func:`start_scenario`: the set-up every load scenario shares (effects table, an API
-  process, supervised workers, a ledger and its load generator).
 
-The checker (drain, figures, gates) is in :mod:`tests.faults.checker`.
+The checker (drain, figures, gates) is in :mod:`tests.faults.checker`; the set-up every load
+scenario shares in :mod:`tests.faults.scenario`.
 """
 
 from __future__ import annotations
@@ -53,12 +52,6 @@ CREATE INDEX IF NOT EXISTS fault_effects_job ON fault_effects (job_id);
 async def create_effects_table(database_url: str) -> None:
     """The effects table lives in the test database only (never in the migrations)."""
     await db.execute(database_url, EFFECTS_DDL)
-
-
-async def wait_running(database_url: str, queue: str, count: int) -> None:
-    """Wait until exactly ``count`` jobs of ``queue`` are running."""
-    sql = "SELECT count(*) FROM jobs WHERE queue = $1 AND status = 'running'"
-    await db.wait_for_value(database_url, sql, queue, expected=count)
 
 
 def effect_body(queue: str, rng: random.Random, **fields: Any) -> dict[str, Any]:
@@ -365,39 +358,3 @@ class Supervisor:
     def tracebacks(self) -> int:
         """Unhandled errors the workers printed (a loop that died, a task that crashed)."""
         return self.logged(r"Traceback \(most recent call last\)")
-
-
-# -- the set-up of a load scenario ---------------------------------------------------------------
-
-
-@dataclass
-class Scenario:
-    """A running scenario: the API process and its URL, the workers, the ledger and its load."""
-
-    api: Proc
-    url: str
-    workers: Supervisor
-    ledger: Ledger
-    gen: LoadGenerator
-    rng: random.Random
-
-    def effects(self, queue: str, count: int, **fields: Any) -> list[dict[str, Any]]:
-        """``count`` ``test.effect`` bodies (see :func:`effect_body`)."""
-        return [effect_body(queue, self.rng, **fields) for _ in range(count)]
-
-    def load(self, bodies: Sequence[dict[str, Any]], rate: float) -> asyncio.Task[None]:
-        """Submit ``bodies`` at ``rate`` per second in the background."""
-        return asyncio.create_task(self.gen.run(bodies, rate))
-
-
-async def start_scenario(
-    spawn: Spawner, settings: Settings, queue: str, *, seed: int, workers: int = 2
-) -> Scenario:
-    """The effects table, an API process and ``workers`` supervised workers (registered)."""
-    await create_effects_table(settings.database_url)
-    api, url = spawn.api()
-    supervisor = Supervisor(spawn, [queue], workers)
-    supervisor.start()
-    await supervisor.ready(settings.database_url)
-    ledger = Ledger()
-    return Scenario(api, url, supervisor, ledger, LoadGenerator(ledger, url), random.Random(seed))

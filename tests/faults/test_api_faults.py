@@ -22,8 +22,8 @@ from tests.faults.harness import (
     Fault,
     Ledger,
     orphan_row,
-    start_scenario,
 )
+from tests.faults.scenario import start_scenario
 from tests.support.processes import Spawner
 
 ORPHANS = 200

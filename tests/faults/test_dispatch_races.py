@@ -29,7 +29,8 @@ from app.streams.client import StreamClient, create_redis
 from app.streams.keys import DEFAULT_BAND, GROUP, Keys
 from tests.conftest import Backends, make_settings
 from tests.faults.checker import drain, stranded
-from tests.faults.harness import Supervisor, create_effects_table, orphan_row, wait_running
+from tests.faults.harness import Supervisor, create_effects_table, orphan_row
+from tests.faults.scenario import wait_running
 from tests.support import db
 from tests.support.processes import Spawner
 from workers.execution import error_record

@@ -28,8 +28,8 @@ from tests.faults.harness import (
     LoadGenerator,
     Supervisor,
     effect_body,
-    start_scenario,
 )
+from tests.faults.scenario import start_scenario
 from tests.support import db
 from tests.support.processes import Spawner
 

@@ -28,9 +28,8 @@ from tests.faults.harness import (
     Fault,
     LoadGenerator,
     effect_body,
-    start_scenario,
-    wait_running,
 )
+from tests.faults.scenario import start_scenario, wait_running
 from tests.support.processes import Spawner
 
 # With CONVEYOR_REDIS_TIMEOUT_SECONDS=1: a submission waits for at most one timed-out Redis

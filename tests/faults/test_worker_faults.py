@@ -17,8 +17,8 @@ from tests.faults.checker import conclude
 from tests.faults.harness import (
     Fault,
     effect_body,
-    start_scenario,
 )
+from tests.faults.scenario import start_scenario
 from tests.support.processes import Spawner
 
 

@@ -65,3 +65,14 @@ def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
         yield with_database(server_url, name)
     finally:
         asyncio.run(execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def login_over_tcp(port: int, password: str | None) -> object:
+    """Log in to a local server's ``conveyor`` database as ``postgres``; the current user."""
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=port, user="postgres", password=password, database="conveyor"
+    )
+    try:
+        return await conn.fetchval("SELECT current_user")
+    finally:
+        await conn.close()
