@@ -15,7 +15,7 @@ from app.api.auth import Authenticator, AuthGate, parse_keys
 from app.api.deps import AppState
 from app.api.limits import BodyLimits, SingleValuedQuery
 from app.api.ratelimit import RateLimit, RateLimiter
-from app.api.routes import dlq, jobs, ops
+from app.api.routes import dlq, jobs, ops, schedules
 from app.db.engine import create_engine, create_session_factory
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import Registry, load_handlers
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router, dependencies=v1)
     app.include_router(dlq.router, dependencies=v1)
     app.include_router(ops.router, dependencies=v1)
+    app.include_router(schedules.router, dependencies=v1)
     app.include_router(ops.public)
     app.add_middleware(BodyLimits, max_bytes=settings.max_payload_bytes)
     app.add_middleware(AuthGate, auth=auth)  # outermost: 401 before any body is read

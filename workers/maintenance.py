@@ -15,7 +15,9 @@ from typing import Any
 from uuid import UUID
 
 from app.jobs import queries, repository
+from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
+from app.schedules.due import ScheduleDuty
 from workers.context import WorkerContext
 from workers.reporter import Reporter
 
@@ -40,6 +42,16 @@ class Maintenance:
             self._every(self.heartbeat_every, self.heartbeat),
             self._every(self.heartbeat_every, self.refresh_entries),
             self._every(s.promote_interval_seconds, self.promote_and_dispatch),
+            self._every(
+                s.promote_interval_seconds,
+                ScheduleDuty(
+                    self.ctx.sessions,
+                    self.ctx.dispatcher,
+                    load_handlers(s.handler_module_list),  # imported already: the same registry
+                    self.ctx.config.queues,
+                    s,
+                ).run_schedules,
+            ),
             self._reconcile_loop(),
         ]
 

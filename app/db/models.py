@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -102,6 +103,9 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     dlq_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The schedule that made the job and the slot it was made for (NULL for a trigger).
+    schedule: Mapped[str | None] = mapped_column(Text, nullable=True)
+    scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         CheckConstraint(f"status IN {ALL_SQL}", name="status_valid"),
@@ -173,6 +177,14 @@ class JobRow(Base):
             text("id DESC"),
             postgresql_where=text(f"{_status_is(JobStatus.DEAD)} AND dlq_removed_at IS NULL"),
         ),
+        # One job per (schedule, slot): the key that makes each due slot run exactly once.
+        Index(
+            "uq_jobs_schedule_slot",
+            "schedule",
+            "scheduled_for",
+            unique=True,
+            postgresql_where=text("schedule IS NOT NULL AND scheduled_for IS NOT NULL"),
+        ),
     )
 
 
@@ -219,3 +231,32 @@ class StateRow(Base):
     key: Mapped[str] = mapped_column(Text, primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ScheduleRow(Base):
+    """A periodic job: every due slot of ``cron`` in ``timezone`` makes one job."""
+
+    __tablename__ = "schedules"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    cron: Mapped[str] = mapped_column(Text)
+    timezone: Mapped[str] = mapped_column(Text, server_default="UTC")
+    type: Mapped[str] = mapped_column(Text)
+    payload: Mapped[Json] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    queue: Mapped[str] = mapped_column(Text, server_default="default")
+    priority: Mapped[int] = mapped_column(Integer, server_default="0")
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    missed: Mapped[str] = mapped_column(Text, server_default="skip")
+    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    source: Mapped[str] = mapped_column(Text, server_default="api")
+    declared_hash: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        CheckConstraint("missed IN ('skip', 'run_once')", name="missed_valid"),
+        CheckConstraint("source IN ('api', 'code')", name="source_valid"),
+        CheckConstraint("enabled = (next_run_at IS NOT NULL)", name="next_run_iff_enabled"),
+        Index("ix_schedules_due", "next_run_at", postgresql_where=text("enabled")),
+    )

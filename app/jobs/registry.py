@@ -17,6 +17,7 @@ from uuid import UUID
 from pydantic import BaseModel, ValidationError
 
 from app.errors import InvalidInput
+from app.schedules.spec import Periodic
 
 Json = Any
 PayloadT = TypeVar("PayloadT", bound=BaseModel)
@@ -46,6 +47,7 @@ class JobType:
     handler: Callable[[Any, JobContext], Awaitable[Json]]
     timeout_seconds: float | None
     description: str
+    schedule: Periodic | None = None  # runs by itself; synced to `schedules` at worker start
 
     def validate(self, payload: Any) -> BaseModel:
         try:
@@ -89,9 +91,19 @@ REGISTRY = Registry()
 
 
 def job_type(
-    name: str, *, timeout_seconds: float | None = None
+    name: str,
+    *,
+    timeout_seconds: float | None = None,
+    schedule: str | Periodic | None = None,
 ) -> Callable[[Handler[PayloadT]], Handler[PayloadT]]:
-    """Register an async handler whose first parameter is annotated with its payload model."""
+    """Register an async handler whose first parameter is annotated with its payload model.
+
+    ``schedule`` (a cron expression, or :class:`Periodic` for a payload, time zone, queue...)
+    makes the type run by itself: a schedule named after the type, synced at worker start.
+    """
+    periodic = Periodic(schedule) if isinstance(schedule, str) else schedule
+    if periodic is not None:
+        periodic.check(name)
 
     def decorate(fn: Handler[PayloadT]) -> Handler[PayloadT]:
         if not inspect.iscoroutinefunction(fn):
@@ -101,15 +113,20 @@ def job_type(
         model = hints.get(params[0]) if params else None
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise TypeError(f"the first parameter of {name!r} needs a pydantic model annotation")
-        REGISTRY.register(
-            JobType(
-                name=name,
-                model=model,
-                handler=fn,
-                timeout_seconds=timeout_seconds,
-                description=inspect.getdoc(fn) or "",
-            )
+        job = JobType(
+            name=name,
+            model=model,
+            handler=fn,
+            timeout_seconds=timeout_seconds,
+            description=inspect.getdoc(fn) or "",
+            schedule=periodic,
         )
+        if periodic is not None:
+            try:
+                job.validate(periodic.payload)
+            except InvalidInput as exc:
+                raise ValueError(f"schedule of {name!r}: {exc.message}") from None
+        REGISTRY.register(job)
         return fn
 
     return decorate

@@ -133,6 +133,10 @@ class Job(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     next_attempt_at: datetime | None
+    schedule: str | None = Field(default=None, description="The schedule that made the job.")
+    scheduled_for: datetime | None = Field(
+        default=None, description="The schedule's slot it was made for (null for a trigger)."
+    )
 
 
 class JobBatch(BaseModel):

@@ -1,0 +1,1 @@
+"""Periodic jobs: schedules in Postgres, each due slot made into exactly one job."""
