@@ -54,4 +54,7 @@ async def sync_declared(sessions: async_sessionmaker[AsyncSession], registry: Re
                 " delete it over HTTP if it is gone for good",
                 name,
             )
+    log.info(
+        "schedules declared in code: %d written, %d unchanged", written, len(declared) - written
+    )
     return written

@@ -133,14 +133,10 @@ class ScheduleDuty:
             await self.dispatcher.send_committed([Target(j.id, j.queue, j.priority) for j in made])
             for job in made:
                 log.info(
-                    "scheduled job made",
-                    extra={
-                        "job_id": str(job.id),
-                        "schedule": job.schedule,
-                        "scheduled_for": job.scheduled_for.isoformat()
-                        if job.scheduled_for
-                        else None,
-                    },
+                    "job made for schedule %s, slot %s",
+                    job.schedule,
+                    job.scheduled_for.isoformat() if job.scheduled_for else "-",
+                    extra={"job_id": str(job.id), "job_type": job.type},
                 )
             if locked < DUE_BATCH:
                 return
