@@ -34,10 +34,11 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def jobs_of(db: asyncpg.Connection, name: str) -> list[asyncpg.Record]:
-    return await db.fetch(
+    rows: list[asyncpg.Record] = await db.fetch(
         "SELECT id, status, scheduled_for FROM jobs WHERE schedule = $1 ORDER BY scheduled_for",
         name,
     )
+    return rows
 
 
 async def create(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
@@ -132,10 +133,16 @@ async def _started(procs: list[Proc]) -> None:
 async def test_declared_schedule_synced_once_across_worker_starts(
     client: httpx.AsyncClient, spawn: Spawner, db: asyncpg.Connection, queue: str
 ) -> None:
-    modules = "tests.support.handlers,tests.support.periodic"
-    env = {"CONVEYOR_HANDLER_MODULES": modules, "TEST_PERIODIC_QUEUE": queue}
+    settings = spawn.settings.model_copy(
+        update={"handler_modules": "tests.support.handlers,tests.support.periodic"}
+    )
 
-    first = [spawn.worker([queue], **env) for _ in range(2)]  # two start at once
+    def worker(cron: str = "@every 1h") -> Proc:
+        return spawn.worker(
+            [queue], settings=settings, TEST_PERIODIC_QUEUE=queue, TEST_PERIODIC_CRON=cron
+        )
+
+    first = [worker() for _ in range(2)]  # two start at once
     await _started(first)
     rows = await db.fetch("SELECT * FROM schedules WHERE name = $1", DECLARED)
     assert len(rows) == 1
@@ -146,13 +153,13 @@ async def test_declared_schedule_synced_once_across_worker_starts(
     for proc in first:
         assert proc.stop() == 0
 
-    second = [spawn.worker([queue], **env)]
+    second = [worker()]
     await _started(second)
     after = await db.fetch("SELECT * FROM schedules WHERE name = $1", DECLARED)
     assert [dict(r) for r in after] == [dict(before)]  # unchanged: still paused, same row
     assert second[0].stop() == 0
 
-    third = [spawn.worker([queue], **env, TEST_PERIODIC_CRON="@every 2h")]
+    third = [worker("@every 2h")]
     await _started(third)
     changed = await db.fetchrow("SELECT * FROM schedules WHERE name = $1", DECLARED)
     assert changed["cron"] == "@every 2h"  # the code changed: the code wins
