@@ -107,3 +107,7 @@ def add_operator_commands(sub: Any) -> None:
     p.add_argument("--queue", default=None)
     p.add_argument("--type", default=None)
     p.set_defaults(func=_dlq)
+
+    from app.schedules.commands import add_schedule_commands
+
+    add_schedule_commands(sub, common)
