@@ -1,10 +1,11 @@
 """When a schedule's slots fall: 5-field cron expressions (cronsim) and ``@every <n>s|m|h``.
 
 Pure functions of time: the caller passes the Postgres clock, never this process's.
-Cron slots are computed in the schedule's time zone (DST as cronsim handles it: a wall time
-that a spring-forward skips runs at the first time after it; one repeated by a fall-back runs
-once per occurrence of the UTC instant cronsim yields). ``@every`` slots are multiples of the
-interval since 1970-01-01T00:00:00Z, so ``@every 1h`` runs on the hour, whatever the zone.
+Cron slots are computed in the schedule's time zone, with cronsim's DST rules: a daily
+02:30 that a spring-forward skips runs at the end of the gap (03:00); one that a fall-back
+repeats runs once, at its first occurrence; ``*/30 * * * *`` runs on every real half hour.
+``@every`` slots are multiples of the interval since 1970-01-01T00:00:00Z, so ``@every 1h``
+runs on the hour, whatever the zone.
 """
 
 from __future__ import annotations

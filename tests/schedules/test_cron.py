@@ -34,6 +34,15 @@ def test_dst_fall_back_keeps_every_real_half_hour() -> None:
     assert slots == [utc(2024, 11, 3, 5, 0) + timedelta(minutes=30 * i) for i in range(6)]
 
 
+def test_dst_gap_and_repeat_of_a_daily_time() -> None:
+    timing = parse("30 2 * * *", "Europe/Berlin")
+    # 2025-03-30 02:30 does not exist in Berlin: it runs at 03:00 CEST (01:00 UTC)
+    assert timing.next_after(utc(2025, 3, 29, 12)) == utc(2025, 3, 30, 1)
+    # 2025-10-26 02:30 happens twice: it runs once, the first time (CEST, 00:30 UTC)
+    slots = list(islice(timing.after(utc(2025, 10, 25, 12)), 2))
+    assert slots == [utc(2025, 10, 26, 0, 30), utc(2025, 10, 27, 1, 30)]
+
+
 def test_every_is_aligned_on_the_epoch_whatever_the_zone() -> None:
     timing = parse("@every 30s", "Asia/Kolkata")
     assert timing.next_after(utc(2025, 1, 1, 0, 0, 10)) == utc(2025, 1, 1, 0, 0, 30)
