@@ -92,16 +92,20 @@ async def make_due_jobs(
     now, rows = await repository.lock_due(session, queues, limit)
     new: list[NewJob] = []
     moves: list[Advance] = []
+    broken: list[str] = []
     for row in rows:
         try:
             p = plan(row, now, grace)
         except InvalidInput as exc:  # e.g. a time zone that the tz database no longer has
-            log.warning("schedule %s cannot be computed: %s", row.name, exc.message)
+            log.error("schedule %s cannot be computed (%s): pausing it", row.name, exc.message)
+            broken.append(row.name)
             continue
         new += _jobs(row, p.slots)
         moves.append(Advance(row.name, p.next_run_at, p.slots[-1] if p.slots else None))
     made = await repository.insert_jobs(session, new)
     await repository.advance(session, moves)
+    for name in broken:
+        await repository.change(session, name, {"enabled": False, "next_run_at": None})
     return len(rows), made
 
 
@@ -125,8 +129,11 @@ class ScheduleDuty:
 
     async def run_schedules(self) -> None:
         if not self.synced:
-            await sync_declared(self.sessions, self.registry)
-            self.synced = True
+            try:
+                await sync_declared(self.sessions, self.registry)
+                self.synced = True
+            except Exception as exc:  # try again next time; the due check goes on meanwhile
+                log.warning("syncing the schedules declared in code failed: %s", exc)
         while True:
             async with self.sessions.begin() as session:
                 locked, made = await make_due_jobs(session, self.queues, self.grace)

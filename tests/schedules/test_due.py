@@ -238,3 +238,16 @@ async def test_a_send_that_fails_after_the_commit_is_left_to_the_sweep(
     async with sessions.begin() as session:
         swept = await jobs_repository.lock_undispatched(session, [queue], 0.0, 100)
     assert len(swept) == len(made)
+
+
+async def test_a_schedule_that_cannot_be_computed_is_paused(sessions: Sessions, queue: str) -> None:
+    name, _ = await add_schedule(sessions, queue, "@every 1s", behind=2)
+    async with sessions.begin() as session:  # as if the tz database lost the zone
+        await session.execute(
+            text("UPDATE schedules SET timezone = 'Gone/Zone' WHERE name = :n"), {"n": name}
+        )
+    assert await due_check(sessions, queue) == 0
+    async with sessions() as session:
+        row = await repository.get(session, name)
+    assert row is not None and row.enabled is False and row.next_run_at is None
+    assert await due_check(sessions, queue) == 0
