@@ -108,6 +108,6 @@ def add_operator_commands(sub: Any) -> None:
     p.add_argument("--type", default=None)
     p.set_defaults(func=_dlq)
 
-    from app.schedules.commands import add_schedule_commands
+    from app.cli.schedule_commands import add_schedule_commands
 
     add_schedule_commands(sub, common)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from app.api.deps import AdminDep, DispatcherDep, RegistryDep, SessionDep
-from app.api.routes.jobs import ERRORS
+from app.api.errors import ERRORS
 from app.jobs.schemas import Job
 from app.schedules import service
 from app.schedules.schemas import (

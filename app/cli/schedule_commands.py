@@ -8,7 +8,7 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
-from app.operator import _client, _show
+from app.cli.operator_commands import _client, _show
 
 
 def _ls(args: argparse.Namespace) -> int:
