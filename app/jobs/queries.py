@@ -53,6 +53,12 @@ class JobFilter:
     owner: str | None = None
 
 
+async def db_now(session: AsyncSession) -> datetime:
+    """The Postgres clock, the one every transition stamps its times with."""
+    now: datetime = await session.scalar(text("SELECT statement_timestamp()"))
+    return now
+
+
 async def get_job(session: AsyncSession, job_id: UUID) -> JobRow | None:
     return await session.get(JobRow, job_id, populate_existing=True)
 
