@@ -131,6 +131,7 @@ class Worker:
             try:
                 await self.stream.ensure_groups(self.all_streams)
                 await self.maintenance.register()
+                await self.stream.warn_unless_noeviction()
                 return
             except Exception as exc:
                 log.warning("waiting for Postgres and Redis: %s", exc)
