@@ -7,16 +7,18 @@ import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
-from sqlalchemy import Select, and_, delete, func, or_, select, text, tuple_
+from sqlalchemy import Select, Text, and_, cast, delete, func, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobEventRow, JobRow, WorkerRow
 from app.errors import InvalidInput
 from app.jobs.status import JobStatus
+
+_T = TypeVar("_T", bound=Any)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ async def get_job(session: AsyncSession, job_id: UUID) -> JobRow | None:
     return await session.get(JobRow, job_id, populate_existing=True)
 
 
-def _apply(stmt: Select[JobRow], f: JobFilter) -> Select[JobRow]:
+def _apply(stmt: Select[_T], f: JobFilter) -> Select[_T]:
     conditions = []
     if f.status is not None:
         conditions.append(JobRow.status == f.status.value)
@@ -89,22 +91,65 @@ def listing(f: JobFilter, limit: int, cursor: Cursor | None) -> Select[JobRow]:
     return stmt.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
 
 
+# What a job adds to a page, about as it is sent: its JSON fields, plus the small ones.
+_ITEM_BYTES = (
+    func.octet_length(cast(JobRow.payload, Text))
+    + func.coalesce(func.octet_length(cast(JobRow.result, Text)), 0)
+    + func.octet_length(cast(JobRow.errors, Text))
+    + 512
+)
+
+
+async def _page(
+    session: AsyncSession,
+    candidates: Select[Any],
+    order: Sequence[Any],
+    limit: int,
+    max_bytes: int,
+) -> tuple[list[JobRow], bool]:
+    """The first rows of ``candidates`` (the ``id``, sort key and ``size`` of ``limit + 1``
+    jobs) that fit in ``max_bytes`` (always one), up to ``limit``; and whether more follow.
+
+    The sizes are summed in Postgres, so the rows that do not fit are never read out.
+    """
+    c = candidates.subquery("candidates")
+    by = [*(getattr(c.c, col.key).desc() for col in order), c.c.id.desc()]
+    sized = select(
+        c.c.id,
+        func.sum(c.c.size).over(order_by=by).label("upto"),
+        func.row_number().over(order_by=by).label("n"),
+        func.lead(c.c.id).over(order_by=by).label("next_id"),
+    ).subquery("sized")
+    stmt = (
+        select(JobRow, sized.c.next_id)
+        .join(sized, JobRow.id == sized.c.id)
+        .where(or_(sized.c.upto <= max_bytes, sized.c.n == 1))
+        .order_by(sized.c.n)
+    )
+    result = (await session.execute(stmt)).all()
+    rows = [r[0] for r in result[:limit]]
+    return rows, len(result) > limit or bool(result and result[-1][1] is not None)
+
+
 async def list_jobs(
-    session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None
+    session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None, max_bytes: int
 ) -> tuple[list[JobRow], Cursor | None]:
-    """Newest first; the cursor is the (created_at, id) of the last row returned."""
-    rows = list((await session.scalars(listing(f, limit, cursor))).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
+    """Newest first; the cursor is the (created_at, id) of the last row returned. A page ends
+    early when the next row would take its items past ``max_bytes``."""
+    candidates = listing(f, limit, cursor).with_only_columns(
+        JobRow.id, JobRow.created_at, _ITEM_BYTES.label("size")
+    )
+    rows, more = await _page(session, candidates, [JobRow.created_at], limit, max_bytes)
     return rows, (Cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
 
 async def list_dead(
-    session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None
+    session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None, max_bytes: int
 ) -> tuple[list[JobRow], Cursor | None]:
-    """The DLQ: dead jobs not removed from it, most recently dead first."""
+    """The DLQ: dead jobs not removed from it, most recently dead first; pages end early as
+    in :func:`list_jobs`."""
     stmt = _apply(
-        select(JobRow).where(
+        select(JobRow.id, JobRow.finished_at, _ITEM_BYTES.label("size")).where(
             JobRow.status == JobStatus.DEAD.value, JobRow.dlq_removed_at.is_(None)
         ),
         f,
@@ -117,9 +162,7 @@ async def list_dead(
             )
         )
     stmt = stmt.order_by(JobRow.finished_at.desc(), JobRow.id.desc()).limit(limit + 1)
-    rows = list((await session.scalars(stmt)).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, more = await _page(session, stmt, [JobRow.finished_at], limit, max_bytes)
     last = rows[-1] if rows else None
     nxt = Cursor(last.finished_at, last.id) if more and last and last.finished_at else None
     return rows, nxt

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
 
-from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep
+from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep, StateDep
 from app.jobs import queries, service
 from app.jobs.queries import Cursor, JobFilter
 from app.jobs.schemas import (
@@ -49,6 +49,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "headers": _RETRY_AFTER,
     },
 }
+PAGE_LIMIT = (
+    "At most this many items; fewer when they would pass CONVEYOR_PAGE_MAX_BYTES (the page"
+    " then still has a `next_cursor`)."
+)
 IdempotencyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
 ]
@@ -99,6 +103,7 @@ async def submit_batch(
 @router.get("", responses=ERRORS)
 async def list_jobs(
     session: SessionDep,
+    state: StateDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
     type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
@@ -109,7 +114,7 @@ async def list_jobs(
     created_before: Annotated[
         UtcDatetime | None, Query(description="Only jobs created before this (with a zone).")
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=500, description=PAGE_LIMIT)] = 50,
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
@@ -118,11 +123,15 @@ async def list_jobs(
 
     Keyset pagination over (created_at, id): a page costs the same at any depth, and jobs
     created while you page do not shift the pages, so every job that matched when you began
-    is returned exactly once (unless its status changes under a `status` filter)."""
+    is returned exactly once (unless its status changes under a `status` filter).
+
+    Items are whole Jobs. A page holds at most `limit` of them and ends early, before its
+    items pass about `CONVEYOR_PAGE_MAX_BYTES` (default 4 MiB), though it always holds one:
+    a page shorter than `limit` is not the last; only `next_cursor: null` is."""
     owner = None if principal.admin else principal.name
     f = JobFilter(status, type, queue, created_after, created_before, owner)
     rows, nxt = await queries.list_jobs(
-        session, f, limit, Cursor.decode(cursor) if cursor else None
+        session, f, limit, Cursor.decode(cursor) if cursor else None, state.settings.page_max_bytes
     )
     return JobPage(
         items=[Job.model_validate(r) for r in rows], next_cursor=nxt.encode() if nxt else None
