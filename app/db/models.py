@@ -135,6 +135,12 @@ class JobRow(Base):
             text("id DESC"),
             postgresql_where=text("status = 'dead' AND dlq_removed_at IS NULL"),
         ),
+        # Queue stats: dead jobs taken out of the DLQ are subtracted from the dead count.
+        Index(
+            "ix_jobs_dlq_removed",
+            "queue",
+            postgresql_where=text("status = 'dead' AND dlq_removed_at IS NOT NULL"),
+        ),
     )
 
 

@@ -180,20 +180,34 @@ async def events(session: AsyncSession, job_id: UUID) -> list[JobEventRow]:
     return list((await session.scalars(stmt)).all())
 
 
-# The WHERE clause is the predicate of the partial index ``ix_jobs_open``, so the counts come
-# from an index-only scan of the unfinished (and dead) rows, never from the whole table.
+# Each WHERE clause is the predicate of a partial index (``ix_jobs_open``, and
+# ``ix_jobs_dlq_removed`` for the dead jobs taken out of the DLQ), so the counts come from
+# index-only scans of the unfinished (and dead) rows, never from the whole table.
 QUEUE_COUNTS = (
     "SELECT queue, status, count(*) AS n FROM jobs"
     " WHERE status NOT IN ('succeeded', 'cancelled') GROUP BY queue, status"
+    " UNION ALL SELECT queue, 'dlq_removed', count(*) FROM jobs"
+    " WHERE status = 'dead' AND dlq_removed_at IS NOT NULL GROUP BY queue"
 )
 
 
 async def queue_counts(session: AsyncSession) -> dict[str, dict[str, int]]:
-    """Per queue and open status, from the partial index over unfinished rows."""
+    """Per queue and open status, from partial indexes over the unfinished rows; ``dead``
+    counts the jobs in the DLQ (not those removed from it, which stay dead)."""
     result = await session.execute(text(QUEUE_COUNTS))
     counts: dict[str, dict[str, int]] = {}
+    removed: dict[str, int] = {}
     for row in result:
-        counts.setdefault(row.queue, {})[row.status] = int(row.n)
+        if row.status == "dlq_removed":
+            removed[row.queue] = int(row.n)
+        else:
+            counts.setdefault(row.queue, {})[row.status] = int(row.n)
+    for queue, n in removed.items():
+        counts[queue]["dead"] -= n
+        if not counts[queue]["dead"]:
+            del counts[queue]["dead"]
+            if not counts[queue]:
+                del counts[queue]
     return counts
 
 
