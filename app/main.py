@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await stream.warn_unless_noeviction()
         dispatcher = Dispatcher(stream, sessions, settings.partitions)
         dispatcher.start()
+        auth.bind(sessions)
         app.state.conveyor = AppState(
             settings, engine, sessions, stream, dispatcher, registry, auth
         )

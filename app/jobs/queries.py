@@ -211,6 +211,22 @@ async def queue_counts(session: AsyncSession) -> dict[str, dict[str, int]]:
     return counts
 
 
+async def state_value(session: AsyncSession, key: str, initial: str) -> str:
+    """The ``conveyor_state`` value of ``key``, set to ``initial`` if there was none (the first
+    of concurrent callers wins; all get its value)."""
+    await session.execute(
+        text(
+            "INSERT INTO conveyor_state (key, value) VALUES (:key, :value)"
+            " ON CONFLICT (key) DO NOTHING"
+        ),
+        {"key": key, "value": initial},
+    )
+    value = await session.scalar(
+        text("SELECT value FROM conveyor_state WHERE key = :key"), {"key": key}
+    )
+    return str(value)
+
+
 # -- workers -------------------------------------------------------------------------------------
 
 

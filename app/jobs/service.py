@@ -37,6 +37,12 @@ class Principal:
     scope: str
     admin: bool
 
+    @property
+    def view(self) -> dict[str, bool]:
+        """The validation context of the API's output models: tracebacks and worker names,
+        hosts and pids are for admins (and everyone when auth is off)."""
+        return {"internals": self.admin}
+
 
 @dataclass(frozen=True)
 class Submitted:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,12 +23,14 @@ from tests.support.processes import Spawner
 
 ADMIN_SECRET = "dlq-test-admin-secret"
 PRODUCER_SECRET = "dlq-test-producer-secret"
-ADMIN_ACTOR = f"admin:{hashlib.sha256(ADMIN_SECRET.encode()).hexdigest()[:12]}"
+ADMIN_ACTOR = "dlq-admin"
 
 
 @pytest.fixture
 def settings(backends: Backends) -> Settings:
-    return make_settings(backends, api_keys=f"admin:{ADMIN_SECRET},producer:{PRODUCER_SECRET}")
+    return make_settings(
+        backends, api_keys=f"admin:{ADMIN_ACTOR}:{ADMIN_SECRET},producer:{PRODUCER_SECRET}"
+    )
 
 
 @pytest.fixture

@@ -39,7 +39,8 @@ async def list_dead(
         session, f, limit, Cursor.decode(cursor) if cursor else None, state.settings.page_max_bytes
     )
     return JobPage(
-        items=[Job.model_validate(r) for r in rows], next_cursor=nxt.encode() if nxt else None
+        items=[Job.model_validate(r, context=principal.view) for r in rows],
+        next_cursor=nxt.encode() if nxt else None,
     )
 
 
@@ -59,7 +60,9 @@ async def replay_one(
     job_id: UUID, session: SessionDep, dispatcher: DispatcherDep, principal: AdminDep
 ) -> Job:
     """Queue a dead job again: attempts back to 0, error history kept."""
-    return Job.model_validate(await service.replay_one(session, dispatcher, job_id, principal))
+    return Job.model_validate(
+        await service.replay_one(session, dispatcher, job_id, principal), context=principal.view
+    )
 
 
 @router.delete("/{job_id}", status_code=204, responses=ERRORS)

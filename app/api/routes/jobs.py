@@ -79,7 +79,7 @@ async def submit_job(
     [done] = await service.submit(session, dispatcher, registry, [body], principal)
     response.status_code = 202 if done.created else 200
     response.headers["Location"] = f"/v1/jobs/{done.job.id}"
-    return Job.model_validate(done.job)
+    return Job.model_validate(done.job, context=principal.view)
 
 
 @router.post("/batch", status_code=202, responses=ERRORS)
@@ -97,7 +97,7 @@ async def submit_batch(
     request names one job (returned at both positions), with different requests it is a 422.
     """
     done = await service.submit(session, dispatcher, registry, body.jobs, principal, batch=True)
-    return JobBatch(jobs=[Job.model_validate(d.job) for d in done])
+    return JobBatch(jobs=[Job.model_validate(d.job, context=principal.view) for d in done])
 
 
 @router.get("", responses=ERRORS)
@@ -134,19 +134,22 @@ async def list_jobs(
         session, f, limit, Cursor.decode(cursor) if cursor else None, state.settings.page_max_bytes
     )
     return JobPage(
-        items=[Job.model_validate(r) for r in rows], next_cursor=nxt.encode() if nxt else None
+        items=[Job.model_validate(r, context=principal.view) for r in rows],
+        next_cursor=nxt.encode() if nxt else None,
     )
 
 
 @router.get("/{job_id}", responses=ERRORS)
 async def get_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) -> Job:
-    return Job.model_validate(await service.get(session, job_id, principal))
+    return Job.model_validate(await service.get(session, job_id, principal), context=principal.view)
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)
 async def cancel_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) -> Job:
     """Cancel a queued, scheduled or retrying job. Running or finished jobs give 409."""
-    return Job.model_validate(await service.cancel(session, job_id, principal))
+    return Job.model_validate(
+        await service.cancel(session, job_id, principal), context=principal.view
+    )
 
 
 @router.get("/{job_id}/events", responses=ERRORS)
@@ -155,4 +158,7 @@ async def job_events(
 ) -> list[JobEventOut]:
     """Every transition of the job, oldest first."""
     await service.get(session, job_id, principal)
-    return [JobEventOut.model_validate(e) for e in await queries.events(session, job_id)]
+    return [
+        JobEventOut.model_validate(e, context=principal.view)
+        for e in await queries.events(session, job_id)
+    ]

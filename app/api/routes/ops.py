@@ -61,7 +61,7 @@ async def queues(session: SessionDep, state: StateDep, principal: PrincipalDep) 
 async def workers(session: SessionDep, state: StateDep, principal: PrincipalDep) -> WorkerList:
     """Workers whose heartbeat is recent."""
     rows = await queries.live_workers(session, state.settings.claim_idle_seconds)
-    return WorkerList(items=[WorkerOut.model_validate(r) for r in rows])
+    return WorkerList(items=[WorkerOut.model_validate(r, context=principal.view) for r in rows])
 
 
 @router.get("/v1/job-types", responses=ERRORS)
