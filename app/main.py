@@ -50,8 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stream = StreamClient(
             create_redis(settings), Keys(settings.redis_prefix), maxlen=settings.stream_maxlen
         )
+        await stream.warn_unless_noeviction()
         dispatcher = Dispatcher(stream, sessions, settings.partitions)
         dispatcher.start()
+        auth.bind(sessions)
         app.state.conveyor = AppState(
             settings, engine, sessions, stream, dispatcher, registry, auth
         )

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(default=30.0, gt=0)
     max_payload_bytes: int = Field(default=262144, ge=1024)
     stream_maxlen: int = Field(default=100000, ge=100)
+    page_max_bytes: int = Field(default=4 << 20, ge=65536)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     promote_interval_seconds: float = Field(default=0.25, gt=0)
     dispatch_grace_seconds: float = Field(default=5.0, ge=0)

@@ -93,6 +93,7 @@ class Worker:
             try:
                 await ctx.stream.ensure_groups(ctx.all_streams)
                 await self.maintenance.register()
+                await ctx.stream.warn_unless_noeviction()
                 return
             except Exception as exc:
                 log.warning("waiting for Postgres and Redis: %s", exc)

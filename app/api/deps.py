@@ -61,12 +61,13 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <secr
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <secret>`")
 
 
-def get_principal(
+async def get_principal(
     state: StateDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     api_key: Annotated[str | None, Security(_api_key)],
 ) -> Principal:
     secret = bearer.credentials if bearer is not None else api_key
+    await state.auth.ready()
     return state.auth.authenticate(secret)
 
 

@@ -185,6 +185,12 @@ class JobRow(Base):
             unique=True,
             postgresql_where=text("schedule IS NOT NULL AND scheduled_for IS NOT NULL"),
         ),
+        # Queue stats: dead jobs taken out of the DLQ are subtracted from the dead count.
+        Index(
+            "ix_jobs_dlq_removed",
+            "queue",
+            postgresql_where=text("status = 'dead' AND dlq_removed_at IS NOT NULL"),
+        ),
     )
 
 

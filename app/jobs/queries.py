@@ -7,16 +7,18 @@ import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
-from sqlalchemy import Select, and_, delete, func, or_, select, text, tuple_
+from sqlalchemy import Select, Text, and_, cast, delete, func, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import OPEN_SQL, JobEventRow, JobRow, WorkerRow
 from app.errors import InvalidInput
 from app.jobs.status import JobStatus
+
+_T = TypeVar("_T", bound=Any)
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,17 @@ class JobFilter:
     owner: str | None = None
 
 
+async def db_now(session: AsyncSession) -> datetime:
+    """The Postgres clock, the one every transition stamps its times with."""
+    now: datetime = await session.scalar(text("SELECT statement_timestamp()"))
+    return now
+
+
 async def get_job(session: AsyncSession, job_id: UUID) -> JobRow | None:
     return await session.get(JobRow, job_id, populate_existing=True)
 
 
-def _apply(stmt: Select[JobRow], f: JobFilter) -> Select[JobRow]:
+def _apply(stmt: Select[_T], f: JobFilter) -> Select[_T]:
     conditions = []
     if f.status is not None:
         conditions.append(JobRow.status == f.status.value)
@@ -83,22 +91,65 @@ def listing(f: JobFilter, limit: int, cursor: Cursor | None) -> Select[JobRow]:
     return stmt.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
 
 
+# What a job adds to a page, about as it is sent: its JSON fields, plus the small ones.
+_ITEM_BYTES = (
+    func.octet_length(cast(JobRow.payload, Text))
+    + func.coalesce(func.octet_length(cast(JobRow.result, Text)), 0)
+    + func.octet_length(cast(JobRow.errors, Text))
+    + 512
+)
+
+
+async def _page(
+    session: AsyncSession,
+    candidates: Select[Any],
+    order: Sequence[Any],
+    limit: int,
+    max_bytes: int,
+) -> tuple[list[JobRow], bool]:
+    """The first rows of ``candidates`` (the ``id``, sort key and ``size`` of ``limit + 1``
+    jobs) that fit in ``max_bytes`` (always one), up to ``limit``; and whether more follow.
+
+    The sizes are summed in Postgres, so the rows that do not fit are never read out.
+    """
+    c = candidates.subquery("candidates")
+    by = [*(getattr(c.c, col.key).desc() for col in order), c.c.id.desc()]
+    sized = select(
+        c.c.id,
+        func.sum(c.c.size).over(order_by=by).label("upto"),
+        func.row_number().over(order_by=by).label("n"),
+        func.lead(c.c.id).over(order_by=by).label("next_id"),
+    ).subquery("sized")
+    stmt = (
+        select(JobRow, sized.c.next_id)
+        .join(sized, JobRow.id == sized.c.id)
+        .where(or_(sized.c.upto <= max_bytes, sized.c.n == 1))
+        .order_by(sized.c.n)
+    )
+    result = (await session.execute(stmt)).all()
+    rows = [r[0] for r in result[:limit]]
+    return rows, len(result) > limit or bool(result and result[-1][1] is not None)
+
+
 async def list_jobs(
-    session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None
+    session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None, max_bytes: int
 ) -> tuple[list[JobRow], Cursor | None]:
-    """Newest first; the cursor is the (created_at, id) of the last row returned."""
-    rows = list((await session.scalars(listing(f, limit, cursor))).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
+    """Newest first; the cursor is the (created_at, id) of the last row returned. A page ends
+    early when the next row would take its items past ``max_bytes``."""
+    candidates = listing(f, limit, cursor).with_only_columns(
+        JobRow.id, JobRow.created_at, _ITEM_BYTES.label("size")
+    )
+    rows, more = await _page(session, candidates, [JobRow.created_at], limit, max_bytes)
     return rows, (Cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
 
 async def list_dead(
-    session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None
+    session: AsyncSession, f: JobFilter, limit: int, cursor: Cursor | None, max_bytes: int
 ) -> tuple[list[JobRow], Cursor | None]:
-    """The DLQ: dead jobs not removed from it, most recently dead first."""
+    """The DLQ: dead jobs not removed from it, most recently dead first; pages end early as
+    in :func:`list_jobs`."""
     stmt = _apply(
-        select(JobRow).where(
+        select(JobRow.id, JobRow.finished_at, _ITEM_BYTES.label("size")).where(
             JobRow.status == JobStatus.DEAD.value, JobRow.dlq_removed_at.is_(None)
         ),
         f,
@@ -111,9 +162,7 @@ async def list_dead(
             )
         )
     stmt = stmt.order_by(JobRow.finished_at.desc(), JobRow.id.desc()).limit(limit + 1)
-    rows = list((await session.scalars(stmt)).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, more = await _page(session, stmt, [JobRow.finished_at], limit, max_bytes)
     last = rows[-1] if rows else None
     nxt = Cursor(last.finished_at, last.id) if more and last and last.finished_at else None
     return rows, nxt
@@ -131,20 +180,54 @@ async def events(session: AsyncSession, job_id: UUID) -> list[JobEventRow]:
     return list((await session.scalars(stmt)).all())
 
 
-# The WHERE clause is the predicate of the partial index ``ix_jobs_open``, so the counts come
-# from an index-only scan of the unfinished (and dead) rows, never from the whole table.
+# Each WHERE clause is the predicate of a partial index (``ix_jobs_open``, and
+# ``ix_jobs_dlq_removed`` for the dead jobs taken out of the DLQ), so the counts come from
+# index-only scans of the unfinished (and dead) rows, never from the whole table.
 QUEUE_COUNTS = " ".join(
-    ("SELECT queue, status, count(*) AS n FROM jobs WHERE", OPEN_SQL, "GROUP BY queue, status")
+    (
+        "SELECT queue, status, count(*) AS n FROM jobs WHERE",
+        OPEN_SQL,
+        "GROUP BY queue, status",
+        "UNION ALL SELECT queue, 'dlq_removed', count(*) FROM jobs",
+        "WHERE status = 'dead' AND dlq_removed_at IS NOT NULL GROUP BY queue",
+    )
 )
 
 
 async def queue_counts(session: AsyncSession) -> dict[str, dict[str, int]]:
-    """Per queue and open status, from the partial index over unfinished rows."""
+    """Per queue and open status, from partial indexes over the unfinished rows; ``dead``
+    counts the jobs in the DLQ (not those removed from it, which stay dead)."""
     result = await session.execute(text(QUEUE_COUNTS))
     counts: dict[str, dict[str, int]] = {}
+    removed: dict[str, int] = {}
     for row in result:
-        counts.setdefault(row.queue, {})[row.status] = int(row.n)
+        if row.status == "dlq_removed":
+            removed[row.queue] = int(row.n)
+        else:
+            counts.setdefault(row.queue, {})[row.status] = int(row.n)
+    for queue, n in removed.items():
+        counts[queue]["dead"] -= n
+        if not counts[queue]["dead"]:
+            del counts[queue]["dead"]
+            if not counts[queue]:
+                del counts[queue]
     return counts
+
+
+async def state_value(session: AsyncSession, key: str, initial: str) -> str:
+    """The ``conveyor_state`` value of ``key``, set to ``initial`` if there was none (the first
+    of concurrent callers wins; all get its value)."""
+    await session.execute(
+        text(
+            "INSERT INTO conveyor_state (key, value) VALUES (:key, :value)"
+            " ON CONFLICT (key) DO NOTHING"
+        ),
+        {"key": key, "value": initial},
+    )
+    value = await session.scalar(
+        text("SELECT value FROM conveyor_state WHERE key = :key"), {"key": key}
+    )
+    return str(value)
 
 
 # -- workers -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypedDict
 from uuid import UUID
 
@@ -498,11 +499,18 @@ async def replay(
     ids: Sequence[UUID] | None = None,
     type: str | None = None,
     queue: str | None = None,
+    dead_before: datetime | None = None,
     limit: int = 500,
 ) -> list[JobRow]:
-    """dead → queued with attempts reset and history kept. Two concurrent replays move it once."""
+    """dead → queued with attempts reset and history kept. Two concurrent replays move it once.
+
+    ``dead_before``: only jobs that went dead no later than this (Postgres clock).
+    """
     where: list[str] = []
     params: dict[str, Any] = {"actor": actor, "limit": limit}
+    if dead_before is not None:
+        where.append("AND finished_at <= :dead_before")
+        params["dead_before"] = dead_before
     if ids is not None:
         where.append("AND id = ANY(CAST(:ids AS uuid[]))")
         params["ids"] = list(ids)

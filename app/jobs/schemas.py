@@ -14,7 +14,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -102,6 +104,15 @@ class JobBatchCreate(BaseModel):
     )
 
 
+def internal(value: Any, info: ValidationInfo) -> Any:
+    """Tracebacks and worker names, hosts and pids are shown only when the validation context
+    says so (admin keys, or auth off); without a context they are left out."""
+    return value if (info.context or {}).get("internals") else None
+
+
+ADMIN_ONLY = "Admin keys only (null for producer keys)."
+
+
 class JobError(BaseModel):
     """One failed attempt."""
 
@@ -109,8 +120,10 @@ class JobError(BaseModel):
     error: str
     at: datetime
     type: str | None = None
-    traceback: str | None = None
-    worker: str | None = None
+    traceback: str | None = Field(default=None, description=ADMIN_ONLY)
+    worker: str | None = Field(default=None, description=ADMIN_ONLY)
+
+    _internal = field_validator("traceback", "worker")(internal)
 
 
 class Job(BaseModel):
@@ -154,8 +167,20 @@ class JobEventOut(BaseModel):
     at: datetime
     event: str
     attempt: int
-    worker: str | None
-    actor: str | None
+    worker: str | None = Field(description=ADMIN_ONLY)
+    actor: str | None = Field(
+        description="The API key id (or worker) that caused it; never derived from a secret."
+    )
+
+    _internal = field_validator("worker")(internal)
+
+    @field_validator("actor")
+    @classmethod
+    def _worker_actor(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A lost worker's attempt is failed by another worker, whose name is the actor."""
+        if info.data.get("event") in ("reclaimed", "dead"):
+            return internal(value, info)  # type: ignore[no-any-return]
+        return value
 
 
 class ReplayRequest(BaseModel):
@@ -197,13 +222,15 @@ class WorkerOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     name: str
-    host: str
-    pid: int
+    host: str | None = Field(description=ADMIN_ONLY)
+    pid: int | None = Field(description=ADMIN_ONLY)
     queues: list[str]
     concurrency: int
     in_flight: int
     started_at: datetime
     last_seen_at: datetime
+
+    _internal = field_validator("host", "pid")(internal)
 
 
 class WorkerList(BaseModel):

@@ -37,6 +37,12 @@ class Principal:
     scope: str
     admin: bool
 
+    @property
+    def view(self) -> dict[str, bool]:
+        """The validation context of the API's output models: tracebacks and worker names,
+        hosts and pids are for admins (and everyone when auth is off)."""
+        return {"internals": self.admin}
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -244,11 +250,23 @@ async def replay_many(
     type: str | None,
     queue: str | None,
 ) -> int:
-    """Replay in chunks, each its own transaction, so a huge DLQ never holds one long lock."""
+    """Replay in chunks, each its own transaction, so a huge DLQ never holds one long lock.
+
+    A filter takes the jobs that were dead when the request began: one that dies again at
+    once (an unknown type, a permanent failure) is not replayed a second time, so the loop
+    ends however fast the workers kill what it replays.
+    """
+    dead_before = await queries.db_now(session) if ids is None else None
 
     async def chunk(chunk_ids: list[UUID] | None) -> int:
         rows = await repository.replay(
-            session, principal.name, ids=chunk_ids, type=type, queue=queue, limit=REPLAY_CHUNK
+            session,
+            principal.name,
+            ids=chunk_ids,
+            type=type,
+            queue=queue,
+            dead_before=dead_before,
+            limit=REPLAY_CHUNK,
         )
         await session.commit()
         await dispatcher.send_after_commit([Target(r.id, r.queue, r.priority) for r in rows])

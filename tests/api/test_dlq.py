@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import text
 
+from app.jobs import service
+from app.jobs.repository import Target
+from app.main import create_app
 from app.settings import Settings
 from app.streams.keys import Keys
 from tests.conftest import Backends, make_settings, submit, wait_for_status, wait_until
@@ -19,12 +23,14 @@ from tests.support.processes import Spawner
 
 ADMIN_SECRET = "dlq-test-admin-secret"
 PRODUCER_SECRET = "dlq-test-producer-secret"
-ADMIN_ACTOR = f"admin:{hashlib.sha256(ADMIN_SECRET.encode()).hexdigest()[:12]}"
+ADMIN_ACTOR = "dlq-admin"
 
 
 @pytest.fixture
 def settings(backends: Backends) -> Settings:
-    return make_settings(backends, api_keys=f"admin:{ADMIN_SECRET},producer:{PRODUCER_SECRET}")
+    return make_settings(
+        backends, api_keys=f"admin:{ADMIN_ACTOR}:{ADMIN_SECRET},producer:{PRODUCER_SECRET}"
+    )
 
 
 @pytest.fixture
@@ -269,3 +275,54 @@ async def test_bulk_replay_spans_several_chunks(
     assert len(set(ids)) == n
     by_ids = await admin.post("/v1/dlq/replay", json={"ids": ids})
     assert by_ids.json() == {"replayed": n}
+
+
+async def test_bulk_replay_by_filter_ends_when_replayed_jobs_die_again_at_once(
+    settings: Settings, spawn: Spawner, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay by filter takes the DLQ as it was when the request began: jobs that die again
+    while it runs (a permanent failure, an unknown type) are not replayed a second time."""
+    monkeypatch.setattr(service, "REPLAY_CHUNK", 3)
+    spawn.worker([queue], concurrency=8)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=headers
+        ) as admin:
+            item = {"type": "test.permanent", "queue": queue, "payload": {}}
+            response = await admin.post("/v1/jobs/batch", json={"jobs": [item] * 6})
+            assert response.status_code == 202, response.text
+            ids = [j["id"] for j in response.json()["jobs"]]
+            await _until_all_dead(admin, queue, 6)
+
+            state = app.state.conveyor
+            send = state.dispatcher.send_after_commit
+
+            async def send_then_wait_until_dead_again(targets: Sequence[Target]) -> None:
+                """Each replayed chunk dies again (a real worker runs it) before the next."""
+                await send(targets)
+                if not targets:
+                    return
+
+                async def dead_again() -> bool:
+                    async with state.sessions() as session:
+                        statuses = await session.scalars(
+                            text("SELECT status FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                            {"ids": [t.id for t in targets]},
+                        )
+                        return set(statuses) == {"dead"}
+
+                await wait_until(dead_again, timeout=30)
+
+            monkeypatch.setattr(
+                state.dispatcher, "send_after_commit", send_then_wait_until_dead_again
+            )
+            async with asyncio.timeout(60):
+                by_filter = await admin.post(
+                    "/v1/dlq/replay", json={"type": "test.permanent", "queue": queue}
+                )
+            assert by_filter.json() == {"replayed": 6}
+            for job_id in ids:
+                assert (await _events(admin, job_id)).count("replayed") == 1, job_id

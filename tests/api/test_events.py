@@ -21,7 +21,9 @@ ADMIN = {"X-API-Key": "events-admin"}
 
 @pytest.fixture
 def auth_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"api_keys": "producer:events-producer,admin:events-admin"})
+    return settings.model_copy(
+        update={"api_keys": "producer:ev-producer:events-producer,admin:events-admin"}
+    )
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ async def test_failed_attempt_then_success(
     assert done["status"] == "succeeded"
     events = await history(admin, job["id"])
     producer = events[0]["actor"]
-    assert producer is not None and producer.startswith("producer:")
+    assert producer == "ev-producer", "the id given in CONVEYOR_API_KEYS"
     assert rows(events) == [
         ("submitted", 0, None, producer),
         ("claimed", 1, "ev-w1", None),
@@ -95,7 +97,7 @@ async def test_dead_replayed_dead_removed(
     assert (await admin.delete(f"/v1/dlq/{job['id']}")).status_code == 204
     events = await history(admin, job["id"])
     operator = events[3]["actor"]
-    assert operator is not None and operator.startswith("admin:")
+    assert operator is not None and operator.startswith("admin-"), "an id derived with a salt"
     assert rows(events) == [
         ("submitted", 0, None, events[0]["actor"]),
         ("claimed", 1, "ev-w2", None),

@@ -99,4 +99,5 @@ async def test_counts_come_from_the_partial_index(explain_engine: AsyncEngine) -
         rows = await conn.execute(text("EXPLAIN " + QUEUE_COUNTS))
         plan = "\n".join(r[0] for r in rows)
     assert "Index Only Scan using ix_jobs_open on jobs" in plan, plan
+    assert "Index Only Scan using ix_jobs_dlq_removed on jobs" in plan, plan
     assert "Seq Scan" not in plan, plan

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gzip
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
@@ -90,6 +92,13 @@ def build_app(target: Target) -> Starlette:
         await record(request)
         return PlainTextResponse("x" * 100_000)
 
+    async def bomb(request: Request) -> Response:
+        """Gzip whatever the client asked for: 20 MB of zeros in about 20 KB."""
+        await record(request)
+        return Response(
+            gzip_bomb(), headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+        )
+
     return Starlette(
         routes=[
             Route("/ok", ok, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
@@ -97,13 +106,19 @@ def build_app(target: Target) -> Starlette:
             Route("/flaky/{code:int}/{key}", flaky, methods=["POST"]),
             Route("/redirect", redirect, methods=["GET", "POST"]),
             Route("/big", big, methods=["GET"]),
+            Route("/bomb", bomb, methods=["GET"]),
             Route("/loop", loop, methods=["PUT"]),
         ]
     )
 
 
-@pytest.fixture
-async def target() -> AsyncIterator[Target]:
+@functools.cache
+def gzip_bomb() -> bytes:
+    return gzip.compress(b"\0" * 20_000_000, compresslevel=9)
+
+
+@contextlib.asynccontextmanager
+async def serve() -> AsyncIterator[Target]:
     t = Target(free_port())
     config = uvicorn.Config(
         build_app(t), host="127.0.0.1", port=t.port, log_level="warning", lifespan="off"
@@ -117,6 +132,19 @@ async def target() -> AsyncIterator[Target]:
     finally:
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[Target]:
+    async with serve() as t:
+        yield t
+
+
+@pytest.fixture
+async def other() -> AsyncIterator[Target]:
+    """A second server: another origin (same address, another port)."""
+    async with serve() as t:
+        yield t
 
 
 @dataclass
@@ -348,6 +376,66 @@ async def test_redirects_are_checked_at_every_hop(
     assert canary.connections == 0
 
 
+async def test_cross_origin_redirects_drop_the_jobs_headers_and_the_signature(
+    client: httpx.AsyncClient,
+    spawn: Spawner,
+    settings: Settings,
+    queue: str,
+    target: Target,
+    other: Target,
+) -> None:
+    allowed = f"127.0.0.1:{target.port},127.0.0.1:{other.port}"
+    spawn.worker([queue], settings=worker_settings(settings, allowed))
+    headers = {"X-Api-Key": "job-secret", "Authorization": "Bearer job-token", "X-Custom": "yes"}
+
+    def redirect(server: Target, to: str) -> str:
+        return str(httpx.URL(f"{server.base}/redirect", params={"to": to, "code": 307}))
+
+    # on the job's own origin the job's headers follow, and each hop is signed
+    done = await run(
+        client, queue, {"url": redirect(target, f"{target.base}/ok"), "headers": headers}
+    )
+    assert done["status"] == "succeeded"
+    first, last = target.requests_to("/redirect")[-1], target.requests_to("/ok")[-1]
+    for seen in (first, last):
+        assert seen.headers["x-api-key"] == "job-secret" and verify(seen, SECRET)
+
+    # another origin gets none of the job's headers and no signature, but the body (307)
+    done = await run(
+        client,
+        queue,
+        {"url": redirect(target, f"{other.base}/ok"), "headers": headers, "body": "kept"},
+    )
+    assert done["status"] == "succeeded"
+    [away] = other.requests_to("/ok")
+    assert verify(target.requests_to("/redirect")[-1], SECRET)
+    for name in ("x-api-key", "authorization", "x-custom", "conveyor-signature"):
+        assert name not in away.headers, name
+    assert away.body == b"kept" and away.headers["content-type"].startswith("text/plain")
+    assert away.headers["conveyor-job-id"] == done["id"]
+
+    # and once the chain has left the job's origin, coming back does not restore them
+    back = redirect(other, f"{target.base}/ok")
+    done = await run(client, queue, {"url": redirect(target, back), "headers": headers})
+    assert done["status"] == "succeeded"
+    returned = target.requests_to("/ok")[-1]
+    assert "x-api-key" not in returned.headers and "conveyor-signature" not in returned.headers
+
+
+async def test_responses_are_never_decompressed(
+    client: httpx.AsyncClient, spawn: Spawner, settings: Settings, queue: str, target: Target
+) -> None:
+    """The body cap holds for the bytes received: a gzip bomb is not inflated in the worker."""
+    spawn.worker([queue], settings=worker_settings(settings, f"127.0.0.1:{target.port}"))
+    done = await run(client, queue, {"url": f"{target.base}/bomb", "method": "GET"})
+    assert done["status"] == "succeeded", done["errors"]
+    [seen] = target.requests_to("/bomb")
+    assert seen.headers["accept-encoding"] == "identity"
+    result = done["result"]
+    assert result["body_truncated"] is False, "the compressed bytes fit under the cap"
+    assert len(result["body"]) <= len(gzip_bomb())
+
+
 async def test_payload_is_validated_at_submit(client: httpx.AsyncClient, queue: str) -> None:
     bad_payloads: list[dict[str, Any]] = [
         {},
@@ -360,6 +448,7 @@ async def test_payload_is_validated_at_submit(client: httpx.AsyncClient, queue: 
         {"url": "http://127.0.0.1/", "timeout_seconds": 0},
         {"url": "http://127.0.0.1/", "headers": {"Host": "evil"}},
         {"url": "http://127.0.0.1/", "headers": {"Conveyor-Signature": "forged"}},
+        {"url": "http://127.0.0.1/", "headers": {"Accept-Encoding": "gzip"}},
         {"url": "http://127.0.0.1/", "headers": {"X-Split": "a\r\nInjected: 1"}},
         {"url": "http://127.0.0.1/", "body": ["a", "list"]},
         {"url": "http://127.0.0.1/", "extra": 1},

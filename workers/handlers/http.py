@@ -25,6 +25,16 @@ the host itself is listed by name, not by a wildcard. The request then goes to t
 address with the original ``Host`` header (and TLS server name), so DNS cannot rebind it.
 Redirects are followed by hand, at most 5, each hop checked the same way. Refusals fail the
 job permanently with ``blocked_destination``. Proxy variables of the environment are ignored.
+
+Redirects to another origin (scheme, host or port): from the first such hop on, the request
+carries none of the headers the job set (only Conveyor's ``User-Agent``, the
+``Content-Type`` of a body that a 307/308 re-sends, and ``Conveyor-Job-Id``, ``-Attempt`` and
+``-Timestamp``) and no ``Conveyor-Signature``, so a redirect target elsewhere receives no
+credential or signature it could replay. Hops on the job's own origin keep both.
+
+Every request asks for ``Accept-Encoding: identity`` and the body is read as received, never
+decompressed: the 64 KiB cap is on bytes received, so a compressed "bomb" cannot inflate the
+worker.
 """
 
 from __future__ import annotations
@@ -57,9 +67,18 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 RETRYABLE = frozenset({408, 429})
 KEPT_HEADERS = ("content-type", "content-length", "location", "etag", "retry-after")
 RESERVED_HEADERS = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer"}
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "accept-encoding",
+    }
 )
-CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+USER_AGENT = "Conveyor (http.request)"
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -238,36 +257,51 @@ def _encode(payload: HttpRequestPayload) -> tuple[bytes, str | None]:
     return json.dumps(payload.body, separators=(",", ":")).encode(), "application/json"
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return (url.scheme, url.host, url.port)
+
+
 @dataclass
 class Request:
+    """One hop. ``headers`` are the job's own (plus User-Agent and Content-Type); ``trusted``
+    stays true while every hop so far was on the job's origin: only then do the job's headers
+    and the signature go out."""
+
     method: str
     url: httpx.URL
     headers: dict[str, str]
     body: bytes
+    trusted: bool = True
 
     def sign(self, ctx: JobContext, secret: str | None) -> dict[str, str]:
         timestamp = str(int(time.time()))
         headers = {
             **self.headers,
+            "Accept-Encoding": "identity",
             "Conveyor-Job-Id": str(ctx.job_id),
             "Conveyor-Attempt": str(ctx.attempt),
             "Conveyor-Timestamp": timestamp,
         }
-        if secret:
+        if secret and self.trusted:
             headers["Conveyor-Signature"] = signature(
                 secret, timestamp, str(ctx.job_id), ctx.attempt, self.body
             )
         return headers
 
     def redirected(self, status: int, location: str) -> Request:
+        """The next hop. Leaving the job's origin drops every header the job set (and, for
+        good, the signature): a redirect target elsewhere gets nothing it could reuse."""
         url = self.url.join(location)
+        trusted = self.trusted and _origin(url) == _origin(self.url)
         headers = dict(self.headers)
-        if (url.scheme, url.host, url.port) != (self.url.scheme, self.url.host, self.url.port):
-            headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+        if not trusted:
+            kept = {"user-agent", "content-type"}
+            headers = {k: v for k, v in headers.items() if k.lower() in kept}
+            headers["User-Agent"] = USER_AGENT
         if status == 303 or (status in (301, 302) and self.method == "POST"):
             headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-            return Request("GET", url, headers, b"")
-        return Request(self.method, url, headers, self.body)
+            return Request("GET", url, headers, b"", trusted)
+        return Request(self.method, url, headers, self.body, trusted)
 
 
 @dataclass(frozen=True)
@@ -296,7 +330,7 @@ async def _exchange(
     try:
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_raw():  # never decoded: the cap is on bytes received
             chunks.append(chunk)
             size += len(chunk)
             if size > MAX_RESPONSE_BYTES:
@@ -353,9 +387,10 @@ async def http_request(payload: HttpRequestPayload, ctx: JobContext) -> dict[str
     permanently. Off unless CONVEYOR_HTTP_ALLOWED_HOSTS lists the host. Each request carries
     Conveyor-Job-Id, Conveyor-Attempt, Conveyor-Timestamp and Conveyor-Signature: sha256=<hex
     HMAC-SHA256 of "{timestamp}.{job_id}.{attempt}.{body}" keyed with
-    CONVEYOR_HTTP_SIGNING_SECRET>."""
+    CONVEYOR_HTTP_SIGNING_SECRET>. A redirect to another origin gets neither the signature nor
+    the job's headers. Responses are not decompressed (Accept-Encoding: identity)."""
     body, content_type = _encode(payload)
-    headers = {"User-Agent": "Conveyor (http.request)", **payload.headers}
+    headers = {"User-Agent": USER_AGENT, **payload.headers}
     if content_type and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = content_type
     request = Request(payload.method, httpx.URL(payload.url), headers, body)

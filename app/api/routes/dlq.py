@@ -7,8 +7,9 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import AdminDep, DispatcherDep, PrincipalDep, SessionDep
+from app.api.deps import AdminDep, DispatcherDep, PrincipalDep, SessionDep, StateDep
 from app.api.errors import ERRORS
+from app.api.routes.jobs import PAGE_LIMIT
 from app.jobs import queries, service
 from app.jobs.queries import Cursor, JobFilter
 from app.jobs.schemas import QUEUE_PATTERN, TYPE_PATTERN, Job, JobPage, ReplayRequest, ReplayResult
@@ -19,20 +20,28 @@ router = APIRouter(prefix="/v1/dlq", tags=["dead-letter queue"])
 @router.get("", responses=ERRORS)
 async def list_dead(
     session: SessionDep,
+    state: StateDep,
     principal: PrincipalDep,
     queue: Annotated[str | None, Query(pattern=QUEUE_PATTERN)] = None,
     type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description=PAGE_LIMIT)] = 50,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+    ] = None,
 ) -> JobPage:
-    """Dead jobs with their full error history, most recently dead first."""
+    """Dead jobs with their full error history, most recently dead first.
+
+    Items are whole Jobs. A page holds at most `limit` of them and ends early, before its
+    items pass about `CONVEYOR_PAGE_MAX_BYTES` (default 4 MiB), though it always holds one:
+    a page shorter than `limit` is not the last; only `next_cursor: null` is."""
     owner = None if principal.admin else principal.name
     f = JobFilter(type=type, queue=queue, owner=owner)
     rows, nxt = await queries.list_dead(
-        session, f, limit, Cursor.decode(cursor) if cursor else None
+        session, f, limit, Cursor.decode(cursor) if cursor else None, state.settings.page_max_bytes
     )
     return JobPage(
-        items=[Job.model_validate(r) for r in rows], next_cursor=nxt.encode() if nxt else None
+        items=[Job.model_validate(r, context=principal.view) for r in rows],
+        next_cursor=nxt.encode() if nxt else None,
     )
 
 
@@ -52,7 +61,9 @@ async def replay_one(
     job_id: UUID, session: SessionDep, dispatcher: DispatcherDep, principal: AdminDep
 ) -> Job:
     """Queue a dead job again: attempts back to 0, error history kept."""
-    return Job.model_validate(await service.replay_one(session, dispatcher, job_id, principal))
+    return Job.model_validate(
+        await service.replay_one(session, dispatcher, job_id, principal), context=principal.view
+    )
 
 
 @router.delete("/{job_id}", status_code=204, responses=ERRORS)

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
 
-from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep
+from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep, StateDep
 from app.api.errors import ERRORS
 from app.jobs import queries, service
 from app.jobs.queries import Cursor, JobFilter
@@ -26,6 +26,10 @@ from app.jobs.status import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+PAGE_LIMIT = (
+    "At most this many items; fewer when they would pass CONVEYOR_PAGE_MAX_BYTES (the page"
+    " then still has a `next_cursor`)."
+)
 IdempotencyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
 ]
@@ -52,7 +56,7 @@ async def submit_job(
     [done] = await service.submit(session, dispatcher, registry, [body], principal)
     response.status_code = 202 if done.created else 200
     response.headers["Location"] = f"/v1/jobs/{done.job.id}"
-    return Job.model_validate(done.job)
+    return Job.model_validate(done.job, context=principal.view)
 
 
 @router.post("/batch", status_code=202, responses=ERRORS)
@@ -70,12 +74,13 @@ async def submit_batch(
     request names one job (returned at both positions), with different requests it is a 422.
     """
     done = await service.submit(session, dispatcher, registry, body.jobs, principal, batch=True)
-    return JobBatch(jobs=[Job.model_validate(d.job) for d in done])
+    return JobBatch(jobs=[Job.model_validate(d.job, context=principal.view) for d in done])
 
 
 @router.get("", responses=ERRORS)
 async def list_jobs(
     session: SessionDep,
+    state: StateDep,
     principal: PrincipalDep,
     status: JobStatus | None = None,
     type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
@@ -86,7 +91,7 @@ async def list_jobs(
     created_before: Annotated[
         UtcDatetime | None, Query(description="Only jobs created before this (with a zone).")
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=500, description=PAGE_LIMIT)] = 50,
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
@@ -95,26 +100,33 @@ async def list_jobs(
 
     Keyset pagination over (created_at, id): a page costs the same at any depth, and jobs
     created while you page do not shift the pages, so every job that matched when you began
-    is returned exactly once (unless its status changes under a `status` filter)."""
+    is returned exactly once (unless its status changes under a `status` filter).
+
+    Items are whole Jobs. A page holds at most `limit` of them and ends early, before its
+    items pass about `CONVEYOR_PAGE_MAX_BYTES` (default 4 MiB), though it always holds one:
+    a page shorter than `limit` is not the last; only `next_cursor: null` is."""
     owner = None if principal.admin else principal.name
     f = JobFilter(status, type, queue, created_after, created_before, owner)
     rows, nxt = await queries.list_jobs(
-        session, f, limit, Cursor.decode(cursor) if cursor else None
+        session, f, limit, Cursor.decode(cursor) if cursor else None, state.settings.page_max_bytes
     )
     return JobPage(
-        items=[Job.model_validate(r) for r in rows], next_cursor=nxt.encode() if nxt else None
+        items=[Job.model_validate(r, context=principal.view) for r in rows],
+        next_cursor=nxt.encode() if nxt else None,
     )
 
 
 @router.get("/{job_id}", responses=ERRORS)
 async def get_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) -> Job:
-    return Job.model_validate(await service.get(session, job_id, principal))
+    return Job.model_validate(await service.get(session, job_id, principal), context=principal.view)
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)
 async def cancel_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) -> Job:
     """Cancel a queued, scheduled or retrying job. Running or finished jobs give 409."""
-    return Job.model_validate(await service.cancel(session, job_id, principal))
+    return Job.model_validate(
+        await service.cancel(session, job_id, principal), context=principal.view
+    )
 
 
 @router.get("/{job_id}/events", responses=ERRORS)
@@ -123,4 +135,7 @@ async def job_events(
 ) -> list[JobEventOut]:
     """Every transition of the job, oldest first."""
     await service.get(session, job_id, principal)
-    return [JobEventOut.model_validate(e) for e in await queries.events(session, job_id)]
+    return [
+        JobEventOut.model_validate(e, context=principal.view)
+        for e in await queries.events(session, job_id)
+    ]

@@ -31,7 +31,7 @@ READY_TIMEOUT = 1.5
 @router.get("/v1/queues", responses=ERRORS)
 async def queues(session: SessionDep, state: StateDep, principal: PrincipalDep) -> QueueList:
     """Per queue (those with unfinished or dead jobs, or a live worker): waiting, running,
-    scheduled, retrying and dead counts, and entries pending in its streams."""
+    scheduled, retrying and dead (in the DLQ) counts, and entries pending in its streams."""
     counts = await queries.queue_counts(session)
     served = await queries.live_workers(session, state.settings.claim_idle_seconds)
     names = sorted(set(counts).union(*(w.queues for w in served)))
@@ -61,7 +61,7 @@ async def queues(session: SessionDep, state: StateDep, principal: PrincipalDep) 
 async def workers(session: SessionDep, state: StateDep, principal: PrincipalDep) -> WorkerList:
     """Workers whose heartbeat is recent."""
     rows = await queries.live_workers(session, state.settings.claim_idle_seconds)
-    return WorkerList(items=[WorkerOut.model_validate(r) for r in rows])
+    return WorkerList(items=[WorkerOut.model_validate(r, context=principal.view) for r in rows])
 
 
 @router.get("/v1/job-types", responses=ERRORS)
