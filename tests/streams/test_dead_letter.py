@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from app.devserver import EmbeddedRedis
 from redis.asyncio import Redis
 
+from app.devserver import EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
 from app.streams.client import DLQ_ENTRY_MAX_BYTES, dead_letter_entry
