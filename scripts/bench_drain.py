@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 def spawn_workers(
-    settings: Settings, processes: int, concurrency: int, profile: Path | None, tag: str
+    settings: Settings, processes: int, concurrency: int, tag: str
 ) -> list[subprocess.Popen[bytes]]:
     """``conveyor worker`` processes; with ``--processes`` support, one parent for all."""
     argv = [sys.executable, "-m", "app.cli", "worker", "--queues", QUEUE]
@@ -149,14 +150,20 @@ def spawn_workers(
         cmds = [[*argv, "--processes", str(processes), "--name", f"bench-{tag}"]]
     else:
         cmds = [[*argv, "--name", f"bench-{tag}-{i}"] for i in range(processes)]
-    procs = []
-    for i, cmd in enumerate(cmds):
-        if profile is not None:
-            out = profile / f"{tag}-{i}.txt"
-            cmd = ["py-spy", "record", "--format", "raw", "-r", "250", "-s", "-o", str(out), "--"]
-            cmd += cmds[i]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(settings)))
-    return procs
+    return [subprocess.Popen(cmd, cwd=ROOT, env=_env(settings)) for cmd in cmds]
+
+
+def attach_profilers(procs: list[subprocess.Popen[bytes]], out: Path, tag: str) -> list[Any]:
+    """``py-spy record`` on each worker process (and its children): collapsed stacks."""
+    spy = ["py-spy", "record", "--subprocesses", "--format", "raw", "-r", "200"]
+    return [
+        subprocess.Popen(
+            [*spy, "--pid", str(p.pid), "-o", str(out / f"{tag}-{i}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, p in enumerate(procs)
+    ]
 
 
 def _has_processes_flag() -> bool:
@@ -201,6 +208,34 @@ async def _wait_epoch(conn: asyncpg.Connection, timeout: float = 60) -> None:
     raise RuntimeError("no worker recorded the Redis epoch")
 
 
+@dataclass
+class Round:
+    rate: float  # jobs/s from the first claim to the last success
+    wall: float  # seconds from spawning the workers to the last success
+    rss: float  # the largest RSS of any worker process, MB
+    cpu_ms: float  # worker CPU (user + system, all processes) per 1000 jobs, ms
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes and their descendants (not py-spy)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+        if "(py-spy)" in stat:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 async def drain_round(
     settings: Settings,
     conn: asyncpg.Connection,
@@ -209,29 +244,40 @@ async def drain_round(
     concurrency: int,
     profile: Path | None,
     tag: str,
-) -> tuple[float, float, float]:
-    """Load N jobs, drain them; returns (jobs/s from first claim to last success, wall
-    seconds from worker spawn, peak worker RSS in MB)."""
+) -> Round:
+    """Load N jobs, start the workers, wait until every job succeeded."""
     await conn.execute("TRUNCATE jobs, job_events")
     await preload(settings, n)
     spawned = time.monotonic()
-    procs = spawn_workers(settings, processes, concurrency, profile, tag)
+    procs = spawn_workers(settings, processes, concurrency, tag)
+    pids = [p.pid for p in procs]
+    spies = [] if profile is None else attach_profilers(procs, profile, tag)
     rss = 0.0
+    cpu_start: float | None = None
     try:
         deadline = time.monotonic() + max(120.0, n / 200)
         while True:
-            done = await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
-            rss = max(rss, _peak_rss_mb([p.pid for p in procs]))
+            waiting, done = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE status = 'queued'),"
+                " count(*) FILTER (WHERE status = 'succeeded') FROM jobs"
+            )
+            if cpu_start is None and waiting < n:
+                cpu_start = _cpu_seconds(pids)
+            rss = max(rss, _peak_rss_mb(pids))
             if done >= n:
                 break
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"drain stalled at {done}/{n}")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
+        cpu = _cpu_seconds(pids) - (cpu_start or 0.0)
         wall = time.monotonic() - spawned
         span = await conn.fetchval(
             "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs"
         )
     finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            spy.wait(60)
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
@@ -240,7 +286,7 @@ async def drain_round(
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    return n / float(span), wall, rss
+    return Round(n / float(span), wall, rss, cpu * 1e6 / n)
 
 
 async def main() -> None:
@@ -270,16 +316,16 @@ async def main() -> None:
         stream_maxlen=max(100000, args.jobs + 1000),
     )
     try:
-        upgrade(db_url)
+        await asyncio.to_thread(upgrade, db_url)
         conn = await asyncpg.connect(_dsn(db_url))
         # A first start records the Redis epoch (and would re-send every queued job): get it
         # out of the way before any backlog exists.
-        first = spawn_workers(settings, 1, 1, None, "warmup")
+        first = spawn_workers(settings, 1, 1, "warmup")
         await _wait_epoch(conn)
         for p in first:
             p.send_signal(signal.SIGTERM)
             p.wait(60)
-        results: dict[int, list[tuple[float, float, float]]] = {}
+        results: dict[int, list[Round]] = {}
         floors: list[float] = []
         for r in range(args.repeat):
             floors.append(await bare_stream(redis_url, args.jobs))
@@ -289,10 +335,10 @@ async def main() -> None:
                     settings, conn, args.jobs, procs, args.concurrency, args.profile, tag
                 )
                 results.setdefault(procs, []).append(one_round)
-                rate, wall, rss = one_round
                 print(
-                    f"  round {r}, {procs} process(es): {rate:8.0f} jobs/s, {wall:.1f} s wall,"
-                    f" peak RSS {rss:.0f} MB",
+                    f"  round {r}, {procs} process(es): {one_round.rate:8.0f} jobs/s,"
+                    f" {one_round.wall:.1f} s wall, worker CPU {one_round.cpu_ms:.0f} ms"
+                    f" per 1000 jobs, peak RSS {one_round.rss:.0f} MB",
                     flush=True,
                 )
         await conn.close()
@@ -308,13 +354,15 @@ async def main() -> None:
     print(f"bare stream (no Postgres)   : {floor:8.0f} entries/s (median; baseline)")
     one = 0.0
     for procs, got in results.items():
-        rates = [g[0] for g in got]
+        rates = [g.rate for g in got]
+        cpu = statistics.median(g.cpu_ms for g in got)
         med = statistics.median(rates)
         one = one or med
         print(
             f"worker drain, {procs} process(es): {med:8.0f} jobs/s "
             f"(range {min(rates):.0f}-{max(rates):.0f}; ratio to baseline {med / floor:.3f}; "
-            f"to 1 process {med / one:.2f}x; peak RSS {max(g[2] for g in got):.0f} MB)"
+            f"to 1 process {med / one:.2f}x; worker CPU {cpu:.0f} ms per 1000 jobs;"
+            f" peak RSS {max(g.rss for g in got):.0f} MB)"
         )
 
 

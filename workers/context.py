@@ -9,18 +9,22 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.models import JobRow
+from app.db.pool import create_pool
+from app.jobs.attempts import Claim
 from app.jobs.dispatch import Dispatcher
 from app.jobs.repository import Backoff
 from app.settings import Settings
 from app.streams.client import Delivery, StreamClient
 from app.streams.keys import Keys
+
+Attempt = tuple[UUID, int]  # (job id, claim token): one attempt, never repeated
 
 
 def default_name() -> str:
@@ -34,52 +38,98 @@ class WorkerConfig:
     name: str = field(default_factory=default_name)
 
 
-@dataclass
+@dataclass(slots=True)
 class Running:
-    """One attempt this worker holds: the claimed row and the delivery that brought it."""
+    """One attempt this worker holds: the claim and the delivery that brought it."""
 
-    job: JobRow
+    job: Claim
     delivery: Delivery
     task: asyncio.Task[None] | None = None
 
+    @property
+    def attempt(self) -> Attempt:
+        return (self.job.id, self.job.token)
+
 
 class RunningSet:
-    """The attempts this worker runs, the deliveries it read but has not claimed yet, and the
-    room left under ``--concurrency``."""
+    """The attempts this worker runs (by ``(id, token)``; never two of one job), the
+    deliveries it read but has not claimed yet, and the room left under ``--concurrency``.
+
+    Room is reserved before a read or a claim and given back after it, so however many read
+    loops and XAUTOCLAIM pages run at once, at most ``concurrency`` attempts are running.
+    """
 
     def __init__(self, concurrency: int) -> None:
         self.concurrency = concurrency
-        self._jobs: dict[UUID, Running] = {}
+        self._attempts: dict[Attempt, Running] = {}
+        self._by_job: dict[UUID, Running] = {}
+        self._reserved = 0
+        self._room = asyncio.Event()
         self.held: list[Delivery] = []  # read from Redis, not yet claimed in Postgres
-        self._room = asyncio.Condition()
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return len(self._attempts)
 
     def __iter__(self) -> Iterator[Running]:
-        return iter(list(self._jobs.values()))
+        return iter(list(self._attempts.values()))
 
     def __contains__(self, job_id: object) -> bool:
-        return job_id in self._jobs
+        return job_id in self._by_job
+
+    def get(self, job_id: UUID) -> Running | None:
+        return self._by_job.get(job_id)
+
+    def attempts(self) -> list[Attempt]:
+        return list(self._attempts)
 
     @property
     def free(self) -> int:
-        return self.concurrency - len(self._jobs)
+        return self.concurrency - len(self._attempts) - self._reserved
 
-    async def wait_for_room(self) -> int:
-        async with self._room:
-            await self._room.wait_for(lambda: self.free > 0)
-            return self.free
+    def reserve_now(self, most: int) -> int:
+        """Reserve up to ``most`` slots without waiting; returns how many (maybe 0)."""
+        n = max(0, min(self.free, most))
+        self._reserved += n
+        return n
+
+    async def reserve(self, most: int) -> int:
+        """Wait for room, then reserve between 1 and ``most`` slots."""
+        while self.free <= 0:
+            self._room.clear()
+            await self._room.wait()
+        return self.reserve_now(most)
+
+    def unreserve(self, n: int) -> None:
+        """Give reserved slots back; attempts added meanwhile hold their own."""
+        if n:
+            self._reserved -= n
+            self._room.set()
 
     def add(self, entry: Running) -> None:
-        self._jobs[entry.job.id] = entry
+        """Call while holding a reservation (the caller gives it back afterwards)."""
+        self._attempts[entry.attempt] = entry
+        self._by_job[entry.job.id] = entry
 
-    async def finished(self, job_ids: list[UUID]) -> None:
+    def finished(self, attempts: Sequence[Attempt]) -> None:
         """These attempts' outcomes are written (or fenced off): their room is free again."""
-        for job_id in job_ids:
-            self._jobs.pop(job_id, None)
-        async with self._room:
-            self._room.notify_all()
+        for attempt in attempts:
+            entry = self._attempts.pop(attempt, None)
+            if entry is not None:
+                del self._by_job[attempt[0]]
+        self._room.set()
+
+    def take_held(self, most: int) -> list[Delivery]:
+        """Up to ``most`` held deliveries, leaving those of jobs we are running (their turn
+        comes when the running attempt ends)."""
+        taken: list[Delivery] = []
+        kept: list[Delivery] = []
+        for d in self.held:
+            if len(taken) < most and d.job_id not in self._by_job:
+                taken.append(d)
+            else:
+                kept.append(d)
+        self.held = kept
+        return taken
 
 
 @dataclass
@@ -93,6 +143,22 @@ class WorkerContext:
     running: RunningSet
     backoff: Backoff
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _db: asyncpg.Pool | None = None
+
+    @property
+    def db(self) -> asyncpg.Pool:
+        """The hot path's pool (claim, complete, heartbeat, release, reclaim)."""
+        if self._db is None:
+            raise RuntimeError("the worker's database pool is not open yet")
+        return self._db
+
+    async def open_db(self, max_size: int) -> None:
+        if self._db is None:
+            self._db = await create_pool(self.settings, max_size=max_size)
+
+    async def close_db(self) -> None:
+        if self._db is not None:
+            await self._db.close()
 
     @property
     def keys(self) -> Keys:

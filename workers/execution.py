@@ -1,22 +1,20 @@
-"""Running one attempt: the handler under its timeout, turned into an outcome. Never raises."""
+"""Running one attempt: the handler under its timeout, turned into a completion. Never raises."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import traceback
-from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
-from app.db.models import JobRow
 from app.errors import PermanentError
+from app.jobs.attempts import Claim, Completion, ErrorRecord
 from app.jobs.registry import JobContext, Registry
-from app.jobs.repository import ErrorRecord
 
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
 MAX_RESULT_BYTES = 1 << 20
+_ENCODER = json.JSONEncoder(allow_nan=False)  # one encoder, not one per result
 
 
 def storable(text: str) -> str:
@@ -38,16 +36,6 @@ class ResultNotStorable(Exception):
     """The handler returned something that cannot be stored as the job's JSON result."""
 
 
-@dataclass(frozen=True)
-class Outcome:
-    job_id: UUID
-    attempt: int
-    ok: bool
-    result: str | None = None  # the result as JSON text, when ok
-    error: ErrorRecord | None = None  # when not ok
-    permanent: bool = False
-
-
 def error_record(
     attempt: int, worker: str, message: str, kind: str, tb: str | None = None
 ) -> ErrorRecord:
@@ -61,44 +49,48 @@ def error_record(
     }
 
 
-def _failure(job: JobRow, worker: str, exc: BaseException, *, permanent: bool) -> Outcome:
+def failed(job: Claim, error: ErrorRecord, *, permanent: bool = False) -> Completion:
+    return Completion(job.id, job.token, None, error, permanent)
+
+
+def _failure(job: Claim, worker: str, exc: BaseException, *, permanent: bool) -> Completion:
     tb = "".join(traceback.format_exception(exc, limit=20))
     message = str(exc) or type(exc).__name__
-    error = error_record(job.attempts, worker, message, type(exc).__name__, tb)
-    return Outcome(job.id, job.attempts, ok=False, error=error, permanent=permanent)
+    error = error_record(job.attempt, worker, message, type(exc).__name__, tb)
+    return failed(job, error, permanent=permanent)
 
 
-async def execute(job: JobRow, registry: Registry, worker: str) -> Outcome:
-    """Run the job's handler once; ``timeout`` and every exception become a failed outcome."""
+async def execute(job: Claim, registry: Registry, worker: str) -> Completion:
+    """Run the job's handler once; ``timeout`` and every exception become a failed attempt."""
     job_type = registry.find(job.type)
     if job_type is None:
         message = f"no handler for job type {job.type!r}"
-        error = error_record(job.attempts, worker, message, "UnknownType")
-        return Outcome(job.id, job.attempts, ok=False, error=error, permanent=True)
-    ctx = JobContext(job.id, job.type, job.queue, job.attempts, job.max_attempts, worker)
+        return failed(
+            job, error_record(job.attempt, worker, message, "UnknownType"), permanent=True
+        )
+    ctx = JobContext(job.id, job.type, job.queue, job.attempt, job.max_attempts, worker)
     timeout = job.timeout_seconds or job_type.timeout_seconds
     deadline = asyncio.timeout(timeout)
     try:
-        payload = job_type.model.model_validate(job.payload)
+        payload = job_type.model.model_validate_json(job.payload)
         async with deadline:
             result = _result(await job_type.handler(payload, ctx))
     except TimeoutError as exc:
         if deadline.expired():
-            error = error_record(job.attempts, worker, "timeout", "Timeout")
-            return Outcome(job.id, job.attempts, ok=False, error=error)
+            return failed(job, error_record(job.attempt, worker, "timeout", "Timeout"))
         return _failure(job, worker, exc, permanent=False)
     except PermanentError as exc:
         return _failure(job, worker, exc, permanent=True)
     except Exception as exc:
         return _failure(job, worker, exc, permanent=False)
-    return Outcome(job.id, job.attempts, ok=True, result=result)
+    return Completion(job.id, job.token, result)
 
 
 def _result(value: Any) -> str:
     """The handler's return value as storable JSON text; NaN, Infinity and non-JSON types
     fail."""
     try:
-        text = json.dumps(_storable_json(value), allow_nan=False)
+        text = _ENCODER.encode(_storable_json(value))
     except (TypeError, ValueError) as exc:
         raise ResultNotStorable(f"result is not JSON: {exc}") from exc
     if len(text) > MAX_RESULT_BYTES:

@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 from uuid import UUID
 
-from app.jobs import queries, repository
+from app.jobs import attempts, queries, repository
+from app.jobs.attempts import Dead
 from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
 from app.schedules.due import ScheduleDuty
-from workers.context import WorkerContext
+from workers.context import Attempt, WorkerContext
 from workers.reporter import Reporter
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Maintenance:
         self.reporter = reporter  # tells the DLQ stream of jobs that a reclaim made dead
         idle = ctx.settings.claim_idle_seconds
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
-        self.leased: set[UUID] = set()  # jobs whose leases the last heartbeat extended
+        self.leased: set[Attempt] = set()  # attempts whose leases the last heartbeat extended
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         s = self.ctx.settings
@@ -97,14 +98,12 @@ class Maintenance:
     async def heartbeat(self) -> None:
         """Extend our leases in Postgres. A loop of its own: a slow or hung Redis must never
         delay a lease extension past the lease."""
-        running = list(self.ctx.running)
-        async with self.ctx.sessions.begin() as session:
-            self.leased = await repository.extend_leases(
-                session,
-                self.ctx.name,
-                [(r.job.id, r.job.attempts) for r in running],
-                self.ctx.lease_seconds,
+        ctx = self.ctx
+        async with ctx.db.acquire() as conn:
+            self.leased = await attempts.extend_leases(
+                conn, ctx.name, ctx.running.attempts(), ctx.lease_seconds
             )
+        async with ctx.sessions.begin() as session:
             await queries.upsert_worker(session, self._worker_values())
 
     async def refresh_entries(self) -> None:
@@ -113,7 +112,7 @@ class Maintenance:
         Only attempts we still hold (at the last heartbeat) are refreshed: after a reclaim,
         XCLAIM would take the entry back from the worker that runs the newer attempt.
         """
-        mine = [r.delivery for r in self.ctx.running if r.job.id in self.leased]
+        mine = [r.delivery for r in self.ctx.running if r.attempt in self.leased]
         await self.ctx.stream.refresh(self.ctx.name, mine + self.ctx.running.held)
 
     # -- promotion and dispatch -------------------------------------------------------------------
@@ -162,15 +161,17 @@ class Maintenance:
         await self.sweep_undispatched(0.0)
 
     async def reclaim(self, ids: Sequence[UUID] | None) -> int:
-        """Fail the attempts whose lease lapsed (``worker lost``): retry, or dead at the cap."""
+        """Fail the attempts whose lease lapsed (``worker lost``): retry, or dead at the cap.
+        Never our own live attempts: our heartbeat renews those once Postgres answers."""
         total = 0
         while True:
-            async with self.ctx.sessions.begin() as session:
-                rows = await repository.reclaim_expired(
-                    session,
+            async with self.ctx.db.acquire() as conn:
+                rows = await attempts.reclaim_expired(
+                    conn,
                     self.ctx.name,
                     self.ctx.backoff,
                     self.ctx.config.queues,
+                    live=self.ctx.running.attempts(),
                     ids=ids,
                     limit=RECLAIM_BATCH,
                 )
@@ -180,7 +181,13 @@ class Maintenance:
                     "reclaimed job from a lost worker",
                     extra={"job_id": str(row.id), "status": row.status},
                 )
-            await self.reporter.dead_lettered([r for r in rows if r.status == JobStatus.DEAD])
+            await self.reporter.dead_lettered(
+                [
+                    Dead(r.id, r.type, r.queue, r.attempts, r.errors)
+                    for r in rows
+                    if r.status == JobStatus.DEAD
+                ]
+            )
             if ids is not None or len(rows) < RECLAIM_BATCH:
                 return total
 

@@ -1,9 +1,10 @@
 """The read side: deliveries in, attempts started.
 
 Two sources deliver entries: one XREADGROUP loop per (queue, partition), highest band first,
-and a periodic XAUTOCLAIM of entries idle on dead consumers. Both hand their deliveries to
-:meth:`Reader.start`, which claims the jobs in one guarded statement and runs each attempt
-won in its own task; the outcome goes to the reporter.
+and a periodic XAUTOCLAIM of entries idle on dead consumers. Both reserve room under
+``--concurrency`` first and hand their deliveries to :meth:`Reader.start`, which claims the
+jobs in one guarded statement and runs each attempt won in its own task; the outcome goes to
+the reporter.
 """
 
 from __future__ import annotations
@@ -11,26 +12,41 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
 
-from app.db.models import JobRow
-from app.jobs import queries, repository
+from app.jobs import attempts, repository
+from app.jobs.attempts import Claim
 from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
 from app.streams.client import Delivery
-from workers.context import Running, WorkerContext
+from workers.context import Attempt, Running, WorkerContext
 from workers.execution import execute
 from workers.maintenance import Maintenance
 from workers.reporter import Reporter
 
 log = logging.getLogger(__name__)
 
+
+@dataclass
+class Batch:
+    """Deliveries sorted for one claim."""
+
+    fresh: dict[UUID, Delivery] = field(default_factory=dict)  # to claim, first entry per job
+    later: list[Delivery] = field(default_factory=list)  # no room now: held for later
+    busy: list[tuple[Delivery, Attempt]] = field(default_factory=list)  # jobs we are running
+    dropped: list[Delivery] = field(default_factory=list)  # to ack
+
+
+READ_COUNT = 500  # the most entries one read (and one claim statement) takes
 READ_BLOCK_MS = 1000
 RETRY_PAUSE = 1.0
 STRAY_READ_COUNT = 1000
+SETTLE_SECONDS = 10.0
 
 
 class Reader:
@@ -47,6 +63,7 @@ class Reader:
         self.maintenance = maintenance  # fails lapsed attempts, repairs vanished entries
         idle = ctx.settings.claim_idle_seconds
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
+        self._claims: set[asyncio.Future[None]] = set()
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         loops = [self._read_loop(q, p) for q, p in self.ctx.partitions]
@@ -58,30 +75,37 @@ class Reader:
         streams = self.ctx.keys.partition_streams(queue, partition)
         running = self.ctx.running
         while True:
+            slots = await running.reserve(READ_COUNT)
             try:
-                want = await running.wait_for_room()
-                batch, running.held = running.held[:want], running.held[want:]
-                if len(batch) < want:
-                    batch += await self._read_by_band(streams, want - len(batch))
-                running.held = batch[want:] + running.held  # a blocking read may return 3
-                await self.start(batch[:want])
+                batch = running.take_held(slots)
+                if len(batch) < slots:
+                    batch += await self._read_by_band(streams, slots - len(batch))
+                if batch:
+                    await self.start(batch, slots)
+                    continue
+                running.unreserve(slots)
+                slots = 0
+                # Nothing anywhere: wait for an entry without holding room (it is held, and
+                # pending for us, until room frees up).
+                name = self.ctx.name
+                running.held += await self.ctx.stream.read(streams, name, 1, READ_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("read loop error (%s); retrying", exc)
                 await asyncio.sleep(RETRY_PAUSE)
+            finally:
+                running.unreserve(slots)
 
     async def _read_by_band(self, streams: list[str], want: int) -> list[Delivery]:
-        """Highest band first; block on all bands only when all are empty."""
+        """Highest band first, without blocking."""
         got: list[Delivery] = []
         name = self.ctx.name
         for stream in streams:
             if len(got) >= want:
                 break
             got += await self.ctx.stream.read([stream], name, want - len(got), None)
-        if got:
-            return got
-        return await self.ctx.stream.read(streams, name, 1, READ_BLOCK_MS)
+        return got
 
     # -- source 2: entries of dead consumers ------------------------------------------------------
 
@@ -101,61 +125,104 @@ class Reader:
         min_idle_ms = int(ctx.settings.claim_idle_seconds * 1000)
         for queue, partition in ctx.partitions:
             for stream in ctx.keys.partition_streams(queue, partition):
-                if ctx.running.free <= 0 or ctx.stopping.is_set():
+                if ctx.stopping.is_set():
                     return
-                found = await ctx.stream.autoclaim(stream, ctx.name, min_idle_ms, ctx.running.free)
-                if found.deleted:
-                    await self.maintenance.entries_vanished(queue, stream, len(found.deleted))
-                if not found.deliveries:
-                    continue
-                ids = [d.job_id for d in found.deliveries if d.job_id is not None]
-                await self.maintenance.reclaim(ids)
-                await self.start(found.deliveries)
+                slots = ctx.running.reserve_now(READ_COUNT)
+                if not slots:
+                    return
+                try:
+                    found = await ctx.stream.autoclaim(stream, ctx.name, min_idle_ms, slots)
+                    if found.deleted:
+                        await self.maintenance.entries_vanished(queue, stream, len(found.deleted))
+                    if found.deliveries:
+                        ids = [d.job_id for d in found.deliveries if d.job_id is not None]
+                        await self.maintenance.reclaim(ids)
+                        await self.start(found.deliveries, slots)
+                finally:
+                    ctx.running.unreserve(slots)
 
     # -- claiming and running ----------------------------------------------------------------------
 
-    async def start(self, deliveries: list[Delivery]) -> None:
-        """Claim the deliveries' jobs in one statement and start those we won."""
-        if not deliveries:
-            return
-        ctx = self.ctx
-        ids = list({d.job_id for d in deliveries if d.job_id is not None})
-        try:
-            async with ctx.sessions.begin() as session:
-                claimed = await repository.claim_many(session, ids, ctx.name, ctx.lease_seconds)
-        except Exception:
-            ctx.running.held.extend(deliveries)  # Postgres is down: keep them and try again
-            raise
-        won = {row.id: row for row in claimed}
-        if won and ctx.stopping.is_set():
-            await self._release_late(list(won.values()), deliveries)
-            return
-        dropped: list[Delivery] = []
+    async def start(self, deliveries: list[Delivery], slots: int) -> None:
+        """Claim the deliveries' jobs in one statement and start those we won, at most
+        ``slots`` (reserved by the caller). A job this worker is running is never claimed
+        again here (see :meth:`_sort_busy`)."""
+        running = self.ctx.running
+        batch = Batch()
         for d in deliveries:
-            row = won.pop(d.job_id, None) if d.job_id is not None else None
-            if row is None:
-                dropped.append(d)  # taken, cancelled, finished, or a duplicate entry
-                continue
-            entry = Running(row, d)
-            ctx.running.add(entry)
-            entry.task = asyncio.create_task(self._run(entry), name=f"job-{row.id}")
-        await ctx.stream.ack(dropped)
+            if d.job_id is None or d.job_id in batch.fresh:
+                batch.dropped.append(d)  # unreadable, or a duplicate entry of this batch
+            elif (current := running.get(d.job_id)) is not None:
+                if current.delivery != d:  # our own entry (XAUTOCLAIM) needs nothing
+                    batch.busy.append((d, current.attempt))
+            elif len(batch.fresh) < slots:
+                batch.fresh[d.job_id] = d
+            else:
+                batch.later.append(d)
+        # A claim commits on its own once sent: if our caller is cancelled (shutdown) while
+        # it runs, it still finishes, and its jobs are started or handed straight back.
+        claim = asyncio.ensure_future(self._claim_and_start(batch))
+        self._claims.add(claim)
+        claim.add_done_callback(self._claims.discard)
+        await asyncio.shield(claim)
 
-    async def _release_late(self, rows: list[JobRow], deliveries: list[Delivery]) -> None:
+    async def settle(self) -> None:
+        """Wait for claims in flight (after the loops were cancelled)."""
+        if self._claims:
+            await asyncio.wait(list(self._claims), timeout=SETTLE_SECONDS)
+
+    async def _claim_and_start(self, batch: Batch) -> None:
+        ctx = self.ctx
+        running = ctx.running
+        fresh = batch.fresh
+        try:
+            async with ctx.db.acquire() as conn:
+                claimed = await attempts.claim_many(conn, list(fresh), ctx.name, ctx.lease_seconds)
+                await self._sort_busy(conn, batch)
+        except Exception:
+            running.held.extend([*fresh.values(), *batch.later, *(d for d, _ in batch.busy)])
+            raise
+        running.held.extend(batch.later)
+        if claimed and ctx.stopping.is_set():
+            await self._release_late(claimed, [*fresh.values(), *batch.dropped])
+            return
+        for job in claimed:
+            entry = Running(job, fresh.pop(job.id))
+            running.add(entry)
+            entry.task = asyncio.create_task(self._run(entry))
+        # The rest were taken, cancelled or finished: their entries are done with.
+        await ctx.stream.ack([*fresh.values(), *batch.dropped])
+
+    async def _sort_busy(self, conn: asyncpg.Connection, batch: Batch) -> None:
+        """Deliveries of jobs we are running: a duplicate entry of the attempt we run is
+        dropped; any other (the job was reclaimed and queued again while our attempt, now
+        stale, still runs) waits in ``held`` until our attempt ends, so the job never runs
+        twice here at once."""
+        if not batch.busy:
+            return
+        ids = [d.job_id for d, _ in batch.busy if d.job_id is not None]
+        now = {
+            (s.id, s.token)
+            for s in await attempts.states(conn, ids)
+            if s.status == JobStatus.RUNNING
+        }
+        for d, attempt in batch.busy:
+            (batch.dropped if attempt in now else batch.later).append(d)
+
+    async def _release_late(self, claimed: list[Claim], deliveries: list[Delivery]) -> None:
         """A claim that committed after shutdown began (a loop slow to cancel): hand those
         jobs straight back instead of starting them, so none is left ``running``."""
         ctx = self.ctx
-        async with ctx.sessions.begin() as session:
-            released = await repository.release_many(
-                session, ctx.name, [(r.id, r.attempts) for r in rows]
+        async with ctx.db.acquire() as conn:
+            released = await attempts.release_many(
+                conn, ctx.name, [(c.id, c.token) for c in claimed]
             )
         await ctx.dispatcher.send_committed(released)
         await ctx.stream.ack(deliveries)
         log.info("handed back %d job(s) claimed during shutdown", len(released))
 
     async def _run(self, entry: Running) -> None:
-        outcome = await execute(entry.job, self.registry, self.ctx.name)
-        await self.reporter.put(outcome, entry.delivery)
+        self.reporter.put(await execute(entry.job, self.registry, self.ctx.name), entry)
 
     # -- handing back on shutdown ------------------------------------------------------------------
 
@@ -165,11 +232,11 @@ class Reader:
         unfinished = [r for r in ctx.running if r.task is None or r.task.cancelled()]
         try:
             stray = await self._stray_deliveries()
-            async with ctx.sessions.begin() as session:
-                released = await repository.release_many(
-                    session, ctx.name, [(r.job.id, r.job.attempts) for r in unfinished]
+            async with ctx.db.acquire() as conn:
+                released = await attempts.release_many(
+                    conn, ctx.name, [r.attempt for r in unfinished]
                 )
-                targets = released + await self._orphan_targets(session, stray)
+                targets = released + await self._orphan_targets(conn, stray)
             await ctx.dispatcher.send_committed(targets)
             await ctx.stream.ack([r.delivery for r in unfinished] + stray)
             if targets:
@@ -196,21 +263,24 @@ class Reader:
         return list(found.values())
 
     async def _orphan_targets(
-        self, session: AsyncSession, deliveries: Sequence[Delivery]
+        self, conn: asyncpg.Connection, deliveries: Sequence[Delivery]
     ) -> list[Target]:
         """Jobs of stray deliveries to send again: queued ones, and ones whose claim committed
         for us without a task being started (released; that attempt does not count)."""
         ctx = self.ctx
-        ids = {d.job_id for d in deliveries if d.job_id is not None}
-        rows = [r for r in [await queries.get_job(session, i) for i in ids] if r is not None]
-        rows = [r for r in rows if r.id not in ctx.running]  # those are handed back already
+        ids = {d.job_id for d in deliveries if d.job_id is not None} - {
+            r.job.id
+            for r in ctx.running  # those are handed back already
+        }
+        states = await attempts.states(conn, list(ids))
         claimed = [
-            (r.id, r.attempts)
-            for r in rows
-            if r.status == JobStatus.RUNNING and r.worker == ctx.name
+            (s.id, s.token)
+            for s in states
+            if s.status == JobStatus.RUNNING and s.worker == ctx.name
         ]
-        released = await repository.release_many(session, ctx.name, claimed)
-        queued = [Target(r.id, r.queue, r.priority) for r in rows if r.status == JobStatus.QUEUED]
+        released = await attempts.release_many(conn, ctx.name, claimed)
+        queued = [Target(s.id, s.queue, s.priority) for s in states if s.status == JobStatus.QUEUED]
         # Their entries are deleted next; a full stream may refuse the new ones: sweep them.
-        await repository.unmark_dispatched(session, [t.id for t in queued])
+        async with ctx.sessions.begin() as session:
+            await repository.unmark_dispatched(session, [t.id for t in queued])
         return queued + released

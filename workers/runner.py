@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RETRY_PAUSE = 1.0
 LOOP_STOP_SECONDS = 5.0
+DB_POOL_SIZE = 8  # hot-path connections: read loops, the reporter, heartbeat, reclaim
 
 
 class Worker:
@@ -71,11 +72,13 @@ class Worker:
         _, stuck = await asyncio.wait(loops, timeout=LOOP_STOP_SECONDS)
         if stuck:  # shutdown stays bounded; asyncio.run cancels them again at exit
             log.warning("%d loop(s) ignored cancellation; going on", len(stuck))
+        await self.reader.settle()
         await self._drain()
         await self.reporter.stop(reporter)
         await self.reader.hand_back()
         await self.maintenance.unregister()
         await ctx.stream.close()
+        await ctx.close_db()
         await self._engine.dispose()
         log.info("worker %s stopped", self.name)
 
@@ -91,6 +94,7 @@ class Worker:
         ctx = self.ctx
         while not ctx.stopping.is_set():
             try:
+                await ctx.open_db(DB_POOL_SIZE)
                 await ctx.stream.ensure_groups(ctx.all_streams)
                 await self.maintenance.register()
                 await ctx.stream.warn_unless_noeviction()

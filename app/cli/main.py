@@ -39,7 +39,7 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.__main__ import run_worker
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    return run_worker(queues, args.concurrency, args.name)
+    return run_worker(queues, args.concurrency, args.name, args.processes)
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_api)
 
-    p = sub.add_parser("worker", help="run one worker process")
+    p = sub.add_parser("worker", help="run worker processes")
     p.add_argument("--queues", default="default")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=16, help="jobs at once, per process")
     p.add_argument("--name", default=None)
+    p.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     p.set_defaults(func=_worker)
 
     from app.cli.operator_commands import add_operator_commands

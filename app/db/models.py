@@ -86,6 +86,8 @@ class JobRow(Base):
     payload: Mapped[Json] = mapped_column(JSONB)
     result: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The fencing token of the current attempt: every claim raises it, nothing lowers it.
+    claim_token: Mapped[int] = mapped_column(BigInteger, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, server_default="3")
     errors: Mapped[list[Json]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -2,8 +2,7 @@
 
 A guard that fails returns nothing for that job: a newer attempt, a cancel or a replay won.
 Every statement also appends its ``job_events`` rows, so history and state never disagree.
-The fencing token of an attempt is ``(attempts, worker)``: a stale worker whose delivery was
-reclaimed matches neither and changes nothing.
+The worker's transitions of an attempt (claim to outcome) are in :mod:`app.jobs.attempts`.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import select, text
@@ -20,23 +19,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobRow
 
-# Backoff in SQL so every path (failure, lost worker) uses the Postgres clock and one formula:
-# attempt n waits base * 2^(n-1), capped, with "equal jitter" (between half and all of it).
-_BACKOFF = (
-    "least(CAST(:retry_max AS float8), CAST(:retry_base AS float8) * power(2, {n} - 1))"
-    " * (0.5 + random() / 2)"
-)
-_OUT_OF_ATTEMPTS = "(j.attempts >= j.max_attempts)"
 EPOCH_KEY_PREFIX = "redis-epoch:"  # conveyor_state keys of the Redis data epochs
 
 
 @dataclass(frozen=True)
 class Backoff:
+    """Retry delays: attempt n waits base * 2^(n-1) seconds, capped, with equal jitter."""
+
     base_seconds: float
     max_seconds: float
-
-    def params(self) -> dict[str, float]:
-        return {"retry_base": self.base_seconds, "retry_max": self.max_seconds}
 
 
 @dataclass(frozen=True)
@@ -46,24 +37,6 @@ class Target:
     id: UUID
     queue: str
     priority: int
-
-
-class ErrorRecord(TypedDict):
-    """One entry of ``jobs.errors`` as a worker writes it; Postgres adds ``at``."""
-
-    attempt: int
-    error: str
-    type: str
-    traceback: str | None
-    worker: str
-
-
-@dataclass(frozen=True)
-class Failure:
-    job_id: UUID
-    attempt: int
-    error: ErrorRecord
-    permanent: bool = False
 
 
 async def _jobs(session: AsyncSession, sql: str, params: dict[str, Any]) -> list[JobRow]:
@@ -159,221 +132,8 @@ async def unmark_dispatched(session: AsyncSession, ids: Sequence[UUID]) -> None:
         )
 
 
-# -- worker hot path -----------------------------------------------------------------------------
-
-_CLAIM = """
-WITH locked AS (
-    -- Look rows up by primary key only: "status || ''" keeps the planner from intersecting
-    -- with the status index, which holds every queued job (a deep backlog).
-    SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND status || '' = 'queued'
-    ORDER BY id FOR UPDATE
-), claimed AS (
-    UPDATE jobs j SET status = 'running', attempts = j.attempts + 1, worker = :worker,
-        started_at = now(), next_attempt_at = NULL,
-        lease_expires_at = now() + make_interval(secs => :lease)
-    FROM locked WHERE j.id = locked.id AND j.status = 'queued'
-    RETURNING j.*
-), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, worker)
-    SELECT id, 'claimed', attempts, worker FROM claimed
-)
-SELECT * FROM claimed
-"""
-
-
-async def claim_many(
-    session: AsyncSession, ids: Sequence[UUID], worker: str, lease_seconds: float
-) -> list[JobRow]:
-    """queued → running for every id still queued; the rest were taken, cancelled or done."""
-    if not ids:
-        return []
-    return await _jobs(
-        session, _CLAIM, {"ids": list(ids), "worker": worker, "lease": lease_seconds}
-    )
-
-
-_SUCCEED = """
-WITH v AS (
-    SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:results AS text[]))
-        AS v(id, attempt, result)
-), done AS (
-    UPDATE jobs j SET status = 'succeeded', result = CAST(v.result AS jsonb), finished_at = now(),
-        worker = NULL, lease_expires_at = NULL
-    FROM v WHERE j.id = v.id AND j.attempts = v.attempt AND j.status = 'running'
-        AND j.worker = :worker
-    RETURNING j.id, j.attempts
-), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, worker)
-    SELECT id, 'succeeded', attempts, :worker FROM done
-)
-SELECT id FROM done
-"""
-
-
-async def succeed_many(
-    session: AsyncSession, worker: str, outcomes: Sequence[tuple[UUID, int, str]]
-) -> set[UUID]:
-    """running → succeeded, guarded by (attempt, worker); each result is JSON text.
-    Returns the ids that moved."""
-    if not outcomes:
-        return set()
-    params = {
-        "ids": [o[0] for o in outcomes],
-        "attempts": [o[1] for o in outcomes],
-        "results": [o[2] for o in outcomes],
-        "worker": worker,
-    }
-    return set((await session.scalars(text(_SUCCEED), params)).all())
-
-
-_FAIL = f"""
-WITH v AS (
-    SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]),
-                         CAST(:errors AS text[]), CAST(:permanent AS bool[]))
-        AS v(id, attempt, error, permanent)
-), failed AS (
-    UPDATE jobs j SET
-        status = CASE WHEN v.permanent OR {_OUT_OF_ATTEMPTS} THEN 'dead' ELSE 'retrying' END,
-        errors = j.errors || jsonb_build_array(
-            CAST(v.error AS jsonb) || jsonb_build_object('at', now())),
-        next_attempt_at = CASE WHEN v.permanent OR {_OUT_OF_ATTEMPTS} THEN NULL
-            ELSE now() + make_interval(secs => {_BACKOFF.format(n="j.attempts")}) END,
-        finished_at = CASE WHEN v.permanent OR {_OUT_OF_ATTEMPTS} THEN now() END,
-        worker = NULL, lease_expires_at = NULL
-    FROM v WHERE j.id = v.id AND j.attempts = v.attempt AND j.status = 'running'
-        AND j.worker = :worker
-    RETURNING j.*
-), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, worker)
-    SELECT id, CASE WHEN status = 'dead' THEN 'dead' ELSE 'failed' END, attempts, :worker
-    FROM failed
-)
-SELECT * FROM failed
-"""
-
-
-async def fail_many(
-    session: AsyncSession, worker: str, failures: Sequence[Failure], backoff: Backoff
-) -> list[JobRow]:
-    """running → retrying (with backoff) or → dead. Returns the rows that moved."""
-    if not failures:
-        return []
-    params = {
-        "ids": [f.job_id for f in failures],
-        "attempts": [f.attempt for f in failures],
-        "errors": [json.dumps(f.error) for f in failures],
-        "permanent": [f.permanent for f in failures],
-        "worker": worker,
-        **backoff.params(),
-    }
-    return await _jobs(session, _FAIL, params)
-
-
-_HEARTBEAT = """
-WITH v AS (
-    SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS v(id, attempt)
-), mine AS (
-    SELECT j.id FROM jobs j JOIN v ON j.id = v.id AND j.attempts = v.attempt
-    WHERE j.status = 'running' AND j.worker = :worker
-    ORDER BY j.id FOR UPDATE OF j SKIP LOCKED
-)
-UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => :lease)
-FROM mine WHERE j.id = mine.id
-RETURNING j.id
-"""
-
-
-async def extend_leases(
-    session: AsyncSession, worker: str, running: Sequence[tuple[UUID, int]], lease_seconds: float
-) -> set[UUID]:
-    """Keep the leases of our running attempts alive; returns the ids we still hold."""
-    if not running:
-        return set()
-    params = {
-        "ids": [r[0] for r in running],
-        "attempts": [r[1] for r in running],
-        "worker": worker,
-        "lease": lease_seconds,
-    }
-    return set((await session.scalars(text(_HEARTBEAT), params)).all())
-
-
-_RELEASE = """
-WITH v AS (
-    SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS v(id, attempt)
-), released AS (
-    UPDATE jobs j SET status = 'queued', attempts = j.attempts - 1, worker = NULL,
-        lease_expires_at = NULL, started_at = NULL, enqueued_at = now(), dispatched_at = NULL
-    FROM v WHERE j.id = v.id AND j.attempts = v.attempt AND j.status = 'running'
-        AND j.worker = :worker
-    RETURNING j.id, j.queue, j.priority, j.attempts
-), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, worker)
-    SELECT id, 'released', attempts + 1, :worker FROM released
-)
-SELECT id, queue, priority FROM released
-"""
-
-
-async def release_many(
-    session: AsyncSession, worker: str, running: Sequence[tuple[UUID, int]]
-) -> list[Target]:
-    """running → queued on shutdown; the interrupted attempt does not count."""
-    if not running:
-        return []
-    params = {"ids": [r[0] for r in running], "attempts": [r[1] for r in running], "worker": worker}
-    result = await session.execute(text(_RELEASE), params)
-    return [Target(r.id, r.queue, r.priority) for r in result]
-
-
-_RECLAIM = f"""
-WITH lost AS (
-    SELECT id, worker AS lost_worker FROM jobs
-    WHERE status = 'running' AND lease_expires_at < now()
-      AND queue = ANY(CAST(:queues AS text[])) {{only}}
-    ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
-), upd AS (
-    UPDATE jobs j SET
-        status = CASE WHEN {_OUT_OF_ATTEMPTS} THEN 'dead' ELSE 'retrying' END,
-        errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', j.attempts, 'error', 'worker lost', 'type', 'WorkerLost',
-            'worker', j.worker, 'at', now())),
-        next_attempt_at = CASE WHEN {_OUT_OF_ATTEMPTS} THEN NULL
-            ELSE now() + make_interval(secs => {_BACKOFF.format(n="j.attempts")}) END,
-        finished_at = CASE WHEN {_OUT_OF_ATTEMPTS} THEN now() END,
-        worker = NULL, lease_expires_at = NULL
-    FROM lost WHERE j.id = lost.id
-    RETURNING j.*, lost.lost_worker
-), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, worker, actor)
-    SELECT id, CASE WHEN status = 'dead' THEN 'dead' ELSE 'reclaimed' END, attempts,
-           lost_worker, :actor
-    FROM upd
-)
-SELECT * FROM upd
-"""
-
-
-async def reclaim_expired(
-    session: AsyncSession,
-    actor: str,
-    backoff: Backoff,
-    queues: Sequence[str],
-    *,
-    ids: Sequence[UUID] | None = None,
-    limit: int = 500,
-) -> list[JobRow]:
-    """running with a lapsed lease → the attempt failed with ``worker lost`` (retry or dead)."""
-    only = "AND id = ANY(CAST(:ids AS uuid[]))" if ids is not None else ""
-    params: dict[str, Any] = {
-        "actor": actor,
-        "limit": limit,
-        "queues": list(queues),
-        **backoff.params(),
-    }
-    if ids is not None:
-        params["ids"] = list(ids)
-    return await _jobs(session, _RECLAIM.format(only=only), params)
+# Claim, complete, heartbeat, release and reclaim (the worker's transitions of an attempt) are
+# in app/jobs/attempts.py, on asyncpg directly.
 
 
 # -- maintenance ---------------------------------------------------------------------------------

@@ -229,14 +229,19 @@ class StreamClient:
     async def autoclaim(
         self, stream: str, consumer: str, min_idle_ms: int, count: int = 100
     ) -> Reclaimed:
-        """XAUTOCLAIM idle entries of dead consumers, following the cursor to the end."""
+        """XAUTOCLAIM up to ``count`` idle entries of dead consumers, following the cursor."""
         deliveries: list[Delivery] = []
         deleted: list[str] = []
         cursor = "0-0"
         for _ in range(100):
             try:
                 reply = await self.redis.xautoclaim(
-                    stream, GROUP, consumer, min_idle_ms, start_id=cursor, count=count
+                    stream,
+                    GROUP,
+                    consumer,
+                    min_idle_ms,
+                    start_id=cursor,
+                    count=count - len(deliveries),
                 )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -247,7 +252,7 @@ class StreamClient:
             cursor, entries = reply[0], reply[1]
             deleted.extend(reply[2] if len(reply) > 2 else [])
             deliveries.extend(Delivery(stream, e, _parse_job(f)) for e, f in entries)
-            if cursor == "0-0":
+            if cursor == "0-0" or len(deliveries) >= count:
                 break
         return Reclaimed(deliveries, deleted)
 

@@ -13,16 +13,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
+from app.db.url import asyncpg_dsn
 from app.devserver import EmbeddedRedis
-from app.jobs import repository
+from app.jobs import attempts, repository
+from app.jobs.attempts import Completion
 from app.jobs.dispatch import Dispatcher
-from app.jobs.repository import Backoff, Failure, Target
+from app.jobs.repository import Backoff, Target
 from app.main import create_app
 from app.settings import Settings
 from app.streams.client import StreamClient, create_redis
@@ -59,12 +62,14 @@ async def test_late_confirmation_does_not_hide_a_requeued_job(
         await asyncio.sleep(0.1)
         # Meanwhile a worker takes the entry, the attempt fails, the retry is promoted back to
         # queued, and its new XADD does not happen (the stream is full or Redis blinked).
-        async with sessions.begin() as session:
-            await repository.claim_many(session, [job.id], "w-elsewhere", 30.0)
-        async with sessions.begin() as session:
+        conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+        try:
+            [claim] = await attempts.claim_many(conn, [job.id], "w-elsewhere", 30.0)
             error = error_record(1, "w-elsewhere", "boom", "RuntimeError")
-            failure = Failure(job.id, 1, error)
-            await repository.fail_many(session, "w-elsewhere", [failure], Backoff(0.0, 0.0))
+            failure = Completion(job.id, claim.token, None, error)
+            await attempts.complete_many(conn, "w-elsewhere", [failure], Backoff(0.0, 0.0))
+        finally:
+            await conn.close()
         async with sessions.begin() as session:
             assert [t.id for t in await repository.promote_due(session, [queue])] == [job.id]
         async with Redis.from_url(settings.redis_url) as redis:

@@ -72,6 +72,8 @@ async def make_job(
         **_by_status(status, now),
         **fields,
     }
+    if status is JobStatus.RUNNING:  # the running attempt's fencing token
+        values.setdefault("claim_token", values["attempts"])
     row = JobRow(**values)
     session.add(row)
     await session.flush()

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobRow
-from app.jobs import repository
-from app.jobs.repository import Backoff, ErrorRecord, Failure
+from app.jobs import attempts, repository
+from app.jobs.attempts import Completion, ErrorRecord
+from app.jobs.repository import Backoff
 from app.jobs.status import TERMINAL, JobStatus
 from tests.jobs.factories import (
     MAX_ATTEMPTS,
@@ -45,27 +47,37 @@ Row = dict[str, Any]
 # -- adapters: one call each; True when the transition reports the job moved ------------------
 
 
+async def _raw(s: AsyncSession) -> asyncpg.Connection:
+    """The session's own asyncpg connection: the worker's statements run in the test's
+    transaction."""
+    conn = await s.connection()
+    raw = await conn.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection
+    return driver
+
+
 async def claim(s: AsyncSession, job: JobRow, worker: str = WORKER) -> bool:
-    return bool(await repository.claim_many(s, [job.id], worker, LEASE_SECONDS))
+    return bool(await attempts.claim_many(await _raw(s), [job.id], worker, LEASE_SECONDS))
+
+
+async def _complete(s: AsyncSession, worker: str, outcome: Completion) -> bool:
+    moved, _ = await attempts.complete_many(await _raw(s), worker, [outcome], BACKOFF)
+    return bool(moved)
 
 
 async def succeed(s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0) -> bool:
-    outcome = (job.id, attempt or job.attempts, json.dumps({"answer": 42}))
-    return bool(await repository.succeed_many(s, worker, [outcome]))
+    outcome = Completion(job.id, attempt or job.claim_token, json.dumps({"answer": 42}))
+    return await _complete(s, worker, outcome)
 
 
 async def fail(
     s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0, permanent: bool = False
 ) -> bool:
     error = ErrorRecord(
-        attempt=attempt or job.attempts,
-        error="boom",
-        type="RuntimeError",
-        traceback=None,
-        worker=worker,
+        attempt=job.attempts, error="boom", type="RuntimeError", traceback=None, worker=worker
     )
-    failure = Failure(job.id, attempt or job.attempts, error, permanent)
-    return bool(await repository.fail_many(s, worker, [failure], BACKOFF))
+    outcome = Completion(job.id, attempt or job.claim_token, None, error, permanent)
+    return await _complete(s, worker, outcome)
 
 
 async def fail_permanently(s: AsyncSession, job: JobRow) -> bool:
@@ -75,16 +87,18 @@ async def fail_permanently(s: AsyncSession, job: JobRow) -> bool:
 async def extend_lease(
     s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0
 ) -> bool:
-    running = [(job.id, attempt or job.attempts)]
-    return bool(await repository.extend_leases(s, worker, running, LEASE_SECONDS))
+    running = [(job.id, attempt or job.claim_token)]
+    return bool(await attempts.extend_leases(await _raw(s), worker, running, LEASE_SECONDS))
 
 
 async def release(s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0) -> bool:
-    return bool(await repository.release_many(s, worker, [(job.id, attempt or job.attempts)]))
+    running = [(job.id, attempt or job.claim_token)]
+    return bool(await attempts.release_many(await _raw(s), worker, running))
 
 
 async def reclaim(s: AsyncSession, job: JobRow) -> bool:
-    return bool(await repository.reclaim_expired(s, ACTOR, BACKOFF, [job.queue], ids=[job.id]))
+    conn = await _raw(s)
+    return bool(await attempts.reclaim_expired(conn, ACTOR, BACKOFF, [job.queue], ids=[job.id]))
 
 
 async def promote(s: AsyncSession, job: JobRow) -> bool:

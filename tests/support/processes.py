@@ -87,6 +87,7 @@ class Spawner:
         concurrency: int = 8,
         name: str | None = None,
         settings: Settings | None = None,
+        processes: int = 1,
         **extra_env: str,
     ) -> Proc:
         name = name or f"w{len(self.procs)}-{os.urandom(2).hex()}"
@@ -101,6 +102,8 @@ class Spawner:
             "--name",
             name,
         ]
+        if processes != 1:
+            argv += ["--processes", str(processes)]
         return self._spawn(name, argv, env_for(settings or self.settings, **extra_env))
 
     def api(self, *, settings: Settings | None = None, **extra_env: str) -> tuple[Proc, str]:

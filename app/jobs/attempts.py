@@ -1,0 +1,330 @@
+"""The worker's transitions of an attempt, on asyncpg directly: claim, complete, heartbeat,
+release, reclaim. Each is one guarded statement over a batch, with its ``job_events`` rows.
+
+This is the hot path (a few statements per XREADGROUP batch), so it skips the ORM: prepared
+statements (asyncpg caches them per connection), arrays in, tuples out, and a single
+statement needs no explicit transaction. See ADR 0011.
+
+The fencing token of an attempt is ``claim_token``: every claim increments it and nothing
+ever lowers it (a release on shutdown gives the attempt back without counting it, and a
+replay resets ``attempts``, but neither touches the token). Every later statement about the
+attempt matches ``(id, claim_token)``, ``status = 'running'`` and the worker, so a stale
+worker changes nothing (ADR 0003, ADR 0012).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypedDict
+from uuid import UUID
+
+import asyncpg
+
+from app.jobs.repository import Backoff, Target
+
+# Backoff in SQL so every path (failure, lost worker) uses the Postgres clock and one formula:
+# attempt n waits base * 2^(n-1), capped, with "equal jitter" (between half and all of it).
+_BACKOFF = "least($RMAX::float8, $RBASE::float8 * power(2, j.attempts - 1)) * (0.5 + random() / 2)"
+_OUT_OF_ATTEMPTS = "(j.attempts >= j.max_attempts)"
+
+# Postgres refused the data of a statement (class 22 data exception, class 23 integrity
+# violation) or asyncpg could not encode an argument: not a connection problem, so retrying
+# the same batch would fail forever.
+REFUSED: tuple[type[Exception], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+
+
+class ErrorRecord(TypedDict):
+    """One entry of ``jobs.errors`` as a worker writes it; Postgres adds ``at``."""
+
+    attempt: int
+    error: str
+    type: str
+    traceback: str | None
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An attempt this worker won: what its handler needs, and its fencing token."""
+
+    id: UUID
+    token: int
+    attempt: int
+    type: str
+    queue: str
+    max_attempts: int
+    timeout_seconds: float | None
+    payload: str  # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The outcome of an attempt: ``result`` (JSON text) when it succeeded, else ``error``."""
+
+    id: UUID
+    token: int
+    result: str | None
+    error: ErrorRecord | None = None
+    permanent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """A job that went dead, for the DLQ notification."""
+
+    id: UUID
+    type: str
+    queue: str
+    attempts: int
+    errors: str  # the error history as JSON text
+
+
+def _backoff(sql: str, first: int) -> str:
+    return sql.replace("$RBASE", f"${first}").replace("$RMAX", f"${first + 1}")
+
+
+_CLAIM = """
+WITH locked AS (
+    -- Look rows up by primary key only: "status || ''" keeps the planner from intersecting
+    -- with the status index, which holds every queued job (a deep backlog).
+    SELECT id FROM jobs WHERE id = ANY($1::uuid[]) AND status || '' = 'queued'
+    ORDER BY id FOR UPDATE
+), claimed AS (
+    UPDATE jobs j SET status = 'running', attempts = j.attempts + 1,
+        claim_token = j.claim_token + 1, worker = $2, started_at = now(),
+        next_attempt_at = NULL, lease_expires_at = now() + make_interval(secs => $3)
+    FROM locked WHERE j.id = locked.id AND j.status = 'queued'
+    RETURNING j.id, j.claim_token, j.attempts, j.type, j.queue, j.max_attempts,
+        j.timeout_seconds, j.payload::text AS payload
+), ev AS (
+    INSERT INTO job_events (job_id, event, attempt, worker)
+    SELECT id, 'claimed', attempts, $2 FROM claimed
+)
+SELECT * FROM claimed
+"""
+
+
+async def claim_many(
+    conn: asyncpg.Connection, ids: Sequence[UUID], worker: str, lease_seconds: float
+) -> list[Claim]:
+    """queued → running for every id still queued; the rest were taken, cancelled or done."""
+    if not ids:
+        return []
+    rows = await conn.fetch(_CLAIM, ids, worker, lease_seconds)
+    return [Claim(*r) for r in rows]
+
+
+_COMPLETE = _backoff(
+    f"""
+WITH v AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bool[])
+        AS v(id, token, result, error, permanent)
+), done AS (
+    UPDATE jobs j SET
+        status = CASE WHEN v.error IS NULL THEN 'succeeded'
+            WHEN v.permanent OR {_OUT_OF_ATTEMPTS} THEN 'dead' ELSE 'retrying' END,
+        result = CASE WHEN v.error IS NULL THEN v.result::jsonb ELSE j.result END,
+        errors = CASE WHEN v.error IS NULL THEN j.errors ELSE j.errors
+            || jsonb_build_array(v.error::jsonb || jsonb_build_object('at', now())) END,
+        next_attempt_at = CASE WHEN v.error IS NULL OR v.permanent OR {_OUT_OF_ATTEMPTS}
+            THEN NULL ELSE now() + make_interval(secs => {_BACKOFF}) END,
+        finished_at = CASE WHEN v.error IS NULL OR v.permanent OR {_OUT_OF_ATTEMPTS}
+            THEN now() END,
+        worker = NULL, lease_expires_at = NULL
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
+        AND j.worker = $6
+    RETURNING j.id, j.status, j.attempts, j.type, j.queue,
+        CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors
+), ev AS (
+    INSERT INTO job_events (job_id, event, attempt, worker)
+    SELECT id, CASE WHEN status = 'retrying' THEN 'failed' ELSE status END, attempts, $6
+    FROM done
+)
+SELECT * FROM done
+""",
+    7,
+)
+
+
+async def complete_many(
+    conn: asyncpg.Connection, worker: str, outcomes: Sequence[Completion], backoff: Backoff
+) -> tuple[set[UUID], list[Dead]]:
+    """running → succeeded, retrying (with backoff) or dead, fenced by the claim token.
+
+    Returns the ids that moved (the others were fenced off: a newer attempt, a cancel or a
+    replay won) and the jobs that went dead.
+    """
+    if not outcomes:
+        return set(), []
+    rows = await conn.fetch(
+        _COMPLETE,
+        [o.id for o in outcomes],
+        [o.token for o in outcomes],
+        [o.result for o in outcomes],
+        [None if o.error is None else json.dumps(o.error) for o in outcomes],
+        [o.permanent for o in outcomes],
+        worker,
+        backoff.base_seconds,
+        backoff.max_seconds,
+    )
+    moved = {r[0] for r in rows}
+    dead = [Dead(r[0], r[3], r[4], r[2], r[5]) for r in rows if r[1] == "dead"]
+    return moved, dead
+
+
+_HEARTBEAT = """
+WITH v AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS v(id, token)
+), mine AS (
+    SELECT j.id FROM jobs j JOIN v ON j.id = v.id AND j.claim_token = v.token
+    WHERE j.status = 'running' AND j.worker = $3
+    ORDER BY j.id FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => $4)
+FROM mine WHERE j.id = mine.id
+RETURNING j.id, j.claim_token
+"""
+
+
+async def extend_leases(
+    conn: asyncpg.Connection,
+    worker: str,
+    running: Sequence[tuple[UUID, int]],
+    lease_seconds: float,
+) -> set[tuple[UUID, int]]:
+    """Keep the leases of our running attempts alive; returns the attempts we still hold."""
+    if not running:
+        return set()
+    ids = [r[0] for r in running]
+    tokens = [r[1] for r in running]
+    rows = await conn.fetch(_HEARTBEAT, ids, tokens, worker, lease_seconds)
+    return {(r[0], r[1]) for r in rows}
+
+
+_RELEASE = """
+WITH v AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS v(id, token)
+), released AS (
+    UPDATE jobs j SET status = 'queued', attempts = j.attempts - 1, worker = NULL,
+        lease_expires_at = NULL, started_at = NULL, enqueued_at = now(), dispatched_at = NULL
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
+        AND j.worker = $3
+    RETURNING j.id, j.queue, j.priority, j.attempts
+), ev AS (
+    INSERT INTO job_events (job_id, event, attempt, worker)
+    SELECT id, 'released', attempts + 1, $3 FROM released
+)
+SELECT id, queue, priority FROM released
+"""
+
+
+async def release_many(
+    conn: asyncpg.Connection, worker: str, running: Sequence[tuple[UUID, int]]
+) -> list[Target]:
+    """running → queued on shutdown; the interrupted attempt does not count (its token
+    stays used)."""
+    if not running:
+        return []
+    rows = await conn.fetch(_RELEASE, [r[0] for r in running], [r[1] for r in running], worker)
+    return [Target(r[0], r[1], r[2]) for r in rows]
+
+
+_RECLAIM = _backoff(
+    f"""
+WITH lost AS (
+    SELECT id, worker AS lost_worker FROM jobs
+    WHERE status = 'running' AND lease_expires_at < now()
+      AND queue = ANY($1::text[]) AND ($2::uuid[] IS NULL OR id = ANY($2::uuid[]))
+      AND NOT EXISTS (
+          SELECT FROM unnest($3::uuid[], $4::bigint[]) AS live(id, token)
+          WHERE live.id = jobs.id AND live.token = jobs.claim_token)
+    ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE jobs j SET
+        status = CASE WHEN {_OUT_OF_ATTEMPTS} THEN 'dead' ELSE 'retrying' END,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'error', 'worker lost', 'type', 'WorkerLost',
+            'worker', j.worker, 'at', now())),
+        next_attempt_at = CASE WHEN {_OUT_OF_ATTEMPTS} THEN NULL
+            ELSE now() + make_interval(secs => {_BACKOFF}) END,
+        finished_at = CASE WHEN {_OUT_OF_ATTEMPTS} THEN now() END,
+        worker = NULL, lease_expires_at = NULL
+    FROM lost WHERE j.id = lost.id
+    RETURNING j.id, j.status, j.attempts, j.type, j.queue, j.errors::text AS errors,
+        lost.lost_worker
+), ev AS (
+    INSERT INTO job_events (job_id, event, attempt, worker, actor)
+    SELECT id, CASE WHEN status = 'dead' THEN 'dead' ELSE 'reclaimed' END, attempts,
+           lost_worker, $6
+    FROM upd
+)
+SELECT id, status, attempts, type, queue, errors FROM upd
+""",
+    7,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    id: UUID
+    status: str
+    attempts: int
+    type: str
+    queue: str
+    errors: str
+
+
+async def reclaim_expired(
+    conn: asyncpg.Connection,
+    actor: str,
+    backoff: Backoff,
+    queues: Sequence[str],
+    *,
+    live: Sequence[tuple[UUID, int]] = (),
+    ids: Sequence[UUID] | None = None,
+    limit: int = 500,
+) -> list[Reclaimed]:
+    """running with a lapsed lease → the attempt failed with ``worker lost`` (retry or dead).
+
+    ``live``: the attempts the caller runs itself; never reclaimed here, whatever their
+    lease says (the caller's heartbeat renews it as soon as it reaches Postgres again).
+    """
+    rows = await conn.fetch(
+        _RECLAIM,
+        list(queues),
+        None if ids is None else list(ids),
+        [a[0] for a in live],
+        [a[1] for a in live],
+        limit,
+        actor,
+        backoff.base_seconds,
+        backoff.max_seconds,
+    )
+    return [Reclaimed(*r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    id: UUID
+    token: int
+    status: str
+    worker: str | None
+    queue: str
+    priority: int
+
+
+async def states(conn: asyncpg.Connection, ids: Sequence[UUID]) -> list[State]:
+    """Where these jobs stand now (for handing back deliveries on shutdown)."""
+    if not ids:
+        return []
+    rows = await conn.fetch(
+        "SELECT id, claim_token, status, worker, queue, priority FROM jobs"
+        " WHERE id = ANY($1::uuid[])",
+        ids,
+    )
+    return [State(*r) for r in rows]

@@ -1,0 +1,108 @@
+"""The claim token: every claim raises it, nothing lowers it, and every statement of an
+attempt is fenced by it (real Postgres)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from app.db.url import asyncpg_dsn as dsn
+from app.jobs import attempts
+from app.jobs.attempts import Completion
+from app.jobs.repository import Backoff
+from app.settings import Settings
+from workers.execution import error_record
+
+NO_WAIT = Backoff(0.0, 0.0)
+
+
+@pytest.fixture
+async def conn(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def _queued(conn: asyncpg.Connection, queue: str, max_attempts: int = 3) -> UUID:
+    job_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO jobs (id, type, queue, status, payload, max_attempts, enqueued_at)"
+        " VALUES ($1, 'demo.echo', $2, 'queued', '{}', $3, now())",
+        job_id,
+        queue,
+        max_attempts,
+    )
+    return job_id
+
+
+async def _replay(conn: asyncpg.Connection, job_id: UUID) -> None:
+    """What ``repository.replay`` does to the row (dead → queued, attempts reset)."""
+    await conn.execute(
+        "UPDATE jobs SET status = 'queued', attempts = 0, finished_at = NULL,"
+        " enqueued_at = now() WHERE id = $1 AND status = 'dead'",
+        job_id,
+    )
+
+
+async def test_a_replayed_job_claimed_by_the_same_worker_fences_off_the_old_attempt(
+    conn: asyncpg.Connection, queue: str
+) -> None:
+    job_id = await _queued(conn, queue, max_attempts=1)
+    [old] = await attempts.claim_many(conn, [job_id], "w1", 30.0)
+    await conn.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1s' WHERE id = $1", job_id
+    )
+    [lost] = await attempts.reclaim_expired(conn, "w2", NO_WAIT, [queue], ids=[job_id])
+    assert lost.status == "dead"
+    await _replay(conn, job_id)
+    [new] = await attempts.claim_many(conn, [job_id], "w1", 30.0)
+    assert (new.attempt, new.token) == (old.attempt, old.token + 1)  # same (attempts, worker)
+
+    stale = Completion(job_id, old.token, '"stale"')
+    assert await attempts.extend_leases(conn, "w1", [(job_id, old.token)], 30.0) == set()
+    assert await attempts.release_many(conn, "w1", [(job_id, old.token)]) == []
+    assert await attempts.complete_many(conn, "w1", [stale], NO_WAIT) == (set(), [])
+    assert await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "running"
+
+    fresh = Completion(job_id, new.token, '"fresh"')
+    assert (await attempts.complete_many(conn, "w1", [fresh], NO_WAIT))[0] == {job_id}
+    row = await conn.fetchrow("SELECT status, result FROM jobs WHERE id = $1", job_id)
+    assert (row["status"], row["result"]) == ("succeeded", '"fresh"')
+
+
+async def test_release_gives_the_attempt_back_but_never_its_token(
+    conn: asyncpg.Connection, queue: str
+) -> None:
+    job_id = await _queued(conn, queue)
+    [first] = await attempts.claim_many(conn, [job_id], "w1", 30.0)
+    [released] = await attempts.release_many(conn, "w1", [(job_id, first.token)])
+    assert released.id == job_id
+    [second] = await attempts.claim_many(conn, [job_id], "w1", 30.0)
+    assert (second.attempt, second.token) == (first.attempt, first.token + 1)
+    error = error_record(first.attempt, "w1", "boom", "RuntimeError")
+    stale = Completion(job_id, first.token, None, error)
+    assert await attempts.complete_many(conn, "w1", [stale], NO_WAIT) == (set(), [])
+    assert await conn.fetchval("SELECT errors FROM jobs WHERE id = $1", job_id) == "[]"
+
+
+async def test_reclaim_leaves_the_callers_live_attempts_alone(
+    conn: asyncpg.Connection, queue: str
+) -> None:
+    mine, theirs = await _queued(conn, queue), await _queued(conn, queue)
+    [a] = await attempts.claim_many(conn, [mine], "w1", 30.0)
+    await attempts.claim_many(conn, [theirs], "w1", 30.0)
+    await conn.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1s' WHERE id = ANY($1::uuid[])",
+        [mine, theirs],
+    )
+    # w1 runs `mine` (its live attempt) but no longer `theirs` (e.g. a previous process
+    # with the same name): only `theirs` is reclaimed, even by w1 itself.
+    lost = await attempts.reclaim_expired(conn, "w1", NO_WAIT, [queue], live=[(mine, a.token)])
+    assert [r.id for r in lost] == [theirs]
+    assert await conn.fetchval("SELECT status FROM jobs WHERE id = $1", mine) == "running"
