@@ -1,7 +1,7 @@
 """A plain asyncpg pool for the worker's hot path (claim, complete, heartbeat); see ADR 0011.
 
 No ORM, no pre-ping, no reset query on release: a dead connection fails its statement, the
-caller retries, and the pool replaces the connection.
+caller retries, and the pool opens a new one when asked.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool:
         server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
     pool: asyncpg.Pool = await asyncpg.create_pool(
         asyncpg_dsn(settings.database_url),
-        min_size=1,
+        min_size=0,  # no floor to restore while Postgres is down (asyncpg logs each try)
         max_size=max_size,
         timeout=5,
         command_timeout=30,
