@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(default=100000, ge=100)
     page_max_bytes: int = Field(default=4 << 20, ge=65536)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # A job with no timeout of its own, of a type with none, gets this one (0: none at all).
+    default_timeout_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400)
+    # A job whose type a worker does not know is handed back for this long, then dead.
+    unknown_type_grace_seconds: float = Field(default=600.0, ge=0)
     promote_interval_seconds: float = Field(default=0.25, gt=0)
     dispatch_grace_seconds: float = Field(default=5.0, ge=0)
     # A schedule's slot more than this late (nothing was running) is "missed" (skip/run_once).

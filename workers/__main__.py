@@ -1,4 +1,5 @@
-"""``python -m workers``: run a worker until SIGTERM/SIGINT, then exit 0.
+"""``python -m workers``: run a worker until SIGTERM/SIGINT (exit codes: see
+:mod:`workers.shutdown`).
 
 With ``--processes N`` (N > 1), a parent starts N worker processes and forwards the signals.
 """
@@ -7,22 +8,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Callable
 
+from app.jobs.workers_table import NameInUse
 from app.logs import configure
 from app.settings import get_settings
+from workers import shutdown
 from workers.context import WorkerConfig, default_name
 from workers.processes import Processes, child_names
 from workers.runner import Worker
 
 
-async def _main(worker: Worker) -> None:
+async def _main(worker: Worker) -> int:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+    shutdown.install_stop_signals(loop, worker.stop, worker.ctx.settings.shutdown_grace_seconds)
     await worker.run()
+    return await shutdown.abandon_leftovers()
+
+
+MAX_NAME_CHARS = 200
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a worker name (a Redis consumer and a column value), if it can't."""
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        return f"must be 1 to {MAX_NAME_CHARS} characters"
+    if not name.isprintable():  # control characters, and undecodable bytes (lone surrogates)
+        return "must be printable UTF-8 text"
+    return None
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -39,17 +53,28 @@ def run_worker(queues: list[str], concurrency: int, name: str | None, processes:
     configure(settings.log_level)
     if concurrency < 1:
         print("--concurrency must be at least 1", file=sys.stderr)
-        return 2
+        return shutdown.EXIT_USAGE
     if processes < 1:
         print("--processes must be at least 1", file=sys.stderr)
-        return 2
+        return shutdown.EXIT_USAGE
     queues = queues or ["default"]
     if processes > 1:
-        return Processes(queues, concurrency, child_names(name, processes)).run()
+        names = child_names(name, processes)
+        for child in names:  # the children's names are derived from --name: check them here
+            if child is not None and (problem := name_problem(child)):
+                print(f"--name {problem} (with -{processes} appended)", file=sys.stderr)
+                return shutdown.EXIT_USAGE
+        return Processes(queues, concurrency, names).run()
+    if name is not None and (problem := name_problem(name)):
+        print(f"--name {problem}", file=sys.stderr)
+        return shutdown.EXIT_USAGE
     worker = Worker(settings, WorkerConfig(queues, concurrency, name or default_name()))
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_main(worker))
-    return 0
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_main(worker))
+    except NameInUse as exc:
+        print(f"conveyor worker: {exc}", file=sys.stderr)
+        return shutdown.EXIT_NAME_IN_USE
 
 
 def main() -> int:

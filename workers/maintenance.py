@@ -7,18 +7,21 @@ errors and goes on. Postgres decides; Redis is only told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from app.jobs import attempts, queries, repository
+from app.jobs import attempts, repository, workers_table
 from app.jobs.attempts import Dead
 from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
 from app.schedules.due import ScheduleDuty
+from workers import shutdown
 from workers.context import Attempt, WorkerContext
 from workers.reporter import Reporter
 
@@ -36,6 +39,7 @@ class Maintenance:
         idle = ctx.settings.claim_idle_seconds
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
         self.leased: set[Attempt] = set()  # attempts whose leases the last heartbeat extended
+        self.token: datetime | None = None  # our claim on our name (workers_table)
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         s = self.ctx.settings
@@ -79,13 +83,16 @@ class Maintenance:
         }
 
     async def register(self) -> None:
-        async with self.ctx.sessions.begin() as session:
-            await queries.upsert_worker(session, self._worker_values())
+        """Claim our name (raises ``NameInUse`` if a live worker holds it)."""
+        self.token = await workers_table.claim_name(
+            self.ctx.sessions, self._worker_values(), self.ctx.lease_seconds
+        )
 
     async def unregister(self) -> None:
         try:
             async with self.ctx.sessions.begin() as session:
-                await queries.remove_workers(session, [self.ctx.name])
+                if self.token is not None:
+                    await workers_table.release_name(session, self.ctx.name, self.token)
             for stream in self.ctx.all_streams:
                 mine = [
                     c for c in await self.ctx.stream.consumers(stream) if c["name"] == self.ctx.name
@@ -104,7 +111,10 @@ class Maintenance:
                 conn, ctx.name, ctx.running.attempts(), ctx.lease_seconds
             )
         async with ctx.sessions.begin() as session:
-            await queries.upsert_worker(session, self._worker_values())
+            if self.token is not None and not await workers_table.beat(
+                session, self._worker_values(), self.token
+            ):
+                shutdown.displaced(ctx.name)
 
     async def refresh_entries(self) -> None:
         """Reset the idle time of our pending entries in Redis, so XAUTOCLAIM leaves them.
@@ -202,10 +212,11 @@ class Maintenance:
             except Exception as exc:
                 log.warning("reconcile failed: %s", exc)
             loss = self.ctx.stream.data_loss
-            try:
-                await asyncio.wait_for(loss.wait(), timeout=self.ctx.settings.reconcile_seconds)
-            except TimeoutError:
-                continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives as the event is set, and this loop then outlived the shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.ctx.settings.reconcile_seconds):
+                    await loss.wait()
 
     async def reconcile(self) -> None:
         """Compare Postgres with Redis and repair what Redis lost."""
@@ -238,8 +249,8 @@ class Maintenance:
     async def _prune(self) -> None:
         """Forget long-gone workers; delete their consumers only once nothing is pending."""
         async with self.ctx.sessions.begin() as session:
-            gone = await queries.stale_workers(session, WORKER_ROW_TTL_SECONDS)
-            await queries.remove_workers(session, gone)
+            gone = await workers_table.stale_workers(session, WORKER_ROW_TTL_SECONDS)
+            await workers_table.remove_workers(session, gone)
         idle_ms = WORKER_ROW_TTL_SECONDS * 1000
         for stream in self.ctx.all_streams:
             for consumer in await self.ctx.stream.consumers(stream):

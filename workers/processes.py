@@ -3,7 +3,9 @@
 The parent runs no jobs. It starts the children (``python -m workers``, each with the same
 queues and ``--concurrency``, and a name of its own), forwards SIGTERM and SIGINT to them, and
 exits 0 once all of them have exited. A child that exits while no stop was asked for is
-started again after a pause. Children run in their own process group, so a terminal's Ctrl-C
+started again after a pause, unless it was refused at start (a bad argument, or its name is
+held by a live worker): that would fail again, so the parent stops the others and exits with
+the child's code. Children run in their own process group, so a terminal's Ctrl-C
 reaches them once (through the parent), not twice (a second signal means "hand back now"),
 and on Linux they get SIGTERM if the parent dies.
 """
@@ -19,11 +21,15 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from workers import shutdown
+
 log = logging.getLogger(__name__)
 
 RESTART_PAUSE = 1.0
 POLL_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1
+# A child that exits with one of these was refused at start: starting it again cannot help.
+FATAL_EXITS = frozenset({shutdown.EXIT_USAGE, shutdown.EXIT_NAME_IN_USE})
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -47,6 +53,7 @@ class Processes:
         self.names = names
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False
+        self.exit_code = shutdown.EXIT_OK
 
     def _spawn(self, i: int) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "workers", "--queues", ",".join(self.queues)]
@@ -78,6 +85,14 @@ class Processes:
                 if self.stopping:
                     del self.children[i]
                     continue
+                if code in FATAL_EXITS:
+                    log.error(
+                        "worker process %d was refused at start (%s); stopping", child.pid, code
+                    )
+                    del self.children[i]
+                    self.exit_code = code
+                    self._forward(signal.SIGTERM, None)
+                    continue
                 if i not in restart_at:
                     log.warning("worker process %d exited (%s); starting it again", child.pid, code)
                     restart_at[i] = time.monotonic() + RESTART_PAUSE
@@ -85,7 +100,7 @@ class Processes:
                     self.children[i] = self._spawn(i)
             time.sleep(POLL_SECONDS)
         log.info("all worker processes exited")
-        return 0
+        return self.exit_code
 
 
 def child_names(name: str | None, processes: int) -> list[str | None]:

@@ -222,14 +222,23 @@ class Reader:
         log.info("handed back %d job(s) claimed during shutdown", len(released))
 
     async def _run(self, entry: Running) -> None:
-        self.reporter.put(await execute(entry.job, self.registry, self.ctx.name), entry)
+        completion = await execute(
+            entry.job,
+            self.registry,
+            self.ctx.name,
+            default_timeout=self.ctx.settings.default_timeout_seconds,
+        )
+        self.reporter.put(completion, entry)
 
     # -- handing back on shutdown ------------------------------------------------------------------
 
     async def hand_back(self) -> None:
         """Release unfinished attempts and unclaimed deliveries so others take them at once."""
         ctx = self.ctx
-        unfinished = [r for r in ctx.running if r.task is None or r.task.cancelled()]
+        # not started, cancelled, or still running after the cancel (it ignored it: abandoned)
+        unfinished = [
+            r for r in ctx.running if r.task is None or not r.task.done() or r.task.cancelled()
+        ]
         try:
             stray = await self._stray_deliveries()
             async with ctx.db.acquire() as conn:

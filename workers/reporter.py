@@ -12,7 +12,8 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from app.jobs import attempts
+from app.db import errors as db_errors
+from app.jobs import attempts, unknown_type
 from app.jobs.attempts import Completion, Dead
 from workers.context import Running, WorkerContext
 from workers.execution import error_record, failed
@@ -83,13 +84,20 @@ class Reporter:
         try:
             await self._report(batch)
             return
-        except attempts.REFUSED as exc:
-            log.warning("Postgres refused a batch of outcomes (%s); writing one by one", exc)
+        except Exception as exc:
+            if not db_errors.is_data_error(exc):
+                raise
+            log.warning(
+                "Postgres refused a batch of outcomes (%s); writing one by one",
+                db_errors.describe(exc),
+            )
         for completion, entry in batch:
             try:
                 await self._report([(completion, entry)])
-            except attempts.REFUSED as exc:
-                message = f"outcome could not be stored: {type(exc).__name__}"
+            except Exception as exc:
+                if not db_errors.is_data_error(exc):
+                    raise
+                message = f"outcome could not be stored: {db_errors.describe(exc)}"
                 error = error_record(
                     entry.job.attempt, self.ctx.name, message, "OutcomeNotStorable"
                 )
@@ -99,10 +107,19 @@ class Reporter:
         if not batch:
             return
         ctx = self.ctx
+        known = [c for c, _ in batch if not c.unknown_type]
+        unknown = [c for c, _ in batch if c.unknown_type]
         async with ctx.db.acquire() as conn:
-            moved, dead = await attempts.complete_many(
-                conn, ctx.name, [c for c, _ in batch], ctx.backoff
-            )
+            if not unknown:
+                moved, dead = await attempts.complete_many(conn, ctx.name, known, ctx.backoff)
+            else:  # one transaction: a retry of the batch never finds half of it written
+                async with conn.transaction():
+                    moved, dead = await attempts.complete_many(conn, ctx.name, known, ctx.backoff)
+                    handed, gone = await unknown_type.hand_back(
+                        conn, ctx.name, unknown, ctx.settings.unknown_type_grace_seconds
+                    )
+                moved |= handed
+                dead += gone
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
         # (or to XAUTOCLAIM, whose claim then drops it).
         try:

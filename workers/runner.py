@@ -16,9 +16,11 @@ from app.db.engine import create_engine, create_session_factory
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import load_handlers
 from app.jobs.repository import Backoff
+from app.jobs.workers_table import NameInUse
 from app.settings import Settings
 from app.streams.client import StreamClient, create_redis
 from app.streams.keys import Keys
+from workers import shutdown
 from workers.context import RunningSet, WorkerConfig, WorkerContext
 from workers.maintenance import Maintenance
 from workers.reader import READ_BLOCK_MS, Reader
@@ -99,6 +101,8 @@ class Worker:
                 await self.maintenance.register()
                 await ctx.stream.warn_unless_noeviction()
                 return
+            except NameInUse:
+                raise
             except Exception as exc:
                 log.warning("waiting for Postgres and Redis: %s", exc)
                 await asyncio.sleep(RETRY_PAUSE)
@@ -116,6 +120,6 @@ class Worker:
         finished.cancel()
         hurry.cancel()
         late = [t for t in tasks if not t.done()]
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        stuck = await shutdown.cancel_and_wait(late)  # bounded: a handler may ignore it
+        if stuck:
+            log.warning("%d job(s) ignored cancellation; handing them back", len(stuck))

@@ -29,14 +29,6 @@ from app.jobs.repository import Backoff, Target
 _BACKOFF = "least($RMAX::float8, $RBASE::float8 * power(2, j.attempts - 1)) * (0.5 + random() / 2)"
 _OUT_OF_ATTEMPTS = "(j.attempts >= j.max_attempts)"
 
-# Postgres refused the data of a statement (class 22 data exception, class 23 integrity
-# violation) or asyncpg could not encode an argument: not a connection problem, so retrying
-# the same batch would fail forever.
-REFUSED: tuple[type[Exception], ...] = (
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-)
-
 
 class ErrorRecord(TypedDict):
     """One entry of ``jobs.errors`` as a worker writes it; Postgres adds ``at``."""
@@ -71,6 +63,7 @@ class Completion:
     result: str | None
     error: ErrorRecord | None = None
     permanent: bool = False
+    unknown_type: bool = False  # this worker has no handler for the type: see unknown_type.py
 
 
 @dataclass(frozen=True, slots=True)

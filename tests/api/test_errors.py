@@ -12,6 +12,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from app import errors as app_errors
 from app.api import errors
 from app.api.limits import BodyLimits
+from app.settings import Settings
 
 
 def _app() -> FastAPI:
@@ -111,3 +112,20 @@ async def test_invalid_content_length_is_400_bad_request() -> None:
     await BodyLimits(app, max_bytes=1024)(scope, receive, send)
     assert sent[0]["status"] == 400
     assert json.loads(sent[1]["body"])["error"] == "bad_request"
+
+
+async def test_value_postgres_refuses_is_422_and_writes_nothing(
+    client: httpx.AsyncClient, queue: str, settings: Settings
+) -> None:
+    """A payload that passes its type's model (a plain ``float`` takes the string "NaN") but
+    that jsonb refuses (class 22): a 422 naming no internals, not a 503, and no row."""
+    for value in ("NaN", "Infinity"):
+        body = {"type": "test.measure", "queue": queue, "payload": {"value": value}}
+        response = await client.post("/v1/jobs", json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "invalid"
+        assert "retry-after" not in response.headers
+        batch = await client.post("/v1/jobs/batch", json={"jobs": [body]})
+        assert batch.status_code == 422, batch.text
+    listed = (await client.get("/v1/jobs", params={"queue": queue})).json()
+    assert listed["items"] == []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +64,32 @@ async def nap(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
     """Sleeps while attempt <= until_attempt; the result names the worker and attempt."""
     if ctx.attempt <= payload.until_attempt:
         await asyncio.sleep(payload.seconds)
+    return {"worker": ctx.worker, "attempt": ctx.attempt}
+
+
+@job_type("test.patient", timeout_seconds=5.0)
+async def patient(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
+    """As test.nap, with a type timeout of 5 s (above the default the timeout tests set)."""
+    await asyncio.sleep(payload.seconds)
+    return {"worker": ctx.worker, "attempt": ctx.attempt}
+
+
+@job_type("test.stubborn")
+async def stubborn(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
+    """Sleeps ``seconds`` and swallows every cancellation meanwhile (shutdown, timeout): a
+    handler that ignores ``CancelledError``, as careless ``except BaseException`` code does."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + payload.seconds
+    while (left := end - loop.time()) > 0:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(left)
+    return {"worker": ctx.worker, "attempt": ctx.attempt}
+
+
+@job_type("test.block")
+async def block(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
+    """Sleeps ``seconds`` with ``time.sleep``: synchronous code that holds the event loop."""
+    time.sleep(payload.seconds)
     return {"worker": ctx.worker, "attempt": ctx.attempt}
 
 
@@ -165,3 +193,29 @@ async def weird_result(payload: WeirdPayload, ctx: JobContext) -> object:
     if payload.kind == "nul_error":
         raise ValueError("bad\x00byte \udc80")
     return object()
+
+
+class MeasurePayload(BaseModel):
+    """A plain ``float`` field, as job types commonly declare one: in lax mode pydantic also
+    accepts the strings "NaN" and "Infinity" for it, which PostgreSQL's jsonb refuses."""
+
+    value: float
+
+
+@job_type("test.measure")
+async def measure(payload: MeasurePayload, ctx: JobContext) -> dict[str, float]:
+    """Returns the value it was given."""
+    return {"value": payload.value}
+
+
+class HugeNumberPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    digits: int = Field(ge=1, le=200_000)
+
+
+@job_type("test.huge_number")
+async def huge_number(payload: HugeNumberPayload, ctx: JobContext) -> dict[str, int]:
+    """Returns 10**digits: valid JSON (with PYTHONINTMAXSTRDIGITS=0), but over 131072 digits
+    PostgreSQL's numeric (and so jsonb) refuses it: "value overflows numeric format"."""
+    return {"n": 10**payload.digits}
