@@ -126,7 +126,9 @@ class Results:
         left.set_title(f"latency vs offered load (≥{ceiling:,.0f} ms: saturated)")
         left.legend(fontsize=7)
         bars = [
-            m for m in self.metrics() if m.startswith(("drain", "single POST req", "batch submit"))
+            m
+            for m in self.metrics()
+            if m.startswith(("drain", "batch submit")) or m.endswith("req/s")
         ]
         systems = sorted(
             {s for (s, m) in self.figures if m in bars}, key=lambda s: (s != CONVEYOR, s)

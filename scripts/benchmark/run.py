@@ -195,7 +195,7 @@ class Run:
         try:
             options = [100, 10] if isinstance(peer, PgQueuerPeer) else [0]
             for option in options:
-                system = f"pgqueuer batch {option}" if option else peer.name
+                system = f"pgqueuer (batch {option})" if option else peer.name
                 for n in self.processes if option != 10 else self.processes[:1]:
                     queued, drained, rss = await peer.drain(
                         self.args.jobs, n, option, self._timeout()
