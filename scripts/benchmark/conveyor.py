@@ -103,17 +103,15 @@ class Conveyor:
 
     async def single_post(
         self, seconds: float, connections: int, queue: str
-    ) -> tuple[load.WrkResult, float]:
+    ) -> tuple[load.WrkResult, float | None]:
         """wrk POST /v1/jobs; also the API's CPU milliseconds per accepted submission."""
         assert self.api
         cpu = infra.cpu_seconds(self.api.pid)
         body = {"type": "demo.echo", "queue": queue, "payload": {}}
-        result = await asyncio.to_thread(
-            load.wrk_post, f"{self.url}/v1/jobs", body, seconds, connections
-        )
+        result = await load.post_load(f"{self.url}/v1/jobs", body, seconds, connections)
         used = infra.cpu_seconds(self.api.pid) - cpu
         accepted = result.requests - result.non2xx
-        return result, (used * 1000 / accepted if accepted else INF)
+        return result, (used * 1000 / accepted if accepted else None)
 
     async def batch_submit(self, queue: str, n: int) -> float:
         """Jobs per second through POST /v1/jobs/batch, 1000 per request."""

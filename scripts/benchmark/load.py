@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import shutil
 import subprocess
 import tempfile
@@ -12,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 _WRK_SCRIPT = """
 wrk.method = "POST"
@@ -188,3 +190,45 @@ async def open_loop_calls(
         tasks.append(asyncio.create_task(one(due)))
     await asyncio.gather(*tasks)
     return len(tasks)
+
+
+async def closed_loop(
+    host: str, port: int, path: str, body: bytes, seconds: float, connections: int
+) -> WrkResult:
+    """wrk's loop in Python (used when wrk is missing): each connection POSTs back to back."""
+    pool = _Pool(host, port, connections)
+    latencies: list[float] = []
+    statuses: list[int] = []
+    end = time.perf_counter() + seconds
+
+    async def client() -> None:
+        while (t := time.perf_counter()) < end:
+            statuses.append(await _post(pool, path, body))
+            latencies.append((time.perf_counter() - t) * 1000)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(connections)))
+    elapsed = time.perf_counter() - start
+    pool.close()
+    ordered = sorted(latencies) or [math.nan]
+    return WrkResult(
+        requests=sum(1 for s in statuses if s),
+        seconds=elapsed,
+        p50_ms=ordered[len(ordered) // 2],
+        p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        errors=sum(1 for s in statuses if not s),
+        non2xx=sum(1 for s in statuses if s and not 200 <= s < 300),
+    )
+
+
+async def post_load(
+    url: str, body: Mapping[str, object], seconds: float, connections: int
+) -> WrkResult:
+    """Closed-loop POSTs at ``connections`` connections: wrk when installed, else Python."""
+    if have_wrk():
+        return await asyncio.to_thread(wrk_post, url, body, seconds, connections)
+    parsed = urlsplit(url)
+    assert parsed.hostname and parsed.port
+    return await closed_loop(
+        parsed.hostname, parsed.port, parsed.path, json.dumps(body).encode(), seconds, connections
+    )

@@ -44,6 +44,8 @@ class Peer(ABC):
     @abstractmethod
     def worker_argv(self, processes: int, option: int) -> list[str]: ...
 
+    how_enqueued = "one at a time"
+
     @abstractmethod
     async def enqueue_many(self, n: int) -> float:
         """Enqueue n no-op jobs with no worker running; returns jobs/s."""
@@ -118,6 +120,7 @@ class PgQueuerPeer(Peer):
     """PgQueuer on asyncpg; its schema goes into the throwaway database."""
 
     name: str = "pgqueuer"
+    how_enqueued: str = "batches of 1000, straight into Postgres"
     _pool: object = None
 
     async def setup(self) -> None:
@@ -153,6 +156,7 @@ class TaskiqPeer(Peer):
     """taskiq with taskiq-redis's ``RedisStreamBroker`` (a consumer group on one stream)."""
 
     name: str = "taskiq"
+    how_enqueued: str = "one kiq per job, 100 in flight"
 
     async def setup(self) -> None:
         from benchmark.peer_workers import taskiq_broker
@@ -185,6 +189,7 @@ class DramatiqPeer(Peer):
     """dramatiq with its Redis broker, sync actor, default 8 threads per process."""
 
     name: str = "dramatiq"
+    how_enqueued: str = "one enqueue per job, sequential (sync client)"
 
     async def setup(self) -> None:
         from benchmark.peer_workers import dramatiq_broker

@@ -101,23 +101,24 @@ class Run:
         await infra.wait_http(url, proc)
         cpu = infra.cpu_seconds(proc.pid)
         body = {"type": "demo.echo", "queue": "default", "payload": {}}
-        r = await asyncio.to_thread(
-            load.wrk_post, f"{url}/v1/jobs", body, self.args.seconds, self.args.connections
-        )
+        r = await load.post_load(f"{url}/v1/jobs", body, self.args.seconds, self.args.connections)
         used = infra.cpu_seconds(proc.pid) - cpu
-        self._single_post("fastapi", r, used * 1000 / max(1, r.requests - r.non2xx))
+        accepted = r.requests - r.non2xx
+        self._single_post("fastapi", r, used * 1000 / accepted if accepted else None)
         self.results.add("fastapi", "API RSS", "MB", max(infra.rss_mb(proc.pid)), higher=False)
         self.procs.stop(proc)
 
-    def _single_post(self, system: str, r: load.WrkResult, cpu_ms: float) -> None:
+    def _single_post(self, system: str, r: load.WrkResult, cpu_ms: float | None) -> None:
+        if not r.requests - r.non2xx:  # nothing answered in time: no latency figures
+            r.p50_ms = r.p99_ms = math.inf
         metric = f"single POST, {self.args.connections} connections"
         self.results.add(system, f"{metric}: req/s", "req/s", r.rate)
-        self.results.add(system, f"{metric}: p50", "ms", r.p50_ms, higher=False)
-        self.results.add(system, f"{metric}: p99", "ms", r.p99_ms, higher=False)
+        self.results.add(system, f"{metric}: p50", "ms", _finite(r.p50_ms), higher=False)
+        self.results.add(system, f"{metric}: p99", "ms", _finite(r.p99_ms), higher=False)
         self.results.add(system, "API CPU per accepted POST", "ms", cpu_ms, higher=False)
         print(
             f"   {system}: {r.rate:,.0f} req/s p50 {r.p50_ms:.1f} ms p99 {r.p99_ms:.1f} ms "
-            f"non-2xx {r.non2xx} errors {r.errors}; CPU {cpu_ms:.2f} ms/req",
+            f"non-2xx {r.non2xx} errors {r.errors}; CPU {cpu_ms or math.nan:.2f} ms/req",
             flush=True,
         )
 
@@ -194,6 +195,8 @@ class Run:
         await peer.setup()
         try:
             options = [100, 10] if isinstance(peer, PgQueuerPeer) else [0]
+            if self.args.smoke:
+                options = options[:1]
             for option in options:
                 system = f"pgqueuer (batch {option})" if option else peer.name
                 for n in self.processes if option != 10 else self.processes[:1]:
@@ -202,7 +205,7 @@ class Run:
                     )
                     self._drain(system, n, drained, rss)
                     if n == self.processes[0] and option != 10:
-                        how = "batches of 1000" if option else "one at a time, 100 in flight"
+                        how = peer.how_enqueued
                         metric = "batch submit (1000 per request)"
                         self.results.add(peer.name, metric, "jobs/s", queued)
                         self.results.figure(peer.name, metric, "jobs/s").note = how
@@ -281,6 +284,7 @@ async def main(args: argparse.Namespace) -> int:
             s.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     run.results.settings["seconds_taken"] = f"{time.monotonic() - started:.0f}"
+    run.results.settings["removed"] = {"databases": run.databases, "redis": run.redis_patterns}
     print()
     print(run.results.table())
     json_path, png_path = run.results.write(args.out, args.name)
