@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,6 +38,7 @@ class Conveyor:
     prefix: str = field(default_factory=lambda: f"bench-{uuid.uuid4().hex[:8]}")
     api: subprocess.Popen[bytes] | None = None
     port: int = 0
+    profile_dir: Path | None = None  # py-spy flame graphs of the API and a worker under load
 
     @property
     def env(self) -> dict[str, str]:
@@ -108,8 +110,10 @@ class Conveyor:
         assert self.api
         cpu = infra.cpu_seconds(self.api.pid)
         body = {"type": "demo.echo", "queue": queue, "payload": {}}
+        spy = self._profile("api-single-post", self.api.pid, seconds - 1)
         result = await load.post_load(f"{self.url}/v1/jobs", body, seconds, connections)
         used = infra.cpu_seconds(self.api.pid) - cpu
+        await self._finish(spy)
         accepted = result.requests - result.non2xx
         return result, (used * 1000 / accepted if accepted else None)
 
@@ -170,7 +174,9 @@ class Conveyor:
             self.procs.stop(w)
         submitted = await self.batch_submit(queue, n)
         workers = self.start_workers([queue], processes)
+        spy = self._profile("worker-drain", workers[0].pid, 10) if processes == 1 else None
         await self.wait_drained(queue, timeout)
+        await self._finish(spy)
         rss = [mb for w in workers for mb in infra.rss_mb(w.pid)]
         for w in workers:
             self.procs.stop(w)
@@ -179,6 +185,21 @@ class Conveyor:
         ends = [t for j in jobs if (t := _ts(j["finished_at"]))]
         span = max(ends) - min(starts)
         return submitted, len(jobs) / span, rss
+
+    def _profile(self, name: str, pid: int, seconds: float) -> subprocess.Popen[bytes] | None:
+        if not self.profile_dir:
+            return None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        out = self.profile_dir / f"{name}.svg"
+        argv = [infra.py_spy(), "record", "--nonblocking", "--subprocesses", "-r", "100"]
+        argv += ["-d", str(max(1, int(seconds))), "-o", str(out), "--pid", str(pid)]
+        return self.procs.start(f"py-spy-{name}", argv, infra.python_env())
+
+    async def _finish(self, spy: subprocess.Popen[bytes] | None) -> None:
+        """Wait for py-spy to write its flame graph."""
+        if spy:
+            await asyncio.to_thread(spy.wait, 60)
+            self.procs.running.remove(spy)
 
     async def latency(self, queue: str, rate: float, seconds: float) -> tuple[float, float, int]:
         """Open-loop single POSTs at ``rate``; submit→start p50, p99 (ms) and the jobs sent.

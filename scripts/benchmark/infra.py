@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +112,15 @@ class Processes:
             self.stop(proc, grace=10)
 
 
+def py_spy() -> str:
+    """The py-spy next to this Python (``pip install py-spy``), else the one on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if not found:
+        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    return found
+
+
 def tree(pid: int) -> Iterator[psutil.Process]:
     """A process and all its descendants that are still alive."""
     with contextlib.suppress(psutil.NoSuchProcess):
@@ -125,7 +135,7 @@ def rss_mb(pid: int) -> list[float]:
     A supervisor that only forks workers (uvicorn's, taskiq's and dramatiq's parent) is
     left out when it has children, so each figure is one working process.
     """
-    procs = list(tree(pid))
+    procs = [p for p in tree(pid) if "resource_tracker" not in " ".join(_cmdline(p))]
     workers = [p for p in procs if not p.children()] if len(procs) > 1 else procs
     sizes = []
     for p in workers:
@@ -133,6 +143,13 @@ def rss_mb(pid: int) -> list[float]:
             if "python" in p.name().lower() or p.pid == pid:
                 sizes.append(p.memory_info().rss / 2**20)
     return sizes
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return list(p.cmdline())
+    except psutil.Error:
+        return []
 
 
 def cpu_seconds(pid: int) -> float:

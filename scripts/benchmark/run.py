@@ -38,7 +38,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", default="fastapi,conveyor,pgqueuer,taskiq,dramatiq")
     p.add_argument("--out", type=Path, default=infra.ROOT / "docs" / "bench")
     p.add_argument("--name", default="peers", help="file stem of the JSON and PNG")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: one Conveyor repetition with py-spy flame graphs of the API under the "
+        "single-POST load and of a worker during the drain, written to --out",
+    )
     args = p.parse_args(argv)
+    if args.profile:
+        args.repeat, args.systems, args.name = 1, "conveyor", "profile"
+        args.processes, args.rates = "1", "200"
     if args.smoke:
         args.repeat, args.jobs, args.seconds = 1, 300, 2
         args.rates, args.step_seconds, args.processes = "50", 1.0, "1"
@@ -62,7 +71,7 @@ class Run:
         self.failures: list[str] = []
 
     def _required(self) -> set[float]:
-        return set() if self.args.smoke else set(REQUIRED_RATES)
+        return set() if self.args.smoke or self.args.profile else set(REQUIRED_RATES)
 
     async def database(self, purpose: str) -> str:
         name = f"bench_{purpose}_{uuid.uuid4().hex[:8]}"
@@ -128,6 +137,7 @@ class Run:
         db = await self.database("conveyor")
         await asyncio.to_thread(upgrade, db)
         c = Conveyor(self.procs, db, self.redis_url, self.args.concurrency)
+        c.profile_dir = self.args.out if self.args.profile else None
         self.redis_patterns.append(f"{c.prefix}*")
         await c.start_api(self.args.api_workers)
         r, cpu_ms = await c.single_post(self.args.seconds, self.args.connections, f"post{rep}")
