@@ -1,4 +1,8 @@
-"""Figures over repetitions: each is a list of samples shown as median [min-max]."""
+"""Figures over repetitions: each is a list of samples shown as median [min-max].
+
+A sample may be NaN (not measured) or infinite (a latency where the system did not keep up:
+some jobs never started in time); infinite samples count in the median and the range.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +53,10 @@ class Figure:
     def text(self) -> str:
         if not self.valid:
             return "n/a"
+        if math.isinf(self.median):
+            kept = [s for s in self.valid if not math.isinf(s)]
+            some = f" (kept up in {len(kept)}: {', '.join(_num(s) for s in kept)})" if kept else ""
+            return f"did not keep up{some}"
         missing = len(self.samples) - len(self.valid)
         spread = "" if len(self.valid) < 2 else f" [{_num(self.low)}-{_num(self.high)}]"
         gaps = f" ({missing} of {len(self.samples)} n/a)" if missing else ""
@@ -59,10 +67,10 @@ class Figure:
             "system": self.system,
             "metric": self.metric,
             "unit": self.unit,
-            "samples": [None if math.isnan(s) else s for s in self.samples],
-            "median": None if math.isnan(self.median) else self.median,
-            "min": None if math.isnan(self.low) else self.low,
-            "max": None if math.isnan(self.high) else self.high,
+            "samples": [_json(s) for s in self.samples],
+            "median": _json(self.median),
+            "min": _json(self.low),
+            "max": _json(self.high),
             "higher_is_better": self.higher_is_better,
             "note": self.note,
         }
@@ -71,9 +79,16 @@ class Figure:
 def ratio(ours: Figure, theirs: Figure) -> float:
     """Conveyor's median over the other's (read with the metric's direction)."""
     a, b = ours.median, theirs.median
-    if math.isnan(a) or math.isnan(b) or b == 0:
+    if math.isnan(a) or math.isnan(b) or math.isinf(a) or math.isinf(b) or b == 0:
         return math.nan
     return a / b
+
+
+def _json(x: float) -> float | str | None:
+    """NaN is null (not measured); infinity is the string "did not keep up"."""
+    if math.isnan(x):
+        return None
+    return "did not keep up" if math.isinf(x) else x
 
 
 def _num(x: float) -> str:
