@@ -147,6 +147,14 @@ class Conveyor:
                 await asyncio.sleep(0.25)
         raise RuntimeError(f"queue {queue} did not drain within {timeout} s")
 
+    async def wait_started(self, queue: str, n: int) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=30) as client:
+            while True:
+                counts = {q["queue"]: q for q in (await client.get("/v1/queues")).json()["items"]}
+                if counts.get(queue, {}).get("waiting", n) < n:
+                    return
+                await asyncio.sleep(0.1)
+
     async def jobs(self, queue: str) -> list[dict[str, Any]]:
         """Every job of ``queue``, through the listing (500 a page)."""
         items: list[dict[str, Any]] = []
@@ -174,7 +182,10 @@ class Conveyor:
             self.procs.stop(w)
         submitted = await self.batch_submit(queue, n)
         workers = self.start_workers([queue], processes)
-        spy = self._profile("worker-drain", workers[0].pid, 10) if processes == 1 else None
+        spy = None
+        if self.profile_dir and processes == 1:
+            await self.wait_started(queue, n)  # past the imports: profile the drain itself
+            spy = self._profile("worker-drain", workers[0].pid, 10)
         await self.wait_drained(queue, timeout)
         await self._finish(spy)
         rss = [mb for w in workers for mb in infra.rss_mb(w.pid)]
