@@ -178,8 +178,13 @@ class Run:
     async def _steps(
         self, system: str, measure: Callable[[int, float], Awaitable[tuple[float, float, int]]]
     ) -> None:
-        """Offered rates in ascending order until p99 passes 100 ms (the required ones always)."""
-        knee, passed = 0.0, False
+        """Offered rates in ascending order (the required ones always).
+
+        Stepping stops once p99 is over 100 ms at two rates in a row (one alone may be a
+        worker's idle poll at a low rate, or noise); the knee is the highest rate within
+        100 ms before that.
+        """
+        knee, over, passed = 0.0, 0, False
         for i, rate in enumerate(self.rates):
             if passed and rate not in self._required():
                 continue
@@ -193,10 +198,10 @@ class Run:
             if rate in self._required() or self.args.smoke:
                 self.results.add(system, f"submit→start at {rate:,.0f}/s: p50", "ms", p50, False)
                 self.results.add(system, f"submit→start at {rate:,.0f}/s: p99", "ms", p99, False)
-            if p99 <= KNEE_MS and not passed:
+            over = 0 if p99 <= KNEE_MS else over + 1
+            if not passed and not over:
                 knee = rate
-            else:
-                passed = True
+            passed = passed or over >= 2
         self.results.add(system, "knee: highest offered rate with p99 ≤ 100 ms", "jobs/s", knee)
 
     async def peer(self, peer: Peer, rep: int) -> None:
