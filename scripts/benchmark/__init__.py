@@ -1,0 +1,1 @@
+"""The parts of ``scripts/bench.py``: Conveyor beside its peers, same run, same machine."""
