@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.db.models import JobRow
-from app.jobs import queries, repository
+from app.jobs import marks, queries, repository
 
 if TYPE_CHECKING:
     from workers.runner import Worker
@@ -125,7 +125,7 @@ class Maintenance:
         total = 0
         while True:
             async with self.w.sessions.begin() as session:
-                targets = await repository.lock_undispatched(
+                targets = await marks.lock_undispatched(
                     session, self.w.config.queues, grace, DISPATCH_BATCH
                 )
                 sent = await self.w.dispatcher.send_and_confirm(session, targets)
@@ -165,7 +165,7 @@ class Maintenance:
             queue,
         )
         async with self.w.sessions.begin() as session:
-            await repository.forget_dispatches(session, [queue])
+            await marks.forget_dispatches(session, [queue])
         await self.sweep_undispatched(0.0)
 
     async def reclaim(self, ids: Sequence[Any] | None) -> int:
@@ -233,12 +233,12 @@ class Maintenance:
             lost = {
                 queue
                 for (queue, partition), epoch in zip(partitions, epochs, strict=True)
-                if await repository.record_epoch(
-                    session, repository.epoch_key(self.w.keys.prefix, queue, partition), epoch
+                if await marks.record_epoch(
+                    session, marks.epoch_key(self.w.keys.prefix, queue, partition), epoch
                 )
             }
             if lost:
-                forgotten = await repository.forget_dispatches(session, sorted(lost))
+                forgotten = await marks.forget_dispatches(session, sorted(lost))
         if lost:
             log.warning(
                 "Redis data epoch changed for queue(s) %s (first start, restart or data loss):"

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
 from app.db.models import JobRow
-from app.jobs import queries, repository
+from app.jobs import marks, queries, repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.repository import Backoff, Failure, Target
@@ -207,7 +207,7 @@ class Worker:
         released = await repository.release_many(session, self.name, claimed)
         queued = [Target(r.id, r.queue, r.priority) for r in rows if r.status == "queued"]
         # Their entries are deleted next; a full stream may refuse the new ones: sweep them.
-        await repository.unmark_dispatched(session, [t.id for t in queued])
+        await marks.unmark_dispatched(session, [t.id for t in queued])
         return queued + released
 
     # -- reading and claiming -----------------------------------------------------------------

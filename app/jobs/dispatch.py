@@ -20,7 +20,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.jobs import repository
+from app.jobs import marks
 from app.jobs.repository import Target
 from app.streams.client import StreamClient
 from app.streams.keys import band_for, partition_for
@@ -119,7 +119,7 @@ class Dispatcher:
     async def _confirm(self, session: AsyncSession, sent: Sequence[tuple[UUID, float]]) -> None:
         """Mark ``(job, monotonic time of its XADD)`` pairs as dispatched, where still valid."""
         now = time.monotonic()
-        await repository.confirm_dispatched(
+        await marks.confirm_dispatched(
             session,
             [job_id for job_id, _ in sent],
             [now - at for _, at in sent],

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
 from app.embedded import EmbeddedRedis
-from app.jobs import repository
+from app.jobs import marks, repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.repository import Backoff, Failure, Target
 from app.main import create_app
@@ -144,9 +144,9 @@ async def test_confirmation_of_an_entry_lost_with_redis_is_refused(
         # What a worker's reconcile does on seeing the loss (its sweep would follow).
         [epoch] = await stream.epochs([(queue, 0)])
         async with sessions.begin() as session:
-            key = repository.epoch_key(settings.redis_prefix, queue, 0)
-            assert await repository.record_epoch(session, key, epoch)
-            await repository.forget_dispatches(session, [queue])
+            key = marks.epoch_key(settings.redis_prefix, queue, 0)
+            assert await marks.record_epoch(session, key, epoch)
+            await marks.forget_dispatches(session, [queue])
         await dispatcher.stop()  # the late confirmation
     finally:
         await stream.close()
@@ -230,16 +230,16 @@ async def test_loss_record_waits_for_a_confirmation_in_flight(
     (the entry may have been lost) instead of missing it."""
     engine = create_engine(settings)
     sessions = create_session_factory(engine)
-    key = repository.epoch_key(settings.redis_prefix, queue, 0)
+    key = marks.epoch_key(settings.redis_prefix, queue, 0)
     try:
         async with sessions.begin() as session:
-            await repository.record_epoch(session, key, "before")
+            await marks.record_epoch(session, key, "before")
             [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
         async with sessions() as sweep, sweep.begin():
-            [target] = await repository.lock_undispatched(sweep, [queue], 0.0)
+            [target] = await marks.lock_undispatched(sweep, [queue], 0.0)
             assert target.id == job.id
             # (the XADD happens here, and Redis loses it)
-            await repository.confirm_dispatched(sweep, [job.id], [0.0], settings.redis_prefix)
+            await marks.confirm_dispatched(sweep, [job.id], [0.0], settings.redis_prefix)
             loss = asyncio.create_task(_record_loss(sessions, key, queue))
             await asyncio.sleep(0.5)
             assert not loss.done(), "the loss was recorded past a confirmation in flight"
@@ -257,21 +257,19 @@ async def test_confirmation_waits_for_a_loss_record_in_flight(
     it, and leaves the job unmarked for the sweep (its entry is gone)."""
     engine = create_engine(settings)
     sessions = create_session_factory(engine)
-    key = repository.epoch_key(settings.redis_prefix, queue, 0)
+    key = marks.epoch_key(settings.redis_prefix, queue, 0)
     try:
         async with sessions.begin() as session:
-            await repository.record_epoch(session, key, "before")
+            await marks.record_epoch(session, key, "before")
             [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
         await asyncio.sleep(1.0)  # the XADD happened a second ago
         async with sessions() as reconcile, reconcile.begin():
-            assert await repository.record_epoch(reconcile, key, "after")
-            await repository.forget_dispatches(reconcile, [queue])
+            assert await marks.record_epoch(reconcile, key, "after")
+            await marks.forget_dispatches(reconcile, [queue])
 
             async def confirm() -> None:
                 async with sessions.begin() as session:
-                    await repository.confirm_dispatched(
-                        session, [job.id], [1.0], settings.redis_prefix
-                    )
+                    await marks.confirm_dispatched(session, [job.id], [1.0], settings.redis_prefix)
 
             late = asyncio.create_task(confirm())
             await asyncio.sleep(0.5)
@@ -285,8 +283,8 @@ async def test_confirmation_waits_for_a_loss_record_in_flight(
 async def _record_loss(sessions: async_sessionmaker[AsyncSession], key: str, queue: str) -> None:
     """What a worker's reconcile does on seeing a new data epoch."""
     async with sessions.begin() as session:
-        assert await repository.record_epoch(session, key, "after")
-        await repository.forget_dispatches(session, [queue])
+        assert await marks.record_epoch(session, key, "after")
+        await marks.forget_dispatches(session, [queue])
 
 
 async def _marker(sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID) -> Any:
