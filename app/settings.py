@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     promote_interval_seconds: float = Field(default=0.25, gt=0)
     dispatch_grace_seconds: float = Field(default=5.0, ge=0)
+    dispatch_check_seconds: float = Field(default=120.0, gt=0)
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout_seconds: float = Field(default=2.0, gt=0)

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.db.models import JobRow
-from app.jobs import marks, queries, repository
+from app.jobs import queries, repository
+from app.jobs.redispatch import Redispatcher
 
 if TYPE_CHECKING:
     from workers.runner import Worker
 
 log = logging.getLogger(__name__)
 
-DISPATCH_BATCH = 1000
 RECLAIM_BATCH = 500
 WORKER_ROW_TTL_SECONDS = 3600
 
@@ -35,6 +35,9 @@ class Maintenance:
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
         self.leased: set[UUID] = set()  # jobs whose leases the last heartbeat extended
+        self.redispatch = Redispatcher(
+            worker.sessions, worker.stream, worker.dispatcher, worker.config.queues, worker.settings
+        )
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         s = self.w.settings
@@ -110,31 +113,7 @@ class Maintenance:
     # -- promotion and dispatch -------------------------------------------------------------------
 
     async def promote_and_dispatch(self) -> None:
-        """Due scheduled/retrying jobs → queued → their streams; then unconfirmed ones again."""
-        while True:
-            async with self.w.sessions.begin() as session:
-                targets = await repository.promote_due(
-                    session, self.w.config.queues, DISPATCH_BATCH
-                )
-            await self.w.dispatcher.send_committed(targets)
-            if len(targets) < DISPATCH_BATCH:
-                break
-        await self.sweep_undispatched(self.w.settings.dispatch_grace_seconds)
-
-    async def sweep_undispatched(self, grace: float) -> int:
-        total = 0
-        while True:
-            async with self.w.sessions.begin() as session:
-                targets = await marks.lock_undispatched(
-                    session, self.w.config.queues, grace, DISPATCH_BATCH
-                )
-                sent = await self.w.dispatcher.send_and_confirm(session, targets)
-            total += sent
-            if len(targets) < DISPATCH_BATCH or sent == 0:
-                break
-        if total:
-            log.info("dispatched %d job(s) whose stream entries were missing", total)
-        return total
+        await self.redispatch.promote_and_sweep()
 
     # -- reclaim ------------------------------------------------------------------------------
 
@@ -147,26 +126,12 @@ class Maintenance:
                     return
                 found = await self.w.stream.autoclaim(stream, self.w.name, min_idle_ms, self.w.free)
                 if found.deleted:
-                    await self.entries_vanished(queue, stream, len(found.deleted))
+                    await self.redispatch.entries_vanished(queue, stream, len(found.deleted))
                 if not found.deliveries:
                     continue
                 ids = [d.job_id for d in found.deliveries if d.job_id is not None]
                 await self.reclaim(ids)
                 await self.w.start(found.deliveries)
-
-    async def entries_vanished(self, queue: str, stream: str, count: int) -> None:
-        """Pending entries were deleted from the stream: which jobs they stood for is gone
-        with them, so every queued job of the queue is sent again (duplicates are harmless;
-        jobs running or done are not touched)."""
-        log.warning(
-            "%d pending entries no longer existed in %s; re-dispatching queue %s",
-            count,
-            stream,
-            queue,
-        )
-        async with self.w.sessions.begin() as session:
-            await marks.forget_dispatches(session, [queue])
-        await self.sweep_undispatched(0.0)
 
     async def reclaim(self, ids: Sequence[Any] | None) -> int:
         """Fail the attempts whose lease lapsed (``worker lost``): retry, or dead at the cap."""
@@ -226,29 +191,9 @@ class Maintenance:
     async def reconcile(self) -> None:
         """Compare Postgres with Redis and repair what Redis lost."""
         self.w.stream.data_loss.clear()
-        partitions = self.w.partitions
-        epochs = await self.w.stream.epochs(partitions)
-        forgotten = 0
-        async with self.w.sessions.begin() as session:
-            lost = {
-                queue
-                for (queue, partition), epoch in zip(partitions, epochs, strict=True)
-                if await marks.record_epoch(
-                    session, marks.epoch_key(self.w.keys.prefix, queue, partition), epoch
-                )
-            }
-            if lost:
-                forgotten = await marks.forget_dispatches(session, sorted(lost))
-        if lost:
-            log.warning(
-                "Redis data epoch changed for queue(s) %s (first start, restart or data loss):"
-                " re-dispatching %d queued job(s)",
-                ",".join(sorted(lost)),
-                forgotten,
-            )
-            await self.w.stream.ensure_groups(self.w.all_streams, force=True)
-            await self.sweep_undispatched(0.0)
+        await self.redispatch.repair()
         await self.reclaim(None)
+        await self.redispatch.check_entries()
         await self._prune()
 
     async def _prune(self) -> None:

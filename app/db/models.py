@@ -38,6 +38,9 @@ class Base(DeclarativeBase):
 
 
 TERMINAL_SQL = "('succeeded', 'dead', 'cancelled')"
+# The priority band of a job (app.streams.keys.band_for) in SQL, as two index columns:
+# (true, false) high, (false, false) default, (false, true) low.
+BAND_SQL = ("(priority > 0)", "(priority < 0)")
 
 
 class JobRow(Base):
@@ -64,6 +67,7 @@ class JobRow(Base):
     run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dispatch_entry: Mapped[str | None] = mapped_column(Text, nullable=True)  # its stream entry id
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -116,16 +120,27 @@ class JobRow(Base):
             text("id DESC"),
             postgresql_where=text("status NOT IN ('succeeded', 'cancelled')"),
         ),
-        # Maintenance: promotion, re-dispatch, lease expiry.
-        Index("ix_jobs_scheduled_due", "run_at", postgresql_where=text("status = 'scheduled'")),
+        # Maintenance: promotion, re-dispatch, lease expiry. Each worker polls for its own
+        # queues, so the queue leads: another queue's backlog is never walked.
+        Index(
+            "ix_jobs_scheduled_due",
+            "queue",
+            "run_at",
+            postgresql_where=text("status = 'scheduled'"),
+        ),
         Index(
             "ix_jobs_retrying_due",
+            "queue",
             "next_attempt_at",
             postgresql_where=text("status = 'retrying'"),
         ),
+        # Per queue and priority band (one stream per band and partition), oldest first.
         Index(
             "ix_jobs_undispatched",
+            "queue",
+            *map(text, BAND_SQL),
             "enqueued_at",
+            "id",
             postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
         ),
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),

@@ -365,3 +365,29 @@ class Supervisor:
     def tracebacks(self) -> int:
         """Unhandled errors the workers printed (a loop that died, a task that crashed)."""
         return self.logged(r"Traceback \(most recent call last\)")
+
+
+async def epoch_recorded(settings: Settings, queue: str) -> None:
+    """Wait until a worker's reconcile has recorded the Redis data epoch of ``queue``."""
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        for _ in range(400):
+            found = await conn.fetchval(
+                "SELECT count(*) FROM conveyor_state WHERE key LIKE '%' || $1 || '%'", queue
+            )
+            if found:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    raise AssertionError("no worker recorded the Redis data epoch")
+
+
+async def served_before(spawn: Spawner, settings: Settings, queue: str) -> None:
+    """A worker served the queue (created its groups, recorded its Redis epoch) and stopped,
+    so the next start is not a first start (whose reconcile re-sends every queued job)."""
+    workers = Supervisor(spawn, [queue], 1, settings=settings)
+    workers.start()
+    await workers.ready(settings.database_url)
+    await epoch_recorded(settings, queue)
+    await workers.stop()

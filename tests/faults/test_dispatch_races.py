@@ -23,6 +23,7 @@ from app.db.engine import create_engine, create_session_factory
 from app.embedded import EmbeddedRedis
 from app.jobs import marks, repository
 from app.jobs.dispatch import Dispatcher
+from app.jobs.marks import Sent
 from app.jobs.repository import Backoff, Failure, Target
 from app.main import create_app
 from app.settings import Settings
@@ -30,7 +31,14 @@ from app.streams.client import StreamClient, create_redis
 from app.streams.keys import DEFAULT_BAND, GROUP, Keys
 from tests.conftest import Backends, make_settings
 from tests.faults.checker import drain, stranded
-from tests.faults.harness import Supervisor, create_effects_table, dsn, orphan_row
+from tests.faults.harness import (
+    Supervisor,
+    create_effects_table,
+    dsn,
+    epoch_recorded,
+    orphan_row,
+    served_before,
+)
 from tests.support.processes import Spawner
 
 
@@ -43,7 +51,7 @@ async def test_late_confirmation_does_not_hide_a_requeued_job(
     workers = Supervisor(spawn, [queue], 1)
     workers.start()
     await workers.ready(settings.database_url)
-    await _epoch_recorded(settings, queue)
+    await epoch_recorded(settings, queue)
     await workers.stop()
     engine = create_engine(settings)
     sessions = create_session_factory(engine)
@@ -86,22 +94,6 @@ async def test_late_confirmation_does_not_hide_a_requeued_job(
         await conn.close()
     await workers.stop()
     assert status == "succeeded"
-
-
-async def _epoch_recorded(settings: Settings, queue: str) -> None:
-    """Wait until a worker's reconcile has recorded the Redis data epoch of ``queue``."""
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        for _ in range(400):
-            found = await conn.fetchval(
-                "SELECT count(*) FROM conveyor_state WHERE key LIKE '%' || $1 || '%'", queue
-            )
-            if found:
-                return
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    raise AssertionError("no worker recorded the Redis data epoch")
 
 
 async def test_confirmation_marks_a_fresh_submission(
@@ -172,21 +164,11 @@ async def test_shutdown_with_a_full_stream_strands_no_job(
     settings = make_settings(backends, stream_maxlen=100, shutdown_grace_seconds=0.5)
     spawn = Spawner(settings, tmp_path)
     try:
-        await _served_before(spawn, settings, queue)
+        await served_before(spawn, settings, queue)
         await _strand_on_shutdown(spawn, settings, queue)
     finally:
         spawn.stop_all()
     assert await stranded(settings, queue) == {}
-
-
-async def _served_before(spawn: Spawner, settings: Settings, queue: str) -> None:
-    """A worker served the queue (recorded its Redis epoch), so the next start is not a first
-    start (whose reconcile re-sends every queued job anyway)."""
-    workers = Supervisor(spawn, [queue], 1)
-    workers.start()
-    await workers.ready(settings.database_url)
-    await _epoch_recorded(settings, queue)
-    await workers.stop()
 
 
 async def _strand_on_shutdown(spawn: Spawner, settings: Settings, queue: str) -> None:
@@ -236,10 +218,10 @@ async def test_loss_record_waits_for_a_confirmation_in_flight(
             await marks.record_epoch(session, key, "before")
             [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
         async with sessions() as sweep, sweep.begin():
-            [target] = await marks.lock_undispatched(sweep, [queue], 0.0)
+            [target] = await marks.lock_undispatched(sweep, [job.id])
             assert target.id == job.id
             # (the XADD happens here, and Redis loses it)
-            await marks.confirm_dispatched(sweep, [job.id], [0.0], settings.redis_prefix)
+            await marks.confirm_dispatched(sweep, [Sent(job.id, 0.0, "1-0")], settings.redis_prefix)
             loss = asyncio.create_task(_record_loss(sessions, key, queue))
             await asyncio.sleep(0.5)
             assert not loss.done(), "the loss was recorded past a confirmation in flight"
@@ -269,7 +251,9 @@ async def test_confirmation_waits_for_a_loss_record_in_flight(
 
             async def confirm() -> None:
                 async with sessions.begin() as session:
-                    await marks.confirm_dispatched(session, [job.id], [1.0], settings.redis_prefix)
+                    await marks.confirm_dispatched(
+                        session, [Sent(job.id, 1.0, "1-0")], settings.redis_prefix
+                    )
 
             late = asyncio.create_task(confirm())
             await asyncio.sleep(0.5)
