@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 
 import asyncpg
 import httpx
 from redis.asyncio import Redis
 
+from app.embedded import EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
-from app.streams.keys import Keys
+from app.streams.keys import DEFAULT_BAND, Keys
+from tests.conftest import Backends, wait_until
 from tests.faults.checker import drain, stranded
+from tests.faults.conftest import fault_settings
 from tests.faults.harness import Supervisor, create_effects_table, dsn, served_before
 from tests.support.processes import Spawner
 
 
 async def submit_marked(
-    settings: Settings, bodies: list[dict[str, object]], *, marked: bool = True
+    settings: Settings, bodies: Sequence[Mapping[str, object]], *, marked: bool = True
 ) -> list[uuid.UUID]:
     """Submit through the API (XADD, then the batched confirmation); with ``marked``, check
     that the confirmations were written (the jobs are known to have stream entries)."""
@@ -33,7 +39,7 @@ async def submit_marked(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as http:
-            response = await http.post("/v1/jobs/batch", json={"jobs": bodies})
+            response = await http.post("/v1/jobs/batch", json={"jobs": list(bodies)})
             assert response.status_code == 202, response.text
             ids = [uuid.UUID(j["id"]) for j in response.json()["jobs"]]
     if not marked:
@@ -116,3 +122,59 @@ async def test_streams_deleted_under_a_busy_worker(
     await drain(settings.database_url, queue, timeout=20.0)
     await workers.stop()
     assert await statuses(settings, ids) == ["succeeded"] * 3
+
+
+async def test_entries_lost_without_any_sign_are_sent_again(
+    backends: Backends, fault_redis: EmbeddedRedis, queue: str, tmp_path: Path
+) -> None:
+    """The backstop: stream entries vanish while the stream, its group and the epoch marker
+    stay (a failover to a replica that missed the last XADDs looks like this). Queued jobs
+    whose marks are older than CONVEYOR_DISPATCH_CHECK_SECONDS and whose recorded entries are
+    gone are sent again; those whose entries exist are left alone (no duplicate)."""
+    settings = fault_settings(backends.database_url, fault_redis.url, dispatch_check_seconds=2.0)
+    await create_effects_table(settings.database_url)
+    spawn = Spawner(settings, tmp_path)
+    try:
+        workers = Supervisor(spawn, [queue], 1, concurrency=1)
+        workers.start()
+        await workers.ready(settings.database_url)
+        nap = {"type": "test.nap", "queue": queue, "payload": {"seconds": 12.0}}
+        [napping] = await submit_marked(settings, [nap], marked=False)
+        await wait_until(lambda: _status_is(settings, napping, "running"), timeout=10)
+        bodies = [{"type": "test.effect", "queue": queue, "payload": {"sleep_ms": 5}}] * 6
+        ids = await submit_marked(settings, bodies)
+        stream = Keys(settings.redis_prefix).stream(queue, 0, DEFAULT_BAND)
+        async with Redis.from_url(settings.redis_url, decode_responses=True) as redis:
+            lost = [e for e, job in await _entries(redis, stream) if job in map(str, ids[:3])]
+            assert await redis.xdel(stream, *lost) == 3
+
+            async def entries() -> Counter[str]:
+                return Counter(job for _, job in await _entries(redis, stream))
+
+            want = {str(i) for i in [napping, *ids]}
+            await wait_until(lambda: _all_there(entries, want), timeout=15)
+            await asyncio.sleep(2 * settings.reconcile_seconds)  # more checks: no duplicates
+            assert await entries() == Counter(want)
+        await workers.stop()
+        resent = workers.logged(r"(\d+) queued job\(s\) of queue \S+ had lost their stream entr")
+        workers = Supervisor(spawn, [queue], 1)
+        workers.start()
+        await drain(settings.database_url, queue, timeout=30.0)
+        await workers.stop()
+    finally:
+        spawn.stop_all()
+    assert resent == 3
+    assert await statuses(settings, ids) == ["succeeded"] * 6
+
+
+async def _entries(redis: Redis, stream: str) -> list[tuple[str, str]]:
+    """(entry id, job id) of every entry of ``stream`` (a client with decode_responses)."""
+    return [(str(e), str((f or {}).get("job"))) for e, f in await redis.xrange(stream) or []]
+
+
+async def _status_is(settings: Settings, job_id: uuid.UUID, status: str) -> bool:
+    return await statuses(settings, [job_id]) == [status]
+
+
+async def _all_there(entries: Callable[[], Awaitable[Counter[str]]], want: set[str]) -> bool:
+    return set(await entries()) == want
