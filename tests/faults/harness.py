@@ -21,7 +21,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
@@ -30,6 +30,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from app.main import create_app
 from app.settings import Settings
 from tests.support.processes import Proc, Spawner
 
@@ -391,3 +392,38 @@ async def served_before(spawn: Spawner, settings: Settings, queue: str) -> None:
     await workers.ready(settings.database_url)
     await epoch_recorded(settings, queue)
     await workers.stop()
+
+
+async def submit_marked(
+    settings: Settings, bodies: Sequence[Mapping[str, object]], *, marked: bool = True
+) -> list[uuid.UUID]:
+    """Submit through the API (XADD, then the batched confirmation); with ``marked``, check
+    that the confirmations were written (the jobs are known to have stream entries)."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as http:
+            response = await http.post("/v1/jobs/batch", json={"jobs": list(bodies)})
+            assert response.status_code == 202, response.text
+            ids = [uuid.UUID(j["id"]) for j in response.json()["jobs"]]
+    if not marked:
+        return ids
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL",
+            ids,
+        )
+    finally:
+        await conn.close()
+    assert count == len(ids), "the API did not confirm its XADDs"
+    return ids
+
+
+async def statuses(settings: Settings, ids: list[uuid.UUID]) -> list[str]:
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        rows = await conn.fetch("SELECT status FROM jobs WHERE id = ANY($1::uuid[])", ids)
+    finally:
+        await conn.close()
+    return sorted(r["status"] for r in rows)

@@ -12,57 +12,25 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import asyncpg
-import httpx
 from redis.asyncio import Redis
 
 from app.embedded import EmbeddedRedis
-from app.main import create_app
 from app.settings import Settings
 from app.streams.keys import DEFAULT_BAND, Keys
 from tests.conftest import Backends, wait_until
 from tests.faults.checker import drain, stranded
 from tests.faults.conftest import fault_settings
-from tests.faults.harness import Supervisor, create_effects_table, dsn, served_before
+from tests.faults.harness import (
+    Supervisor,
+    create_effects_table,
+    served_before,
+    statuses,
+    submit_marked,
+)
 from tests.support.processes import Spawner
-
-
-async def submit_marked(
-    settings: Settings, bodies: Sequence[Mapping[str, object]], *, marked: bool = True
-) -> list[uuid.UUID]:
-    """Submit through the API (XADD, then the batched confirmation); with ``marked``, check
-    that the confirmations were written (the jobs are known to have stream entries)."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as http:
-            response = await http.post("/v1/jobs/batch", json={"jobs": list(bodies)})
-            assert response.status_code == 202, response.text
-            ids = [uuid.UUID(j["id"]) for j in response.json()["jobs"]]
-    if not marked:
-        return ids
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        count = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL",
-            ids,
-        )
-    finally:
-        await conn.close()
-    assert count == len(ids), "the API did not confirm its XADDs"
-    return ids
-
-
-async def statuses(settings: Settings, ids: list[uuid.UUID]) -> list[str]:
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        rows = await conn.fetch("SELECT status FROM jobs WHERE id = ANY($1::uuid[])", ids)
-    finally:
-        await conn.close()
-    return sorted(r["status"] for r in rows)
 
 
 def one_per_band(queue: str) -> list[dict[str, object]]:
@@ -104,14 +72,7 @@ async def test_streams_deleted_under_a_busy_worker(
     [nap] = await submit_marked(
         settings, [{"type": "test.nap", "queue": queue, "payload": {"seconds": 6.0}}], marked=False
     )
-    conn = await asyncpg.connect(dsn(settings.database_url))
-    try:
-        for _ in range(200):
-            if await conn.fetchval("SELECT status FROM jobs WHERE id = $1", nap) == "running":
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
+    await wait_until(lambda: _status_is(settings, nap, "running"), timeout=10)
     ids = await submit_marked(settings, one_per_band(queue))
     keys = Keys(settings.redis_prefix)
     async with Redis.from_url(settings.redis_url) as redis:
