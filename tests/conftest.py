@@ -81,6 +81,25 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
             server.stop()
 
 
+async def _execute(database_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(_dsn(database_url))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_layout(request: pytest.FixtureRequest) -> None:
+    """The test database is one deployment, yet every test has a Redis prefix of its own:
+    forget the stream layout (``app.jobs.layout``) that the previous test's processes
+    recorded, so that this test's first process records its own."""
+    if "backends" in request.fixturenames:
+        backends: Backends = request.getfixturevalue("backends")
+        forget = "DELETE FROM conveyor_state WHERE key = 'stream-layout'"
+        asyncio.run(_execute(backends.database_url, forget))
+
+
 def make_settings(backends: Backends, **overrides: Any) -> Settings:
     """Fast timings for tests; each call gets its own Redis key prefix."""
     values: dict[str, Any] = {

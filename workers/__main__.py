@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 
+from app.jobs.layout import LayoutMismatch
 from app.logs import configure
 from app.settings import get_settings
 from workers.runner import Worker, WorkerConfig, default_name
@@ -28,7 +29,11 @@ def run_worker(queues: list[str], concurrency: int, name: str | None) -> int:
     worker = Worker(
         settings, WorkerConfig(queues or ["default"], concurrency, name or default_name())
     )
-    asyncio.run(_main(worker))
+    try:
+        asyncio.run(_main(worker))
+    except LayoutMismatch as exc:
+        print(f"conveyor worker: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

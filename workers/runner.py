@@ -21,8 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
 from app.db.models import JobRow
-from app.jobs import marks, queries, repository
+from app.jobs import layout, marks, queries, repository
 from app.jobs.dispatch import Dispatcher
+from app.jobs.layout import Layout, LayoutMismatch
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.repository import Backoff, Failure, Target
 from app.settings import Settings
@@ -129,9 +130,12 @@ class Worker:
     async def _until_ready(self) -> None:
         while not self.stopping.is_set():
             try:
+                await layout.verify(self.sessions, Layout.of(self.settings))
                 await self.stream.ensure_groups(self.all_streams)
                 await self.maintenance.register()
                 return
+            except LayoutMismatch:
+                raise
             except Exception as exc:
                 log.warning("waiting for Postgres and Redis: %s", exc)
                 await asyncio.sleep(RETRY_PAUSE)

@@ -93,13 +93,17 @@ async def unmark_dispatched(session: AsyncSession, ids: Sequence[UUID]) -> None:
 # that the planner matches them: (true, false) high, (false, false) default, (false, true) low.
 _BANDS = {HIGH_BAND: (True, False), DEFAULT_BAND: (False, False), LOW_BAND: (False, True)}
 _BANDS_WAITING = """
-SELECT q.queue, b.band FROM unnest(CAST(:queues AS text[])) AS q(queue)
-CROSS JOIN (VALUES (CAST(:b0 AS int), true, false), (:b1, false, false), (:b2, false, true))
-    AS b(band, high, low)
-WHERE EXISTS (
-    SELECT FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL AND queue = q.queue
-    AND (priority > 0) = b.high AND (priority < 0) = b.low
-    AND enqueued_at < statement_timestamp() - make_interval(secs => :grace))
+SELECT q.queue,
+    EXISTS (SELECT FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
+            AND queue = q.queue AND (priority > 0) = true AND (priority < 0) = false
+            AND enqueued_at < statement_timestamp() - make_interval(secs => :grace)) AS b0,
+    EXISTS (SELECT FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
+            AND queue = q.queue AND (priority > 0) = false AND (priority < 0) = false
+            AND enqueued_at < statement_timestamp() - make_interval(secs => :grace)) AS b1,
+    EXISTS (SELECT FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
+            AND queue = q.queue AND (priority > 0) = false AND (priority < 0) = true
+            AND enqueued_at < statement_timestamp() - make_interval(secs => :grace)) AS b2
+FROM unnest(CAST(:queues AS text[])) AS q(queue)
 """
 _WAITING_PAGE = """
 SELECT id, enqueued_at FROM jobs
@@ -133,9 +137,9 @@ async def undispatched_bands(
     """The (queue, band) pairs that have a queued job unconfirmed for ``grace_seconds``: one
     statement of three index probes per queue, so an idle sweep costs next to nothing."""
     params = {"queues": list(queues), "grace": grace_seconds}
-    bands = {"b0": HIGH_BAND, "b1": DEFAULT_BAND, "b2": LOW_BAND}
-    result = await session.execute(text(_BANDS_WAITING), params | bands)
-    return [(r.queue, r.band) for r in result]
+    rows = await session.execute(text(_BANDS_WAITING), params)
+    bands = ((HIGH_BAND, "b0"), (DEFAULT_BAND, "b1"), (LOW_BAND, "b2"))
+    return [(r.queue, band) for r in rows for band, column in bands if getattr(r, column)]
 
 
 async def undispatched_page(
