@@ -191,8 +191,10 @@ class Maintenance:
     async def reconcile(self) -> None:
         """Compare Postgres with Redis and repair what Redis lost."""
         self.w.stream.data_loss.clear()
-        await self.redispatch.repair()
-        await self.reclaim(None)
+        try:
+            await self.redispatch.repair()
+        finally:  # lapsed leases are reclaimed even while Redis is unreachable
+            await self.reclaim(None)
         await self.redispatch.check_entries()
         await self._prune()
 

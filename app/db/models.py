@@ -38,9 +38,9 @@ class Base(DeclarativeBase):
 
 
 TERMINAL_SQL = "('succeeded', 'dead', 'cancelled')"
-# The priority band of a job (app.streams.keys.band_for) in SQL, as two index columns:
-# (true, false) high, (false, false) default, (false, true) low.
-BAND_SQL = ("(priority > 0)", "(priority < 0)")
+# The sign of a job's priority, which names its band (app.streams.keys.band_for): 1 high,
+# 0 default, -1 low. An integer compared with "=", so an index on it keeps enqueued_at order.
+PRIORITY_SIGN_SQL = "least(greatest(priority, -1), 1)"
 
 
 class JobRow(Base):
@@ -138,7 +138,7 @@ class JobRow(Base):
         Index(
             "ix_jobs_undispatched",
             "queue",
-            *map(text, BAND_SQL),
+            text(PRIORITY_SIGN_SQL),
             "enqueued_at",
             "id",
             postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),

@@ -89,26 +89,26 @@ async def unmark_dispatched(session: AsyncSession, ids: Sequence[UUID]) -> None:
 
 # -- the undispatched sweep: per queue and priority band, oldest first --------------------------
 
-# The band columns of ix_jobs_undispatched (app.db.models.BAND_SQL), spelled the same way so
-# that the planner matches them: (true, false) high, (false, false) default, (false, true) low.
-_BANDS = {HIGH_BAND: (True, False), DEFAULT_BAND: (False, False), LOW_BAND: (False, True)}
+# The band as ix_jobs_undispatched spells it (app.db.models.PRIORITY_SIGN_SQL), so that the
+# planner matches it: the sign of the priority, 1 high, 0 default, -1 low.
+_SIGNS = {HIGH_BAND: 1, DEFAULT_BAND: 0, LOW_BAND: -1}
+# The oldest undispatched job of each band: min() over an index prefix is one index probe
+# (the planner's min/max path), whereas an EXISTS may be planned as a scan that stops at the
+# first match, which is the whole table when there is none.
 _BANDS_WAITING = """
-SELECT q.queue,
-    EXISTS (SELECT FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
-            AND queue = q.queue AND (priority > 0) = true AND (priority < 0) = false
-            AND enqueued_at < statement_timestamp() - make_interval(secs => :grace)) AS b0,
-    EXISTS (SELECT FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
-            AND queue = q.queue AND (priority > 0) = false AND (priority < 0) = false
-            AND enqueued_at < statement_timestamp() - make_interval(secs => :grace)) AS b1,
-    EXISTS (SELECT FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
-            AND queue = q.queue AND (priority > 0) = false AND (priority < 0) = true
-            AND enqueued_at < statement_timestamp() - make_interval(secs => :grace)) AS b2
+SELECT q.queue, statement_timestamp() - make_interval(secs => :grace) AS horizon,
+    (SELECT min(enqueued_at) FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
+     AND queue = q.queue AND least(greatest(priority, -1), 1) = 1) AS b0,
+    (SELECT min(enqueued_at) FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
+     AND queue = q.queue AND least(greatest(priority, -1), 1) = 0) AS b1,
+    (SELECT min(enqueued_at) FROM jobs WHERE status = 'queued' AND dispatched_at IS NULL
+     AND queue = q.queue AND least(greatest(priority, -1), 1) = -1) AS b2
 FROM unnest(CAST(:queues AS text[])) AS q(queue)
 """
 _WAITING_PAGE = """
 SELECT id, enqueued_at FROM jobs
 WHERE status = 'queued' AND dispatched_at IS NULL AND queue = :queue
-  AND (priority > 0) = :high AND (priority < 0) = :low
+  AND least(greatest(priority, -1), 1) = :sign
   AND enqueued_at < statement_timestamp() - make_interval(secs => :grace)
   AND (enqueued_at, id) > (:at, :id)
 ORDER BY enqueued_at, id LIMIT :limit
@@ -139,7 +139,12 @@ async def undispatched_bands(
     params = {"queues": list(queues), "grace": grace_seconds}
     rows = await session.execute(text(_BANDS_WAITING), params)
     bands = ((HIGH_BAND, "b0"), (DEFAULT_BAND, "b1"), (LOW_BAND, "b2"))
-    return [(r.queue, band) for r in rows for band, column in bands if getattr(r, column)]
+    return [
+        (r.queue, band)
+        for r in rows
+        for band, column in bands
+        if (oldest := getattr(r, column)) is not None and oldest < r.horizon
+    ]
 
 
 async def undispatched_page(
@@ -147,8 +152,7 @@ async def undispatched_page(
 ) -> list[Waiting]:
     """The next ``limit`` undispatched jobs of one queue and band after ``after``, oldest
     first (not locked: the caller locks those whose streams have room)."""
-    high, low = _BANDS[band]
-    params = {"queue": queue, "high": high, "low": low, "grace": grace_seconds, "limit": limit}
+    params = {"queue": queue, "sign": _SIGNS[band], "grace": grace_seconds, "limit": limit}
     result = await session.execute(text(_WAITING_PAGE), params | {"at": after.at, "id": after.id})
     return [Waiting(r.id, r.enqueued_at) for r in result]
 

@@ -25,7 +25,7 @@ depends_on: str | Sequence[str] | None = None
 SCHEDULED = sa.text("status = 'scheduled'")
 RETRYING = sa.text("status = 'retrying'")
 UNDISPATCHED = sa.text("status = 'queued' AND dispatched_at IS NULL")
-BAND = ("(priority > 0)", "(priority < 0)")  # (true, false) high, (false, true) low
+SIGN = "least(greatest(priority, -1), 1)"  # the band: 1 high, 0 default, -1 low
 
 
 def upgrade() -> None:
@@ -42,7 +42,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_jobs_undispatched",
         "jobs",
-        ["queue", *map(sa.literal_column, BAND), "enqueued_at", "id"],
+        ["queue", sa.literal_column(SIGN), "enqueued_at", "id"],
         postgresql_where=UNDISPATCHED,
     )
 
