@@ -78,6 +78,18 @@ SELECT gen_random_uuid(), 'demo.echo', :queue, s.status,
 FROM generate_series(CAST(:first AS int), CAST(:last AS int)) AS g
 CROSS JOIN LATERAL (SELECT (ARRAY['scheduled', 'retrying', 'queued'])[g % 3 + 1] AS status) s
 """
+# Rows of the served queue that a poll must not walk either: scheduled for later, and queued
+# with their dispatch confirmed (waiting in the stream).
+NOT_DUE = """
+INSERT INTO jobs (id, type, queue, status, payload, created_at, run_at, enqueued_at,
+                  dispatched_at)
+SELECT gen_random_uuid(), 'demo.echo', 'mine', s.status, '{}', now(),
+       CASE WHEN s.status = 'scheduled' THEN now() + interval '1 hour' ELSE now() END,
+       CASE WHEN s.status = 'queued' THEN now() - interval '1 minute' END,
+       CASE WHEN s.status = 'queued' THEN now() END
+FROM generate_series(1, CAST(:n AS int)) AS g
+CROSS JOIN LATERAL (SELECT (ARRAY['scheduled', 'queued'])[g % 2 + 1] AS status) s
+"""
 POLL_PARAMS = {"queues": ["mine"], "limit": 1000, "grace": 5.0}
 
 
@@ -186,7 +198,9 @@ async def bench(database_url: str, rows: int) -> None:
         # (none in the low band: its probe finds nothing, the common case of an idle poll)
         await fill(engine, "mine", 1, 900)
         done = 0
-        print("one poll of queue 'mine' (a fixed load) while the unserved queue's backlog grows")
+        print("one poll of queue 'mine' (a fixed load) while the unserved queue's backlog grows;")
+        print("last line: 'mine' itself also holds jobs not due (scheduled later, or queued")
+        print("with their entries confirmed)")
         print("warm EXPLAIN ANALYZE execution time in ms (shared buffers)")
         print(
             f"{'unserved backlog':>17} | {'promote, 0006':>16} | {'before':>16} |"
@@ -197,15 +211,14 @@ async def bench(database_url: str, rows: int) -> None:
             await fill(engine, "unserved", done + 1, target)
             done = target
             now, before = await measure(engine)
-            sweep = Measured(
-                now["sweep (bands)"].ms + now["sweep (page)"].ms,
-                "",
-                now["sweep (bands)"].buffers + now["sweep (page)"].buffers,
-            )
-            print(
-                f"{done:>17,} | {_cell(now['promote'])} | {_cell(before['promote'])} |"
-                f" {_cell(sweep)} | {_cell(before['sweep'])} | {_cell(now['entry check'])}"
-            )
+            print(_line(f"{done:,}", now, before))
+        async with engine.begin() as conn:
+            await conn.execute(text(NOT_DUE), {"n": rows // 5})
+        async with engine.connect() as conn:
+            await conn.execute(text("COMMIT"))
+            await conn.execute(text("VACUUM ANALYZE jobs"))
+        now, before = await measure(engine)
+        print(_line(f"+{rows // 5:,} of mine", now, before))
         print("plans at the last step:")
         for name, m in now.items():
             print(f"  {name}, 0006: {m.nodes}")
@@ -213,6 +226,15 @@ async def bench(database_url: str, rows: int) -> None:
             print(f"  {name}, before: {m.nodes}")
     finally:
         await engine.dispose()
+
+
+def _line(label: str, now: dict[str, Measured], before: dict[str, Measured]) -> str:
+    bands, page = now["sweep (bands)"], now["sweep (page)"]
+    sweep = Measured(bands.ms + page.ms, "", bands.buffers + page.buffers)
+    return (
+        f"{label:>17} | {_cell(now['promote'])} | {_cell(before['promote'])} |"
+        f" {_cell(sweep)} | {_cell(before['sweep'])} | {_cell(now['entry check'])}"
+    )
 
 
 def _cell(m: Measured) -> str:

@@ -183,29 +183,32 @@ class Redispatcher:
         """Send again the queued jobs whose dispatch mark is older than the check age and
         whose recorded stream entry no longer exists. Each call looks at the next
         ``CHECK_PAGE`` queued jobs of each queue, so a deep backlog is covered over rounds."""
-        resent = 0
-        for queue in self.queues:
-            async with self.sessions() as session:
-                page = await marks.queued_page(
-                    session,
-                    queue,
-                    self.settings.dispatch_check_seconds,
-                    self._checked_to.get(queue, marks.LATEST),
-                    CHECK_PAGE,
-                )
-            self._checked_to[queue] = page[-1] if len(page) == CHECK_PAGE else marks.LATEST
-            old = [m for m in page if m.old]
-            found = await self.stream.entries_exist(
-                [(self._stream(queue, m.id, band_for(m.priority)), m.entry or "0-0") for m in old]
+        return sum([await self._check_queue(queue) for queue in self.queues])
+
+    async def _check_queue(self, queue: str) -> int:
+        async with self.sessions() as session:
+            page = await marks.queued_page(
+                session,
+                queue,
+                self.settings.dispatch_check_seconds,
+                self._checked_to.get(queue, marks.LATEST),
+                CHECK_PAGE,
             )
-            lost = [m for m, exists in zip(old, found, strict=True) if not exists]
-            if lost:
-                async with self.sessions.begin() as session:
-                    targets = await marks.unmark_lost(session, lost)
-                    resent += len(await self.dispatcher.send_and_confirm(session, targets))
-                log.warning(
-                    "%d queued job(s) of queue %s had lost their stream entries; sent again",
-                    len(targets),
-                    queue,
-                )
-        return resent
+        self._checked_to[queue] = page[-1] if len(page) == CHECK_PAGE else marks.LATEST
+        old = [m for m in page if m.old]
+        found = await self.stream.entries_exist(
+            [(self._stream(queue, m.id, band_for(m.priority)), m.entry or "0-0") for m in old]
+        )
+        lost = [m for m, exists in zip(old, found, strict=True) if not exists]
+        if not lost:
+            return 0
+        async with self.sessions.begin() as session:
+            targets = await marks.unmark_lost(session, lost)
+            sent = await self.dispatcher.send_and_confirm(session, targets)
+        if targets:  # those that did not fit under the stream bound are left to the sweep
+            log.warning(
+                "%d queued job(s) of queue %s had lost their stream entries; sending them again",
+                len(targets),
+                queue,
+            )
+        return len(sent)
