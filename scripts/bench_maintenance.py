@@ -18,7 +18,8 @@ twice in a transaction that is rolled back and reports the warm run:
   one band's page), with the migrated indexes (queue first, 0006); and the entry check's page
   (it runs once per reconcile, not per poll);
 - baseline, in the same run and transaction: the indexes as they were before 0006 (no queue
-  column) and the sweep's statement as it was (``ORDER BY enqueued_at LIMIT 1000`` over the
+  column), promotion's selection as it was (an unordered ``LIMIT`` over an ``OR``) and the
+  sweep's statement as it was (``ORDER BY enqueued_at LIMIT 1000`` over the
   worker's queues, rows locked).
 """
 
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.db.migrate import upgrade
 from app.embedded import EmbeddedPostgres
-from app.jobs import marks
+from app.jobs import marks, repository
 
 STEPS = (0.01, 0.1, 1.0)  # fractions of --rows in the unserved queue's backlog
 
@@ -145,7 +146,9 @@ async def explain(conn: AsyncConnection, sql: str, params: dict[str, Any]) -> Me
 
 
 # The selection of repository.promote_due (its ``due`` part; the rest updates the rows found).
-PROMOTE_DUE = """
+PROMOTE_DUE = repository._PROMOTE.split("), upd AS (")[0].removeprefix("\nWITH due AS (")
+# And as it was before 0006.
+OLD_PROMOTE_DUE = """
 SELECT id FROM jobs
 WHERE ((status = 'scheduled' AND run_at <= now())
        OR (status = 'retrying' AND next_attempt_at <= now()))
@@ -176,7 +179,7 @@ async def measure(engine: AsyncEngine) -> tuple[dict[str, Measured], dict[str, M
         for statement in OLD_INDEXES:
             await conn.execute(text(statement))
         before = {
-            "promote": await explain(conn, PROMOTE_DUE, POLL_PARAMS),
+            "promote": await explain(conn, OLD_PROMOTE_DUE, POLL_PARAMS),
             "sweep": await explain(conn, OLD_SWEEP, POLL_PARAMS),
         }
         await trans.rollback()
