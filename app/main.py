@@ -17,7 +17,9 @@ from app.api.limits import BodyLimits, SingleValuedQuery
 from app.api.ratelimit import RateLimit, RateLimiter
 from app.api.routes import dlq, jobs, ops, schedules
 from app.db.engine import create_engine, create_session_factory
+from app.jobs import layout
 from app.jobs.dispatch import Dispatcher
+from app.jobs.layout import Layout
 from app.jobs.registry import Registry, load_handlers
 from app.logs import configure as configure_logging
 from app.settings import Settings, get_settings
@@ -51,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             create_redis(settings), Keys(settings.redis_prefix), maxlen=settings.stream_maxlen
         )
         await stream.warn_unless_noeviction()
+        layout_check = await layout.guard(sessions, Layout.of(settings))
         dispatcher = Dispatcher(stream, sessions, settings.partitions)
         dispatcher.start()
         auth.bind(sessions)
@@ -60,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await layout.stop(layout_check)
             await dispatcher.stop()
             await stream.close()
             await engine.dispose()

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     dispatch_grace_seconds: float = Field(default=5.0, ge=0)
     # A schedule's slot more than this late (nothing was running) is "missed" (skip/run_once).
     schedule_grace_seconds: float = Field(default=60.0, ge=1)
+    dispatch_check_seconds: float = Field(default=120.0, gt=0)
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout_seconds: float = Field(default=2.0, gt=0)

@@ -25,6 +25,7 @@ from app.db.migrate import upgrade
 from app.devserver import EmbeddedPostgres, EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
+from tests.support import db
 from tests.support.db import scratch_database
 from tests.support.processes import Spawner
 
@@ -55,6 +56,17 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
     finally:
         for server in reversed(servers):
             server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_layout(request: pytest.FixtureRequest) -> None:
+    """The test database is one deployment, yet every test has a Redis prefix of its own:
+    forget the stream layout (``app.jobs.layout``) that the previous test's processes
+    recorded, so that this test's first process records its own."""
+    if "backends" in request.fixturenames:
+        backends: Backends = request.getfixturevalue("backends")
+        forget = "DELETE FROM conveyor_state WHERE key = 'stream-layout'"
+        asyncio.run(db.execute(backends.database_url, forget))
 
 
 def make_settings(backends: Backends, **overrides: Any) -> Settings:

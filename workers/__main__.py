@@ -11,6 +11,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 
+from app.jobs.layout import LayoutMismatch
 from app.jobs.workers_table import NameInUse
 from app.logs import configure
 from app.settings import get_settings
@@ -75,6 +76,9 @@ def run_worker(queues: list[str], concurrency: int, name: str | None, processes:
     except NameInUse as exc:
         print(f"conveyor worker: {exc}", file=sys.stderr)
         return shutdown.EXIT_NAME_IN_USE
+    except LayoutMismatch as exc:
+        print(f"conveyor worker: {exc}", file=sys.stderr)
+        return shutdown.EXIT_USAGE
 
 
 def main() -> int:

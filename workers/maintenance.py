@@ -16,8 +16,9 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from app.jobs import attempts, repository, workers_table
+from app.jobs import attempts, workers_table
 from app.jobs.attempts import Dead
+from app.jobs.redispatch import Redispatcher
 from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
 from app.schedules.due import ScheduleDuty
@@ -27,7 +28,6 @@ from workers.reporter import Reporter
 
 log = logging.getLogger(__name__)
 
-DISPATCH_BATCH = 1000
 RECLAIM_BATCH = 500
 WORKER_ROW_TTL_SECONDS = 3600
 
@@ -40,6 +40,9 @@ class Maintenance:
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
         self.leased: set[Attempt] = set()  # attempts whose leases the last heartbeat extended
         self.token: datetime | None = None  # our claim on our name (workers_table)
+        self.redispatch = Redispatcher(
+            ctx.sessions, ctx.stream, ctx.dispatcher, ctx.config.queues, ctx.settings
+        )
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         s = self.ctx.settings
@@ -128,47 +131,14 @@ class Maintenance:
     # -- promotion and dispatch -------------------------------------------------------------------
 
     async def promote_and_dispatch(self) -> None:
-        """Due scheduled/retrying jobs → queued → their streams; then unconfirmed ones again."""
-        while True:
-            async with self.ctx.sessions.begin() as session:
-                targets = await repository.promote_due(
-                    session, self.ctx.config.queues, DISPATCH_BATCH
-                )
-            await self.ctx.dispatcher.send_committed(targets)
-            if len(targets) < DISPATCH_BATCH:
-                break
-        await self.sweep_undispatched(self.ctx.settings.dispatch_grace_seconds)
-
-    async def sweep_undispatched(self, grace: float) -> int:
-        total = 0
-        while True:
-            async with self.ctx.sessions.begin() as session:
-                targets = await repository.lock_undispatched(
-                    session, self.ctx.config.queues, grace, DISPATCH_BATCH
-                )
-                sent = await self.ctx.dispatcher.send_and_confirm(session, targets)
-            total += sent
-            if len(targets) < DISPATCH_BATCH or sent == 0:
-                break
-        if total:
-            log.info("dispatched %d job(s) whose stream entries were missing", total)
-        return total
+        await self.redispatch.promote_and_sweep()
 
     # -- reclaim ------------------------------------------------------------------------------
 
     async def entries_vanished(self, queue: str, stream: str, count: int) -> None:
-        """Pending entries were deleted from the stream: which jobs they stood for is gone
-        with them, so every queued job of the queue is sent again (duplicates are harmless;
-        jobs running or done are not touched)."""
-        log.warning(
-            "%d pending entries no longer existed in %s; re-dispatching queue %s",
-            count,
-            stream,
-            queue,
-        )
-        async with self.ctx.sessions.begin() as session:
-            await repository.forget_dispatches(session, [queue])
-        await self.sweep_undispatched(0.0)
+        """Pending entries were deleted from the stream: their queue's marks are forgotten
+        (with a loss record) and every queued job of it is sent again."""
+        await self.redispatch.entries_vanished(queue, stream, count)
 
     async def reclaim(self, ids: Sequence[UUID] | None) -> int:
         """Fail the attempts whose lease lapsed (``worker lost``): retry, or dead at the cap.
@@ -221,29 +191,11 @@ class Maintenance:
     async def reconcile(self) -> None:
         """Compare Postgres with Redis and repair what Redis lost."""
         self.ctx.stream.data_loss.clear()
-        partitions = self.ctx.partitions
-        epochs = await self.ctx.stream.epochs(partitions)
-        forgotten = 0
-        async with self.ctx.sessions.begin() as session:
-            lost = {
-                queue
-                for (queue, partition), epoch in zip(partitions, epochs, strict=True)
-                if await repository.record_epoch(
-                    session, repository.epoch_key(self.ctx.keys.prefix, queue, partition), epoch
-                )
-            }
-            if lost:
-                forgotten = await repository.forget_dispatches(session, sorted(lost))
-        if lost:
-            log.warning(
-                "Redis data epoch changed for queue(s) %s (first start, restart or data loss):"
-                " re-dispatching %d queued job(s)",
-                ",".join(sorted(lost)),
-                forgotten,
-            )
-            await self.ctx.stream.ensure_groups(self.ctx.all_streams, force=True)
-            await self.sweep_undispatched(0.0)
-        await self.reclaim(None)
+        try:
+            await self.redispatch.repair()
+        finally:  # lapsed leases are reclaimed even while Redis is unreachable
+            await self.reclaim(None)
+        await self.redispatch.check_entries()
         await self._prune()
 
     async def _prune(self) -> None:

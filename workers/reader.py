@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from app.jobs import attempts, repository
+from app.jobs import attempts, marks
 from app.jobs.attempts import Claim
 from app.jobs.registry import Registry
 from app.jobs.repository import Target
@@ -291,5 +291,5 @@ class Reader:
         queued = [Target(s.id, s.queue, s.priority) for s in states if s.status == JobStatus.QUEUED]
         # Their entries are deleted next; a full stream may refuse the new ones: sweep them.
         async with ctx.sessions.begin() as session:
-            await repository.unmark_dispatched(session, [t.id for t in queued])
+            await marks.unmark_dispatched(session, [t.id for t in queued])
         return queued + released

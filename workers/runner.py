@@ -13,7 +13,9 @@ import asyncio
 import logging
 
 from app.db.engine import create_engine, create_session_factory
+from app.jobs import layout
 from app.jobs.dispatch import Dispatcher
+from app.jobs.layout import Layout, LayoutMismatch
 from app.jobs.registry import load_handlers
 from app.jobs.repository import Backoff
 from app.jobs.workers_table import NameInUse
@@ -97,11 +99,12 @@ class Worker:
         while not ctx.stopping.is_set():
             try:
                 await ctx.open_db(DB_POOL_SIZE)
+                await layout.verify(ctx.sessions, Layout.of(ctx.settings))
                 await ctx.stream.ensure_groups(ctx.all_streams)
                 await self.maintenance.register()
                 await ctx.stream.warn_unless_noeviction()
                 return
-            except NameInUse:
+            except (NameInUse, LayoutMismatch):
                 raise
             except Exception as exc:
                 log.warning("waiting for Postgres and Redis: %s", exc)

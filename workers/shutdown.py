@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0  # stopped: every job finished or was handed back
-EXIT_USAGE = 2  # bad command-line arguments
+EXIT_USAGE = 2  # bad command-line arguments, or a stream layout other than the recorded one
 EXIT_NAME_IN_USE = 3  # refused at start: a live worker holds the same --name
 EXIT_ABANDONED = 4  # stopped, but a handler ignored cancellation (its job was handed back)
 EXIT_FORCED = 5  # the shutdown overran its bound: ended without finishing the hand-back

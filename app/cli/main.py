@@ -16,6 +16,12 @@ def _migrate(args: argparse.Namespace) -> int:
 
     upgrade(get_settings().database_url)
     print("migrations applied")
+    if args.repartition:
+        import asyncio
+
+        from app.jobs.layout import repartition_database
+
+        return asyncio.run(repartition_database(get_settings()))
     return 0
 
 
@@ -59,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_dev)
 
     p = sub.add_parser("migrate", help="apply database migrations (idempotent)")
+    p.add_argument(
+        "--repartition",
+        action="store_true",
+        help="record this environment's CONVEYOR_PARTITIONS and CONVEYOR_REDIS_PREFIX as the"
+        " stream layout and re-send every queued job (stop every API and worker first)",
+    )
     p.set_defaults(func=_migrate)
 
     p = sub.add_parser("api", help="run the HTTP gateway")

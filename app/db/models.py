@@ -75,6 +75,11 @@ class StatusText(TypeDecorator[JobStatus]):
         return None if value is None else JobStatus(value)
 
 
+# The sign of a job's priority, which names its band (app.streams.keys.band_for): 1 high,
+# 0 default, -1 low. An integer compared with "=", so an index on it keeps enqueued_at order.
+PRIORITY_SIGN_SQL = "least(greatest(priority, -1), 1)"
+
+
 class JobRow(Base):
     __tablename__ = "jobs"
 
@@ -101,6 +106,7 @@ class JobRow(Base):
     run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dispatch_entry: Mapped[str | None] = mapped_column(Text, nullable=True)  # its stream entry id
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -152,20 +158,27 @@ class JobRow(Base):
             text("id DESC"),
             postgresql_where=text(OPEN_SQL),
         ),
-        # Maintenance: promotion, re-dispatch, lease expiry.
+        # Maintenance: promotion, re-dispatch, lease expiry. Each worker polls for its own
+        # queues, so the queue leads: another queue's backlog is never walked.
         Index(
             "ix_jobs_scheduled_due",
+            "queue",
             "run_at",
             postgresql_where=text(_status_is(JobStatus.SCHEDULED)),
         ),
         Index(
             "ix_jobs_retrying_due",
+            "queue",
             "next_attempt_at",
             postgresql_where=text(_status_is(JobStatus.RETRYING)),
         ),
+        # Per queue and priority band (one stream per band and partition), oldest first.
         Index(
             "ix_jobs_undispatched",
+            "queue",
+            text(PRIORITY_SIGN_SQL),
             "enqueued_at",
+            "id",
             postgresql_where=text(f"{_status_is(JobStatus.QUEUED)} AND dispatched_at IS NULL"),
         ),
         Index(

@@ -20,12 +20,15 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.jobs import repository
+from app.jobs import marks
+from app.jobs.marks import Sent
 from app.jobs.repository import Target
 from app.streams.client import StreamClient
 from app.streams.keys import band_for, partition_for
 
 log = logging.getLogger(__name__)
+
+_Unconfirmed = tuple[UUID, float, str]  # (job, monotonic time of its XADD, its entry id)
 
 
 class Dispatcher:
@@ -41,7 +44,7 @@ class Dispatcher:
         self.sessions = sessions
         self.partitions = partitions
         self.confirm_interval = confirm_interval
-        self._unconfirmed: list[tuple[UUID, float]] = []  # (job, monotonic time of its XADD)
+        self._unconfirmed: list[_Unconfirmed] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -50,19 +53,20 @@ class Dispatcher:
             target.queue, partition_for(target.id, self.partitions), band_for(target.priority)
         )
 
-    async def send(self, targets: Sequence[Target]) -> set[UUID]:
-        """XADD the entries; returns the ids sent (those over the stream bound wait)."""
+    async def send(self, targets: Sequence[Target]) -> dict[UUID, str]:
+        """XADD the entries; returns the entry id of each job sent (those over the stream
+        bound wait)."""
         if not targets:
-            return set()
+            return {}
         return await self.stream.dispatch([(self.stream_of(t), t.id) for t in targets])
 
-    async def send_and_confirm(self, session: AsyncSession, targets: Sequence[Target]) -> int:
+    async def send_and_confirm(self, session: AsyncSession, targets: Sequence[Target]) -> set[UUID]:
         """Send jobs that were already ``queued`` when the caller's transaction began (and that
-        it holds locked), then mark them in that transaction."""
+        it holds locked), then mark them in that transaction. Returns the ids sent."""
         began = time.monotonic()
         sent = await self.send(targets)
-        await self._confirm(session, [(job_id, began) for job_id in sent])
-        return len(sent)
+        await self._confirm(session, [(job_id, began, e) for job_id, e in sent.items()])
+        return set(sent)
 
     async def send_committed(self, targets: Sequence[Target]) -> int:
         """Send jobs whose move to ``queued`` is committed, then confirm in a new transaction.
@@ -74,7 +78,7 @@ class Dispatcher:
         sent = await self.send(targets)
         if sent:
             async with self.sessions.begin() as session:
-                await self._confirm(session, [(job_id, began) for job_id in sent])
+                await self._confirm(session, [(job_id, began, e) for job_id, e in sent.items()])
         return len(sent)
 
     async def send_after_commit(self, targets: Sequence[Target]) -> None:
@@ -86,7 +90,7 @@ class Dispatcher:
             log.warning("dispatch deferred: %s (%d jobs)", type(exc).__name__, len(targets))
             return
         if sent:
-            self._unconfirmed.extend((job_id, began) for job_id in sent)
+            self._unconfirmed.extend((job_id, began, e) for job_id, e in sent.items())
             self._wake.set()
 
     def start(self) -> None:
@@ -116,12 +120,9 @@ class Dispatcher:
         async with self.sessions.begin() as session:
             await self._confirm(session, sent)
 
-    async def _confirm(self, session: AsyncSession, sent: Sequence[tuple[UUID, float]]) -> None:
-        """Mark ``(job, monotonic time of its XADD)`` pairs as dispatched, where still valid."""
+    async def _confirm(self, session: AsyncSession, sent: Sequence[_Unconfirmed]) -> None:
+        """Mark ``(job, monotonic time of its XADD, entry id)`` as dispatched, where valid."""
         now = time.monotonic()
-        await repository.confirm_dispatched(
-            session,
-            [job_id for job_id, _ in sent],
-            [now - at for _, at in sent],
-            self.stream.keys.prefix,
+        await marks.confirm_dispatched(
+            session, [Sent(job_id, now - at, e) for job_id, at, e in sent], self.stream.keys.prefix
         )

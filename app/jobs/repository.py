@@ -19,8 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobRow
 
-EPOCH_KEY_PREFIX = "redis-epoch:"  # conveyor_state keys of the Redis data epochs
-
 
 @dataclass(frozen=True)
 class Backoff:
@@ -83,68 +81,27 @@ async def find_by_keys(session: AsyncSession, scope: str, keys: Sequence[str]) -
     return {row.idempotency_key or "": row for row in (await session.scalars(stmt)).all()}
 
 
-_EPOCHS_SHARED = "SELECT FROM conveyor_state WHERE starts_with(key, :epochs) FOR SHARE"
-_CONFIRM = """
-UPDATE jobs j SET dispatched_at = now()
-FROM unnest(CAST(:ids AS uuid[]), CAST(:ages AS float8[])) AS v(id, age)
-WHERE j.id = v.id AND j.status = 'queued' AND j.dispatched_at IS NULL
-  AND j.enqueued_at <= statement_timestamp() - make_interval(secs => v.age)
-  AND NOT EXISTS (
-      SELECT FROM conveyor_state s WHERE starts_with(s.key, :epochs)
-      AND s.updated_at > statement_timestamp() - make_interval(secs => v.age))
-"""
-
-
-async def confirm_dispatched(
-    session: AsyncSession,
-    ids: Sequence[UUID],
-    sent_ago: Sequence[float],
-    redis_prefix: str,
-) -> None:
-    """Record that the stream entries of these jobs exist (the dispatch marker).
-
-    ``sent_ago``: seconds since each XADD was sent. A job queued again after its XADD (it ran,
-    failed and was promoted meanwhile) is left unmarked: that entry was for its previous turn,
-    and the sweep must send it again. So is every job sent before a loss of Redis data was
-    detected (a data epoch of ``redis_prefix`` recorded since): its entry may be gone, and the
-    loss's re-dispatch may have run already.
-    """
-    if ids:
-        epochs = f"{EPOCH_KEY_PREFIX}{redis_prefix}:"
-        # Serialise with a data-loss record (record_epoch updates these rows): one in flight
-        # is waited for, so the UPDATE's fresh snapshot sees it; one that comes later waits
-        # for our commit, and the re-dispatch that follows it sees our marks.
-        await session.execute(text(_EPOCHS_SHARED), {"epochs": epochs})
-        params = {"ids": list(ids), "ages": list(sent_ago), "epochs": epochs}
-        await session.execute(text(_CONFIRM), params)
-
-
-async def unmark_dispatched(session: AsyncSession, ids: Sequence[UUID]) -> None:
-    """These queued jobs' entries are about to be deleted: until a new send is confirmed, the
-    sweep must treat them as never sent."""
-    if ids:
-        await session.execute(
-            text(
-                "UPDATE jobs SET dispatched_at = NULL"
-                " WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'queued'"
-            ),
-            {"ids": list(ids)},
-        )
-
-
 # Claim, complete, heartbeat, release and reclaim (the worker's transitions of an attempt) are
 # in app/jobs/attempts.py, on asyncpg directly.
 
 
 # -- maintenance ---------------------------------------------------------------------------------
 
+# Per queue and kind, oldest due first, in the order of the (queue, time) indexes: a LIMIT
+# over an unordered OR let the planner pick a table scan that walks every job of the queue
+# not yet due (a million scheduled for later cost 1.5 s a poll).
 _PROMOTE = """
 WITH due AS (
-    SELECT id FROM jobs
-    WHERE ((status = 'scheduled' AND run_at <= now())
-           OR (status = 'retrying' AND next_attempt_at <= now()))
-      AND queue = ANY(CAST(:queues AS text[]))
-    LIMIT :limit FOR UPDATE SKIP LOCKED
+    SELECT s.id FROM unnest(CAST(:queues AS text[])) AS q(queue) CROSS JOIN LATERAL (
+        SELECT id FROM jobs WHERE status = 'scheduled' AND queue = q.queue AND run_at <= now()
+        ORDER BY run_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    ) AS s
+    UNION ALL
+    SELECT r.id FROM unnest(CAST(:queues AS text[])) AS q(queue) CROSS JOIN LATERAL (
+        SELECT id FROM jobs
+        WHERE status = 'retrying' AND queue = q.queue AND next_attempt_at <= now()
+        ORDER BY next_attempt_at LIMIT :limit FOR UPDATE SKIP LOCKED
+    ) AS r
 ), upd AS (
     UPDATE jobs j SET status = 'queued', enqueued_at = now(), dispatched_at = NULL
     FROM due WHERE j.id = due.id
@@ -159,60 +116,10 @@ SELECT id, queue, priority FROM upd
 async def promote_due(
     session: AsyncSession, queues: Sequence[str], limit: int = 1000
 ) -> list[Target]:
-    """scheduled/retrying whose time has come → queued. Safe with many workers (SKIP LOCKED)."""
+    """scheduled/retrying whose time has come → queued, up to ``limit`` of each kind per
+    queue, oldest due first. Safe with many workers (SKIP LOCKED)."""
     result = await session.execute(text(_PROMOTE), {"limit": limit, "queues": list(queues)})
     return [Target(r.id, r.queue, r.priority) for r in result]
-
-
-async def lock_undispatched(
-    session: AsyncSession, queues: Sequence[str], grace_seconds: float, limit: int = 1000
-) -> list[Target]:
-    """Queued jobs whose stream entry was never confirmed; locked until the caller commits."""
-    result = await session.execute(
-        text(
-            "SELECT id, queue, priority FROM jobs WHERE status = 'queued'"
-            " AND dispatched_at IS NULL AND queue = ANY(CAST(:queues AS text[]))"
-            " AND enqueued_at < now() - make_interval(secs => :grace)"
-            " ORDER BY enqueued_at LIMIT :limit FOR UPDATE SKIP LOCKED"
-        ),
-        {"grace": grace_seconds, "limit": limit, "queues": list(queues)},
-    )
-    return [Target(r.id, r.queue, r.priority) for r in result]
-
-
-def epoch_key(redis_prefix: str, queue: str, partition: int) -> str:
-    """The ``conveyor_state`` key of a queue partition's Redis data epoch."""
-    return f"{EPOCH_KEY_PREFIX}{redis_prefix}:{queue}:{partition}"
-
-
-async def record_epoch(session: AsyncSession, key: str, epoch: str) -> bool:
-    """Remember the Redis data epoch; True when it differs from the one recorded before
-    (or none was), which means Redis may have lost entries since."""
-    changed = await session.scalar(
-        text(
-            "INSERT INTO conveyor_state (key, value) VALUES (:key, :epoch)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = now()"
-            " WHERE conveyor_state.value <> excluded.value RETURNING key"
-        ),
-        {"key": key, "epoch": epoch},
-    )
-    return changed is not None
-
-
-async def forget_dispatches(session: AsyncSession, queues: Sequence[str]) -> int:
-    """After Redis lost data: every queued job of these queues must be sent again.
-
-    Call it after :func:`record_epoch` in the same transaction: confirmations in flight
-    (which share-lock the epoch rows) have committed by then, so their marks are cleared too.
-    """
-    result = await session.execute(
-        text(
-            "UPDATE jobs SET dispatched_at = NULL WHERE status = 'queued'"
-            " AND dispatched_at IS NOT NULL AND queue = ANY(CAST(:queues AS text[]))"
-        ),
-        {"queues": list(queues)},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
 
 
 # -- operator transitions ----------------------------------------------------------------------

@@ -68,6 +68,12 @@ class Reclaimed:
     deleted: list[str]  # pending ids whose entries no longer exist (Redis >= 7 XAUTOCLAIM)
 
 
+def _group_gone(exc: ResponseError) -> bool:
+    """``NOGROUP``: the stream or its group does not exist; ``UNBLOCKED``: the stream was
+    deleted while a blocking read waited on it."""
+    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+
+
 def _parse_job(fields: dict[str, str] | None) -> UUID | None:
     try:
         return UUID((fields or {})["job"])
@@ -84,6 +90,7 @@ class StreamClient:
         self._ratelimit = redis.register_script(_script("ratelimit"))
         self._groups: set[str] = set()
         self.data_loss = asyncio.Event()  # set when a consumer group had vanished
+        self.lost: set[str] = set()  # streams whose group was missing, not yet re-sent
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -93,25 +100,51 @@ class StreamClient:
 
     # -- groups -----------------------------------------------------------------------------
 
-    async def ensure_groups(self, streams: Iterable[str], *, force: bool = False) -> None:
-        """Create the consumer group at id 0 (so nothing is skipped), with MKSTREAM."""
-        for stream in streams:
-            if stream in self._groups and not force:
-                continue
-            try:
-                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+    async def ensure_groups(self, streams: Iterable[str], *, force: bool = False) -> list[str]:
+        """Create the consumer group at id 0 (so nothing is skipped), with MKSTREAM.
+
+        Returns the streams whose group had to be created. A group missing from a stream this
+        client has served before means the stream was deleted, evicted or lost with Redis
+        data: its entries may be gone. Every such stream is remembered in :attr:`lost` (and
+        :attr:`data_loss` set) until the caller has re-sent its queue (:meth:`settle_lost`).
+        """
+        wanted = [s for s in dict.fromkeys(streams) if force or s not in self._groups]
+        if not wanted:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in wanted:
+                pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            replies = await pipe.execute(raise_on_error=False)
+        created: list[str] = []
+        for stream, reply in zip(wanted, replies, strict=True):
+            if isinstance(reply, Exception):
+                if "BUSYGROUP" not in str(reply):
+                    raise reply
+            else:
+                created.append(stream)
             self._groups.add(stream)
+        if created:
+            self.lost.update(created)
+            self.data_loss.set()
+        return created
+
+    def settle_lost(self, streams: Iterable[str]) -> None:
+        """The queues of these lost streams have been re-sent."""
+        self.lost.difference_update(streams)
 
     def forget_groups(self) -> None:
         self._groups.clear()
 
+    async def _group_missing(self, streams: Sequence[str]) -> None:
+        """A read met ``NOGROUP`` (or was unblocked because its stream was deleted)."""
+        log.warning("consumer group missing (stream deleted or Redis lost data); recreating it")
+        self.data_loss.set()
+        await self.ensure_groups(streams, force=True)
+
     # -- producing --------------------------------------------------------------------------
 
-    async def dispatch(self, targets: Sequence[tuple[str, UUID]]) -> set[UUID]:
-        """Add ``(stream, job_id)`` entries; returns the ids that were added.
+    async def dispatch(self, targets: Sequence[tuple[str, UUID]]) -> dict[UUID, str]:
+        """Add ``(stream, job_id)`` entries; returns the stream entry id of each job added.
 
         Ids that do not fit under the stream bound are left out; the dispatcher sends them
         once the backlog shrinks.
@@ -123,16 +156,34 @@ class StreamClient:
             (stream, [self.maxlen, *map(str, ids)]) for stream, ids in by_stream.items()
         ]
         if isinstance(self.redis, RedisCluster):  # cluster pipelines refuse EVALSHA
-            counts = await asyncio.gather(*(self._dispatch(keys=[k], args=a) for k, a in calls))
+            added = await asyncio.gather(*(self._dispatch(keys=[k], args=a) for k, a in calls))
         else:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream, args in calls:
                     await self._dispatch(keys=[stream], args=args, client=pipe)
-                counts = await pipe.execute()
-        sent: set[UUID] = set()
-        for (_, ids), count in zip(by_stream.items(), counts, strict=True):
-            sent.update(ids[: int(count)])
+                added = await pipe.execute()
+        sent: dict[UUID, str] = {}
+        for (_, ids), entries in zip(by_stream.items(), added, strict=True):
+            sent.update(zip(ids, map(_text, entries or []), strict=False))
         return sent
+
+    async def room(self, streams: Sequence[str]) -> dict[str, int]:
+        """How many entries each stream can take before it reaches the bound."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            lengths = await pipe.execute()
+        return {s: max(0, self.maxlen - int(n)) for s, n in zip(streams, lengths, strict=True)}
+
+    async def entries_exist(self, entries: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether each ``(stream, entry id)`` is still in its stream (XRANGE id id)."""
+        if not entries:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, entry_id in entries:
+                pipe.xrange(stream, entry_id, entry_id, count=1)
+            replies = await pipe.execute()
+        return [bool(r) for r in replies]
 
     async def add_dead_letter(self, fields: dict[str, str]) -> None:
         """Append a dead job's notification to ``P:dlq``, bounded in size and count.
@@ -181,11 +232,9 @@ class StreamClient:
                 GROUP, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
             )
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not _group_gone(exc):
                 raise
-            log.warning("consumer group missing (Redis lost its data?); recreating it")
-            self.data_loss.set()
-            await self.ensure_groups(streams, force=True)
+            await self._group_missing(streams)
             return []
         return [
             Delivery(stream, entry_id, _parse_job(fields))
@@ -244,10 +293,9 @@ class StreamClient:
                     count=count - len(deliveries),
                 )
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not _group_gone(exc):
                     raise
-                self.data_loss.set()
-                await self.ensure_groups([stream], force=True)
+                await self._group_missing([stream])
                 break
             cursor, entries = reply[0], reply[1]
             deleted.extend(reply[2] if len(reply) > 2 else [])
@@ -280,8 +328,9 @@ class StreamClient:
         writes there.
 
         A marker key per partition, created once (gone after FLUSHALL, a restart without
-        persistence, or a cluster node replaced empty), plus the server's run id when not in
-        cluster mode (new after any restart, which may lose the last writes).
+        persistence, or a cluster node replaced empty), plus the run id of the server that
+        holds it: the one server, or in cluster mode the primary serving the marker's slot
+        (new after any restart or failover, which may lose the last writes).
         """
         token = secrets.token_hex(8)
         keys = [self.keys.epoch(q, p) for q, p in partitions]
@@ -290,12 +339,21 @@ class StreamClient:
                 pipe.set(key, token, nx=True)
                 pipe.get(key)
             replies = await pipe.execute()
-        run_id = ""
+        servers = await self._run_ids(keys)
+        return [f"{_text(v)}:{run_id}" for v, run_id in zip(replies[1::2], servers, strict=True)]
+
+    async def _run_ids(self, keys: Sequence[str]) -> list[str]:
+        """The run id of the server that holds each key."""
         if isinstance(self.redis, Redis):
             info: dict[str, Any] = await self.redis.info("server")
-            run_id = str(info.get("run_id", ""))
-        values = replies[1::2]
-        return [f"{v.decode() if isinstance(v, bytes) else v}:{run_id}" for v in values]
+            return [str(info.get("run_id", ""))] * len(keys)
+        nodes = [self.redis.get_node_from_key(key) for key in keys]
+        run_ids: dict[str, str] = {}
+        for node in nodes:
+            if node is not None and node.name not in run_ids:
+                info = await self.redis.info("server", target_nodes=node)
+                run_ids[node.name] = str(info.get("run_id", ""))
+        return [run_ids.get(node.name, "") if node is not None else "" for node in nodes]
 
     async def take_token(self, principal: str, rate: float, burst: int) -> float:
         """Take one rate-limit token; returns 0 when allowed, else seconds to wait."""
@@ -389,6 +447,10 @@ def _brief_error(error: Any, traceback_chars: int, error_chars: int) -> dict[str
 
 def _size(fields: dict[str, str]) -> int:
     return sum(len(k.encode()) + len(v.encode()) for k, v in fields.items())
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _stream_items(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str] | None]]]]:

@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
@@ -31,6 +31,7 @@ import asyncpg
 import httpx
 
 from app.db.url import asyncpg_dsn
+from app.main import create_app
 from app.settings import Settings
 from tests.support import db
 from tests.support.processes import Proc, Spawner
@@ -358,3 +359,54 @@ class Supervisor:
     def tracebacks(self) -> int:
         """Unhandled errors the workers printed (a loop that died, a task that crashed)."""
         return self.logged(r"Traceback \(most recent call last\)")
+
+
+async def epoch_recorded(settings: Settings, queue: str) -> None:
+    """Wait until a worker's reconcile has recorded the Redis data epoch of ``queue``."""
+    sql = "SELECT count(*) > 0 FROM conveyor_state WHERE key LIKE '%' || $1 || '%'"
+    await db.wait_for_value(settings.database_url, sql, queue, expected=True, timeout=20.0)
+
+
+async def served_before(spawn: Spawner, settings: Settings, queue: str) -> None:
+    """A worker served the queue (created its groups, recorded its Redis epoch) and stopped,
+    so the next start is not a first start (whose reconcile re-sends every queued job)."""
+    workers = Supervisor(spawn, [queue], 1, settings=settings)
+    workers.start()
+    await workers.ready(settings.database_url)
+    await epoch_recorded(settings, queue)
+    await workers.stop()
+
+
+async def submit_marked(
+    settings: Settings, bodies: Sequence[Mapping[str, object]], *, marked: bool = True
+) -> list[uuid.UUID]:
+    """Submit through the API (XADD, then the batched confirmation); with ``marked``, check
+    that the confirmations were written (the jobs are known to have stream entries)."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as http:
+            response = await http.post("/v1/jobs/batch", json={"jobs": list(bodies)})
+            assert response.status_code == 202, response.text
+            ids = [uuid.UUID(j["id"]) for j in response.json()["jobs"]]
+    if not marked:
+        return ids
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+    try:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL",
+            ids,
+        )
+    finally:
+        await conn.close()
+    assert count == len(ids), "the API did not confirm its XADDs"
+    return ids
+
+
+async def statuses(settings: Settings, ids: list[uuid.UUID]) -> list[str]:
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+    try:
+        rows = await conn.fetch("SELECT status FROM jobs WHERE id = ANY($1::uuid[])", ids)
+    finally:
+        await conn.close()
+    return sorted(r["status"] for r in rows)

@@ -22,9 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db.engine import create_engine, create_session_factory
 from app.db.url import asyncpg_dsn
 from app.devserver import EmbeddedRedis
-from app.jobs import attempts, repository
+from app.jobs import attempts, marks, repository
 from app.jobs.attempts import Completion
 from app.jobs.dispatch import Dispatcher
+from app.jobs.marks import Sent
 from app.jobs.repository import Backoff, Target
 from app.main import create_app
 from app.settings import Settings
@@ -32,7 +33,13 @@ from app.streams.client import StreamClient, create_redis
 from app.streams.keys import DEFAULT_BAND, GROUP, Keys
 from tests.conftest import Backends, make_settings
 from tests.faults.checker import drain, stranded
-from tests.faults.harness import Supervisor, create_effects_table, orphan_row
+from tests.faults.harness import (
+    Supervisor,
+    create_effects_table,
+    epoch_recorded,
+    orphan_row,
+    served_before,
+)
 from tests.faults.scenario import wait_running
 from tests.support import db
 from tests.support.processes import Spawner
@@ -48,7 +55,7 @@ async def test_late_confirmation_does_not_hide_a_requeued_job(
     workers = Supervisor(spawn, [queue], 1)
     workers.start()
     await workers.ready(settings.database_url)
-    await _epoch_recorded(settings, queue)
+    await epoch_recorded(settings, queue)
     await workers.stop()
     engine = create_engine(settings)
     sessions = create_session_factory(engine)
@@ -92,12 +99,6 @@ async def test_late_confirmation_does_not_hide_a_requeued_job(
     assert status == "succeeded"
 
 
-async def _epoch_recorded(settings: Settings, queue: str) -> None:
-    """Wait until a worker's reconcile has recorded the Redis data epoch of ``queue``."""
-    sql = "SELECT count(*) > 0 FROM conveyor_state WHERE key LIKE '%' || $1 || '%'"
-    await db.wait_for_value(settings.database_url, sql, queue, expected=True, timeout=20.0)
-
-
 async def test_confirmation_marks_a_fresh_submission(
     client: httpx.AsyncClient, settings: Settings, queue: str
 ) -> None:
@@ -130,9 +131,9 @@ async def test_confirmation_of_an_entry_lost_with_redis_is_refused(
         # What a worker's reconcile does on seeing the loss (its sweep would follow).
         [epoch] = await stream.epochs([(queue, 0)])
         async with sessions.begin() as session:
-            key = repository.epoch_key(settings.redis_prefix, queue, 0)
-            assert await repository.record_epoch(session, key, epoch)
-            await repository.forget_dispatches(session, [queue])
+            key = marks.epoch_key(settings.redis_prefix, queue, 0)
+            assert await marks.record_epoch(session, key, epoch)
+            await marks.forget_dispatches(session, [queue])
         await dispatcher.stop()  # the late confirmation
     finally:
         await stream.close()
@@ -156,21 +157,11 @@ async def test_shutdown_with_a_full_stream_strands_no_job(
     settings = make_settings(backends, stream_maxlen=100, shutdown_grace_seconds=0.5)
     spawn = Spawner(settings, tmp_path)
     try:
-        await _served_before(spawn, settings, queue)
+        await served_before(spawn, settings, queue)
         await _strand_on_shutdown(spawn, settings, queue)
     finally:
         spawn.stop_all()
     assert await stranded(settings, queue) == {}
-
-
-async def _served_before(spawn: Spawner, settings: Settings, queue: str) -> None:
-    """A worker served the queue (recorded its Redis epoch), so the next start is not a first
-    start (whose reconcile re-sends every queued job anyway)."""
-    workers = Supervisor(spawn, [queue], 1)
-    workers.start()
-    await workers.ready(settings.database_url)
-    await _epoch_recorded(settings, queue)
-    await workers.stop()
 
 
 async def _strand_on_shutdown(spawn: Spawner, settings: Settings, queue: str) -> None:
@@ -199,16 +190,16 @@ async def test_loss_record_waits_for_a_confirmation_in_flight(
     (the entry may have been lost) instead of missing it."""
     engine = create_engine(settings)
     sessions = create_session_factory(engine)
-    key = repository.epoch_key(settings.redis_prefix, queue, 0)
+    key = marks.epoch_key(settings.redis_prefix, queue, 0)
     try:
         async with sessions.begin() as session:
-            await repository.record_epoch(session, key, "before")
+            await marks.record_epoch(session, key, "before")
             [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
         async with sessions() as sweep, sweep.begin():
-            [target] = await repository.lock_undispatched(sweep, [queue], 0.0)
+            [target] = await marks.lock_undispatched(sweep, [job.id])
             assert target.id == job.id
             # (the XADD happens here, and Redis loses it)
-            await repository.confirm_dispatched(sweep, [job.id], [0.0], settings.redis_prefix)
+            await marks.confirm_dispatched(sweep, [Sent(job.id, 0.0, "1-0")], settings.redis_prefix)
             loss = asyncio.create_task(_record_loss(sessions, key, queue))
             await asyncio.sleep(0.5)
             assert not loss.done(), "the loss was recorded past a confirmation in flight"
@@ -226,20 +217,20 @@ async def test_confirmation_waits_for_a_loss_record_in_flight(
     it, and leaves the job unmarked for the sweep (its entry is gone)."""
     engine = create_engine(settings)
     sessions = create_session_factory(engine)
-    key = repository.epoch_key(settings.redis_prefix, queue, 0)
+    key = marks.epoch_key(settings.redis_prefix, queue, 0)
     try:
         async with sessions.begin() as session:
-            await repository.record_epoch(session, key, "before")
+            await marks.record_epoch(session, key, "before")
             [job] = await repository.insert_jobs(session, [orphan_row(queue, uuid.uuid4().hex)])
         await asyncio.sleep(1.0)  # the XADD happened a second ago
         async with sessions() as reconcile, reconcile.begin():
-            assert await repository.record_epoch(reconcile, key, "after")
-            await repository.forget_dispatches(reconcile, [queue])
+            assert await marks.record_epoch(reconcile, key, "after")
+            await marks.forget_dispatches(reconcile, [queue])
 
             async def confirm() -> None:
                 async with sessions.begin() as session:
-                    await repository.confirm_dispatched(
-                        session, [job.id], [1.0], settings.redis_prefix
+                    await marks.confirm_dispatched(
+                        session, [Sent(job.id, 1.0, "1-0")], settings.redis_prefix
                     )
 
             late = asyncio.create_task(confirm())
@@ -254,8 +245,8 @@ async def test_confirmation_waits_for_a_loss_record_in_flight(
 async def _record_loss(sessions: async_sessionmaker[AsyncSession], key: str, queue: str) -> None:
     """What a worker's reconcile does on seeing a new data epoch."""
     async with sessions.begin() as session:
-        assert await repository.record_epoch(session, key, "after")
-        await repository.forget_dispatches(session, [queue])
+        assert await marks.record_epoch(session, key, "after")
+        await marks.forget_dispatches(session, [queue])
 
 
 async def _marker(sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID) -> Any:

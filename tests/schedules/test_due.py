@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
 from app.db.models import ScheduleRow
-from app.jobs import repository as jobs_repository
+from app.jobs import marks
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import Registry
 from app.schedules import repository
@@ -235,8 +235,13 @@ async def test_a_send_that_fails_after_the_commit_is_left_to_the_sweep(
         await stream.close()
     made = await slots_of(sessions, name)
     assert len(made) >= 2  # committed before the send
-    async with sessions.begin() as session:
-        swept = await jobs_repository.lock_undispatched(session, [queue], 0.0, 100)
+    async with sessions() as session:  # what the undispatched sweep finds
+        bands = await marks.undispatched_bands(session, [queue], 0.0)
+        swept = [
+            job
+            for q, band in bands
+            for job in await marks.undispatched_page(session, q, band, 0.0, marks.FIRST, 100)
+        ]
     assert len(swept) == len(made)
 
 

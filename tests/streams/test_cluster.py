@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from app.devserver import child_preexec, free_port
 from app.main import create_app
 from app.streams.keys import Keys
 from tests.conftest import Backends, make_settings, wait_until
+from tests.faults.checker import drain
+from tests.faults.harness import served_before, statuses, submit_marked
 from tests.support.processes import Spawner
 
 
@@ -29,7 +32,8 @@ def _cluster_port() -> int:
 
 
 def _start_node(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    workdir.mkdir()
+    """A cluster node keeping its data in ``workdir`` only when told to (``SAVE``)."""
+    workdir.mkdir(exist_ok=True)
     argv = [
         str(get_binary_path()),
         "--port",
@@ -47,7 +51,7 @@ def _start_node(port: int, workdir: Path) -> subprocess.Popen[bytes]:
         "--appendonly",
         "no",
     ]
-    log = (workdir / "log").open("wb")
+    log = (workdir / "log").open("ab")
     return subprocess.Popen(
         argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_preexec(signal.SIGTERM)
     )
@@ -67,10 +71,36 @@ def _wait_ping(port: int) -> None:
     raise RuntimeError(f"node {port} did not start")
 
 
+@dataclass
+class Cluster:
+    ports: list[int]
+    workdir: Path
+    procs: list[subprocess.Popen[bytes]]
+
+    def converge(self) -> None:
+        nodes = [redis.Redis(port=p) for p in self.ports]
+        for _ in range(200):
+            if all(b"cluster_state:ok" in _cmd(n, "CLUSTER", "INFO") for n in nodes):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("cluster did not converge")
+
+    def crash_and_restart(self, index: int) -> None:
+        """SIGKILL one node and start it again from its last ``SAVE`` (same slots, same
+        node id, a new run id): the writes since that save are lost."""
+        self.procs[index].kill()
+        self.procs[index].wait(10)
+        port = self.ports[index]
+        self.procs[index] = _start_node(port, self.workdir / str(port))
+        _wait_ping(port)
+        self.converge()
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[int]]:
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
     ports = [_cluster_port() for _ in range(3)]
     procs = [_start_node(p, tmp_path / str(p)) for p in ports]
+    found = Cluster(ports, tmp_path, procs)
     try:
         for p in ports:
             _wait_ping(p)
@@ -81,26 +111,21 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
             _cmd(node, "CLUSTER", "ADDSLOTSRANGE", i * share, last)
         for node in nodes[1:]:
             _cmd(node, "CLUSTER", "MEET", "127.0.0.1", ports[0])
-        for _ in range(200):
-            if all(b"cluster_state:ok" in _cmd(n, "CLUSTER", "INFO") for n in nodes):
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("cluster did not converge")
-        yield ports
+        found.converge()
+        yield found
     finally:
-        for proc in procs:
+        for proc in found.procs:
             proc.terminate()
-        for proc in procs:
+        for proc in found.procs:
             proc.wait(10)
 
 
 async def test_jobs_flow_through_partitions_spread_over_cluster_nodes(
-    backends: Backends, cluster: list[int], tmp_path: Path, queue: str
+    backends: Backends, cluster: Cluster, tmp_path: Path, queue: str
 ) -> None:
     settings = make_settings(
         backends,
-        redis_url=f"redis://127.0.0.1:{cluster[0]}/0",
+        redis_url=f"redis://127.0.0.1:{cluster.ports[0]}/0",
         redis_cluster=True,
         partitions=6,
     )
@@ -133,9 +158,53 @@ async def test_jobs_flow_through_partitions_spread_over_cluster_nodes(
     owners = set()
     for partition in range(settings.partitions):
         stream = keys.stream(queue, partition, 1)
-        slot = _cmd(redis.Redis(port=cluster[0]), "CLUSTER", "KEYSLOT", stream)
-        for port in cluster:
+        slot = _cmd(redis.Redis(port=cluster.ports[0]), "CLUSTER", "KEYSLOT", stream)
+        for port in cluster.ports:
             node = redis.Redis(port=port)
             if _cmd(node, "CLUSTER", "COUNTKEYSINSLOT", slot) > 0:
                 owners.add(port)
     assert len(owners) >= 2
+
+
+async def test_a_node_restarted_without_its_last_writes_is_detected(
+    backends: Backends, cluster: Cluster, tmp_path: Path, queue: str
+) -> None:
+    """A node loses the writes since its last save (a crash, or a failover to a lagging
+    replica) while its epoch markers and consumer groups survive: the epoch of each partition
+    it serves includes its run id, so the change is seen and the lost entries are re-sent."""
+    settings = make_settings(
+        backends,
+        redis_url=f"redis://127.0.0.1:{cluster.ports[0]}/0",
+        redis_cluster=True,
+        partitions=6,
+        reconcile_seconds=1.0,
+        dispatch_check_seconds=3600.0,  # not the backstop: the epoch must see it
+    )
+    spawn = Spawner(settings, tmp_path)
+    try:
+        await served_before(spawn, settings, queue)
+        for port in cluster.ports:  # markers and groups are saved; the jobs below are not
+            _cmd(redis.Redis(port=port), "SAVE")
+        ids = await submit_marked(
+            settings,
+            [{"type": "demo.echo", "queue": queue, "payload": {"i": i}} for i in range(60)],
+        )
+        cluster.crash_and_restart(0)
+        keys = Keys(settings.redis_prefix)
+        node = redis.Redis(port=cluster.ports[0])
+        lost = [
+            p
+            for p in range(settings.partitions)
+            if _cmd(node, "CLUSTER", "COUNTKEYSINSLOT", _slot(node, keys.epoch(queue, p)))
+        ]
+        assert lost, "no partition lives on the restarted node"
+        spawn.worker([queue], concurrency=16)
+        await drain(settings.database_url, queue, timeout=30.0)
+    finally:
+        spawn.stop_all()
+    assert await statuses(settings, ids) == ["succeeded"] * len(ids)
+
+
+def _slot(node: redis.Redis, key: str) -> int:
+    slot: int = _cmd(node, "CLUSTER", "KEYSLOT", key)
+    return slot

@@ -7,10 +7,10 @@ from importlib import resources
 
 from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse, JSONResponse
-from sqlalchemy import text
 
 from app.api.deps import PrincipalDep, SessionDep, StateDep
 from app.api.errors import ERRORS
+from app.db.engine import ping
 from app.jobs import queries
 from app.jobs.schemas import (
     Health,
@@ -99,11 +99,7 @@ async def _check(coro_factory: object) -> bool:
 async def readyz(state: StateDep) -> Response:
     """200 when Postgres and Redis both answer; 503 otherwise."""
 
-    async def pg() -> None:
-        async with state.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-
-    postgres, redis = await asyncio.gather(_check(pg()), _check(state.stream.ping()))
+    postgres, redis = await asyncio.gather(_check(ping(state.engine)), _check(state.stream.ping()))
     ok = postgres and redis
     body = Health(status="ok" if ok else "unavailable", postgres=postgres, redis=redis)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
