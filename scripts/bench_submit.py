@@ -1,0 +1,367 @@
+#!/usr/bin/env python
+"""Submit-path benchmark: ``POST /v1/jobs`` and ``POST /v1/jobs/batch`` against a real
+``conveyor api``, beside a bare FastAPI POST endpoint served the same way, in one run.
+
+    .venv/bin/python scripts/bench_submit.py [--processes 1,2] [--duration 10]
+        [--connections 64] [--profile DIR] [--worker]
+
+For each process count: starts ``conveyor api --workers N`` (a throwaway database on the
+Postgres server of ``CONVEYOR_TEST_DATABASE_URL``, a unique Redis key prefix on
+``CONVEYOR_TEST_REDIS_URL``) and ``uvicorn`` serving a bare FastAPI app with the same worker
+count, and drives both with ``wrk -t2 -cC -dDs`` POSTing one ``demo.echo`` job per request.
+Prints req/s, p50/p99, the ratio to the bare endpoint, the API's CPU time per request, and
+batch submit (1000 jobs per request, 4 connections) in jobs/s. ``--profile DIR`` records a
+py-spy profile (SVG and collapsed stacks) of a one-process API under the single-POST load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import psutil
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.db.migrate import upgrade
+from app.embedded import free_port
+
+SINGLE = {"type": "demo.echo", "payload": {"hello": "world", "n": 1}}
+BATCH_SIZE = 1000
+PYSPY = str(Path(sys.executable).with_name("py-spy"))
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = %s
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d,' ..
+    ' "p50_us": %%d, "p99_us": %%d, "max_us": %%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+# -- the bare baseline --------------------------------------------------------------------------
+
+
+class _Item(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    payload: dict[str, Any] = {}
+
+
+def bare_app() -> FastAPI:
+    """A FastAPI POST endpoint that validates a small body and answers 202: the floor."""
+    app = FastAPI()
+
+    @app.post("/v1/jobs", status_code=202)
+    async def submit(item: _Item) -> dict[str, Any]:
+        return {"id": str(uuid.uuid4()), "type": item.type, "status": "queued"}
+
+    return app
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    def workers(self) -> list[psutil.Process]:
+        """The processes that serve requests (uvicorn's children, or itself with one)."""
+        parent = psutil.Process(self.proc.pid)
+        children = parent.children(recursive=True)
+        served = [c for c in children if "multiprocessing.resource_tracker" not in c.cmdline()]
+        return served or [parent]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.workers():
+            times = p.cpu_times()
+            total += times.user + times.system
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _wait_up(proc: subprocess.Popen[bytes], url: str, path: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early ({proc.returncode})")
+        try:
+            if httpx.get(url + path, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"server at {url} did not come up")
+
+
+def start_conveyor(env: dict[str, str], processes: int, log: Path) -> Server:
+    port = free_port()
+    argv = [sys.executable, "-m", "app.cli", "api", "--port", str(port)]
+    argv += ["--workers", str(processes)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _wait_up(proc, url, "/readyz")
+    return Server(proc, url)
+
+
+def start_bare(processes: int, log: Path) -> Server:
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "bench_submit:bare_app", "--factory"]
+    argv += ["--app-dir", str(ROOT / "scripts"), "--port", str(port), "--workers", str(processes)]
+    argv += ["--no-access-log", "--log-level", "warning"]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _wait_up(proc, url, "/docs")
+    return Server(proc, url)
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "app.cli", "worker", "--concurrency", "64"]
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    non2xx: int
+    cpu_ms_per_request: float | None = None
+
+    def row(self, baseline: Result | None) -> str:
+        ratio = f"{self.rps / baseline.rps:5.2f}" if baseline else "    -"
+        cpu = f"{self.cpu_ms_per_request:6.2f}" if self.cpu_ms_per_request is not None else "     -"
+        return (
+            f"{self.name:<34} {self.rps:9.0f} {self.p50_ms:8.1f} {self.p99_ms:8.1f}"
+            f" {ratio} {cpu} {self.errors:6d} {self.non2xx:6d}"
+        )
+
+
+HEADER = (
+    f"{'run':<34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>5} {'cpu ms':>6}"
+    f" {'errors':>6} {'non2xx':>6}"
+)
+
+
+def wrk(url: str, body: bytes, connections: int, seconds: int, workdir: Path) -> dict[str, Any]:
+    script = workdir / f"wrk-{uuid.uuid4().hex[:6]}.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(body.decode()))
+    argv = [
+        "wrk",
+        "-t2",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+    ]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    return result
+
+
+def drive(name: str, server: Server, path: str, body: bytes, args: argparse.Namespace) -> Result:
+    cpu0 = server.cpu_seconds()
+    r = wrk(server.url + path, body, args.connections, args.duration, args.workdir)
+    cpu = server.cpu_seconds() - cpu0
+    seconds = r["duration_us"] / 1e6
+    return Result(
+        name=name,
+        rps=r["requests"] / seconds,
+        p50_ms=r["p50_us"] / 1000,
+        p99_ms=r["p99_us"] / 1000,
+        errors=r["errors"],
+        non2xx=r["non2xx"],
+        cpu_ms_per_request=1000 * cpu / max(r["requests"], 1),
+    )
+
+
+def batch_rate(server: Server, args: argparse.Namespace) -> Result:
+    body = json.dumps({"jobs": [SINGLE] * BATCH_SIZE}).encode()
+    cpu0 = server.cpu_seconds()
+    r = wrk(server.url + "/v1/jobs/batch", body, 4, args.duration, args.workdir)
+    cpu = server.cpu_seconds() - cpu0
+    seconds = r["duration_us"] / 1e6
+    jobs = r["requests"] * BATCH_SIZE
+    return Result(
+        name="  batch (1000/request, 4 conns) jobs/s",
+        rps=jobs / seconds,
+        p50_ms=r["p50_us"] / 1000,
+        p99_ms=r["p99_us"] / 1000,
+        errors=r["errors"],
+        non2xx=r["non2xx"],
+        cpu_ms_per_request=1000 * cpu / max(jobs, 1),
+    )
+
+
+def profile(server: Server, args: argparse.Namespace) -> None:
+    """py-spy the one API process while wrk loads it: an SVG and the collapsed stacks."""
+    [proc] = server.workers()
+    out: Path = args.profile
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = str(max(args.duration - 2, 3))
+    common = ["record", "--pid", str(proc.pid), "-r", "250", "-d", seconds, "--nonblocking"]
+    spies = [
+        subprocess.Popen([PYSPY, *common, "-o", str(out / "submit.svg")]),
+        subprocess.Popen([PYSPY, *common, "-f", "raw", "-o", str(out / "submit.txt")]),
+    ]
+    time.sleep(0.5)
+    wrk(
+        server.url + "/v1/jobs",
+        json.dumps(SINGLE).encode(),
+        args.connections,
+        int(seconds) + 1,
+        args.workdir,
+    )
+    for spy in spies:
+        spy.wait(60)
+    print(f"profile written to {out}/submit.svg and submit.txt")
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _database(server_url: str, name: str, create: bool) -> int:
+    conn = await asyncpg.connect(_dsn(server_url))
+    try:
+        if create:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+            return 0
+        db_url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        other = await asyncpg.connect(_dsn(db_url))
+        try:
+            count: int = await other.fetchval("SELECT count(*) FROM jobs")
+        finally:
+            await other.close()
+        await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        return count
+    finally:
+        await conn.close()
+
+
+def conveyor_env(database_url: str, redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update(
+        CONVEYOR_DATABASE_URL=database_url,
+        CONVEYOR_REDIS_URL=redis_url,
+        CONVEYOR_REDIS_PREFIX=f"bench-{uuid.uuid4().hex[:8]}",
+        CONVEYOR_LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def run_round(processes: int, env: dict[str, str], args: argparse.Namespace) -> list[Result]:
+    body = json.dumps(SINGLE).encode()
+    logs: Path = args.workdir
+    results: list[Result] = []
+    bare = start_bare(processes, logs / "bare.log")
+    try:
+        base = drive(f"bare FastAPI POST, {processes} proc", bare, "/v1/jobs", body, args)
+    finally:
+        bare.stop()
+    results.append(base)
+    api = start_conveyor(env, processes, logs / "api.log")
+    try:
+        drive(
+            "  warm-up", api, "/v1/jobs", body, argparse.Namespace(**{**vars(args), "duration": 2})
+        )
+        results.append(
+            drive(f"conveyor POST /v1/jobs, {processes} proc", api, "/v1/jobs", body, args)
+        )
+        results.append(batch_rate(api, args))
+        if args.profile and processes == 1:
+            profile(api, args)
+    finally:
+        api.stop()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", default="1,2")
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--worker", action="store_true", help="run one worker meanwhile")
+    args = parser.parse_args()
+    server_url = os.environ.get("CONVEYOR_TEST_DATABASE_URL")
+    redis_url = os.environ.get("CONVEYOR_TEST_REDIS_URL")
+    if not (server_url and redis_url):
+        raise SystemExit("set CONVEYOR_TEST_DATABASE_URL and CONVEYOR_TEST_REDIS_URL")
+    name = f"conveyor_bench_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_database(server_url, name, create=True))
+    database_url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    worker: subprocess.Popen[bytes] | None = None
+    with tempfile.TemporaryDirectory(prefix="bench-submit-") as tmp:
+        args.workdir = Path(tmp)
+        try:
+            upgrade(database_url)
+            env = conveyor_env(database_url, redis_url)
+            if args.worker:
+                worker = start_worker(env, args.workdir / "worker.log")
+            print(HEADER)
+            for processes in [int(p) for p in args.processes.split(",")]:
+                results = run_round(processes, env, args)
+                for r in results:
+                    print(r.row(results[0] if r is results[1] else None), flush=True)
+        finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(40)
+            jobs = asyncio.run(_database(server_url, name, create=False))
+            print(f"jobs written: {jobs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
