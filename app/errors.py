@@ -3,6 +3,7 @@
 ::
 
     ConveyorError
+    ├── BadHost                  400  Host header not in CONVEYOR_ALLOWED_HOSTS
     ├── NotFound                 404  unknown job / not in the DLQ
     ├── InvalidInput             422  unknown type, payload failing its schema, bad filter
     ├── Conflict                 409  idempotency key reused with another request,
@@ -10,7 +11,8 @@
     ├── Unauthenticated          401  missing or unknown API key
     ├── Forbidden                403  key lacks the role for the operation
     ├── PayloadTooLarge          413
-    ├── UnsupportedMediaType     415
+    ├── UnsupportedMediaType     415  a body that is not JSON; with auth off, a state-changing
+    │                                 request with neither a JSON type nor X-Requested-With
     ├── RateLimited              429  carries ``retry_after``
     └── Unavailable              503  Postgres or Redis unreachable; nothing was written
 
@@ -31,6 +33,10 @@ class ConveyorError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+
+class BadHost(ConveyorError):
+    code = "bad_host"
 
 
 class NotFound(ConveyorError):

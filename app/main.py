@@ -11,13 +11,16 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.api import errors
-from app.api.auth import Authenticator, AuthGate, parse_keys
+from app.api.auth import Authenticator, parse_keys
 from app.api.deps import AppState
-from app.api.limits import BodyLimits, SingleValuedQuery
-from app.api.ratelimit import RateLimit, RateLimiter
+from app.api.gate import Gate, HostAllowList
+from app.api.limits import BodyLimits
+from app.api.ratelimit import RateLimiter
 from app.api.routes import dlq, jobs, ops
 from app.db.engine import create_engine, create_session_factory
+from app.db.pool import create_pool
 from app.jobs.dispatch import Dispatcher
+from app.jobs.intake import Intake
 from app.jobs.registry import Registry, load_handlers
 from app.logs import configure as configure_logging
 from app.settings import Settings, get_settings
@@ -25,6 +28,20 @@ from app.streams.client import StreamClient, create_redis
 from app.streams.keys import Keys
 
 log = logging.getLogger(__name__)
+
+SECURITY_SCHEMES: dict[str, Any] = {
+    "HTTPBearer": {
+        "type": "http",
+        "description": "`Authorization: Bearer <secret>`",
+        "scheme": "bearer",
+    },
+    "APIKeyHeader": {
+        "type": "apiKey",
+        "description": "`X-API-Key: <secret>`",
+        "in": "header",
+        "name": "X-API-Key",
+    },
+}
 
 DESCRIPTION = """
 Submit jobs over HTTP; Conveyor records them in PostgreSQL, delivers them through Redis
@@ -45,21 +62,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings)
+        engine = create_engine(settings, pre_ping=False)
         sessions = create_session_factory(engine)
         stream = StreamClient(
             create_redis(settings), Keys(settings.redis_prefix), maxlen=settings.stream_maxlen
         )
+        pool = await create_pool(settings)
         dispatcher = Dispatcher(stream, sessions, settings.partitions)
         dispatcher.start()
+        intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
         app.state.conveyor = AppState(
-            settings, engine, sessions, stream, dispatcher, registry, auth
+            settings, engine, sessions, stream, dispatcher, registry, auth, intake
         )
         try:
             yield
         finally:
+            await intake.close()
             await dispatcher.stop()
             await stream.close()
+            await pool.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -69,14 +90,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-    v1 = [RateLimit, SingleValuedQuery]
-    app.include_router(jobs.router, dependencies=v1)
-    app.include_router(dlq.router, dependencies=v1)
-    app.include_router(ops.router, dependencies=v1)
+    app.include_router(jobs.router)
+    app.include_router(dlq.router)
+    app.include_router(ops.router)
     app.include_router(ops.public)
     app.add_middleware(BodyLimits, max_bytes=settings.max_payload_bytes)
-    app.add_middleware(AuthGate, auth=auth)  # outermost: 401 before any body is read
+    app.add_middleware(  # outermost: 400/401/415/422/429 before any body is read
+        Gate,
+        auth=auth,
+        hosts=HostAllowList(settings.allowed_hosts),
+        limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+        stream=lambda: app.state.conveyor.stream,
+    )
     app.openapi = lambda: _openapi(app, registry, auth.enabled)  # type: ignore[method-assign]
     return app
 
@@ -84,7 +109,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _openapi(app: FastAPI, registry: Registry, auth: bool) -> dict[str, Any]:
     """The generated document, plus one component schema per job type's payload.
 
-    Without API keys configured the document declares no security: it describes this server.
+    The security schemes (enforced by the gate, not by route dependencies) are declared on
+    every ``/v1`` operation when API keys are configured; without keys the document declares
+    none: it describes this server.
     """
     if app.openapi_schema:
         return app.openapi_schema
@@ -101,20 +128,20 @@ def _openapi(app: FastAPI, registry: Registry, auth: bool) -> dict[str, Any]:
     job_create = components.get("JobCreate", {}).get("properties", {}).get("type")
     if job_create is not None:  # the API accepts exactly the registered types
         job_create["enum"] = [t.name for t in registry.all()]
-    if not auth:
-        schema["components"].pop("securitySchemes", None)
-    for operations in schema.get("paths", {}).values():
+    if auth:
+        schema["components"]["securitySchemes"] = SECURITY_SCHEMES
+    for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
-            _tidy_operation(operation, auth)
+            if auth and path.startswith("/v1/"):
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+            _tidy_operation(operation)
     app.openapi_schema = schema
     return schema
 
 
-def _tidy_operation(operation: dict[str, Any], auth: bool) -> None:
-    """No security without keys; and a query or header parameter cannot be JSON ``null``
-    (absent is the only way to omit it), so ``anyOf: [X, null]`` becomes plain X."""
-    if not auth:
-        operation.pop("security", None)
+def _tidy_operation(operation: dict[str, Any]) -> None:
+    """A query or header parameter cannot be JSON ``null`` (absent is the only way to omit
+    it), so ``anyOf: [X, null]`` becomes plain X."""
     for parameter in operation.get("parameters", []):
         schema = parameter.get("schema", {})
         options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]

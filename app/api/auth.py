@@ -1,9 +1,9 @@
 """API keys from ``CONVEYOR_API_KEYS``: comma-separated ``role:secret`` or ``role:sha256:<hex>``.
 
 Roles: ``producer`` (submit, read and cancel its own jobs) and ``admin`` (everything).
-Secrets are compared as SHA-256 digests with :func:`hmac.compare_digest`. :class:`AuthGate`
-answers 401 for a missing or unknown key on ``/v1`` before anything reads the request body;
-the route dependencies then decide the role (403).
+Secrets are compared as SHA-256 digests with :func:`hmac.compare_digest`. The gate
+(:mod:`app.api.gate`) answers 401 for a missing or unknown key on ``/v1`` before anything
+reads the request body; the route dependencies then decide the role (403).
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ import hmac
 import logging
 from dataclasses import dataclass
 
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from app.api.errors import error_response, unauthenticated_headers
 from app.errors import Unauthenticated
-from app.jobs.service import Principal
+from app.jobs.principal import Principal
 
 log = logging.getLogger(__name__)
 
@@ -91,29 +87,3 @@ def secret_from(authorization: str | None, api_key: str | None) -> str | None:
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
     return api_key or None
-
-
-class AuthGate:
-    """Pure ASGI middleware: 401 for a missing or unknown key under ``prefix``, body unread."""
-
-    def __init__(self, app: ASGIApp, *, auth: Authenticator, prefix: str = "/v1") -> None:
-        self.app = app
-        self.auth = auth
-        self.prefix = prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        guarded = path == self.prefix or path.startswith(self.prefix + "/")
-        if scope["type"] == "http" and guarded and self.auth.enabled:
-            headers = Headers(scope=scope)
-            try:
-                self.auth.authenticate(
-                    secret_from(headers.get("authorization"), headers.get("x-api-key"))
-                )
-            except Unauthenticated as exc:
-                response = error_response(
-                    401, exc.code, exc.message, headers=unauthenticated_headers()
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

@@ -6,6 +6,7 @@ import logging
 import math
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -16,10 +17,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import errors
+from app.db.pool import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
 STATUS: dict[type[errors.ConveyorError], int] = {
+    errors.BadHost: 400,
     errors.InvalidInput: 422,
     errors.NotFound: 404,
     errors.Conflict: 409,
@@ -44,8 +47,7 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _domain(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.ConveyorError)
+def domain_response(exc: errors.ConveyorError) -> JSONResponse:
     status = STATUS.get(type(exc), 400)
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Unauthenticated):
@@ -55,6 +57,11 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, errors.Unavailable):
         headers["Retry-After"] = RETRY_AFTER_SECONDS
     return error_response(status, exc.code, exc.message, exc.details, headers)
+
+
+async def _domain(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ConveyorError)
+    return domain_response(exc)
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
@@ -96,17 +103,16 @@ async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.ConveyorError, _domain)
     app.add_exception_handler(DataError, _unstorable)
+    app.add_exception_handler(asyncpg.DataError, _unstorable)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     for exc_type in (
+        *UNAVAILABLE,
         OperationalError,
         InterfaceError,
         DBAPIError,
         PoolTimeout,
         RedisError,
-        ConnectionError,
-        OSError,
-        TimeoutError,
     ):
         app.add_exception_handler(exc_type, _unavailable)
     app.add_exception_handler(Exception, _unexpected)

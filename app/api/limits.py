@@ -22,12 +22,10 @@ import math
 import re
 from typing import Any
 
-from fastapi import Depends, Request
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
-from app.errors import InvalidInput
 
 MAX_DEPTH = 32
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -246,21 +244,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-def single_valued_query(request: Request) -> None:
-    """Every query parameter of the API takes one value: a repeated one is a 422, not "the last
-    one wins" (which would hide a client's mistake, e.g. two ``status`` filters)."""
-    seen: set[str] = set()
-    for name, _ in request.query_params.multi_items():
-        if name in seen:
-            raise InvalidInput(
-                "a query parameter is given more than once",
-                details=[
-                    {"loc": ["query", name], "msg": "given more than once", "type": "repeated"}
-                ],
-            )
-        seen.add(name)
-
-
-SingleValuedQuery = Depends(single_valued_query)

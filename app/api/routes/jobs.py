@@ -7,7 +7,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
 
-from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep
+from app.api import render
+from app.api.deps import PrincipalDep, SessionDep, StateDep
 from app.jobs import queries, service
 from app.jobs.queries import Cursor, JobFilter
 from app.jobs.schemas import (
@@ -28,6 +29,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Host header not in CONVEYOR_ALLOWED_HOSTS"},
     401: {
         "model": ErrorBody,
         "description": "No API key, or an unknown one",
@@ -40,7 +42,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "Conflicts with the job's state or an earlier request",
     },
     413: {"model": ErrorBody, "description": "Body larger than CONVEYOR_MAX_PAYLOAD_BYTES"},
-    415: {"model": ErrorBody, "description": "Body is not application/json"},
+    415: {
+        "model": ErrorBody,
+        "description": "Body is not application/json; or, with auth off, a state-changing"
+        " request with neither that type nor an X-Requested-With header",
+    },
     422: {"model": ErrorBody, "description": "Invalid input; nothing was written"},
     429: {"model": ErrorBody, "description": "Rate limit exceeded", "headers": _RETRY_AFTER},
     503: {
@@ -57,43 +63,32 @@ IdempotencyHeader = Annotated[
 @router.post(
     "",
     status_code=202,
+    response_model=Job,
     responses={200: {"model": Job, "description": "Repeat of an idempotent request"}, **ERRORS},
 )
 async def submit_job(
     body: JobCreate,
-    response: Response,
-    session: SessionDep,
-    dispatcher: DispatcherDep,
-    registry: RegistryDep,
+    state: StateDep,
     principal: PrincipalDep,
     idempotency_key: IdempotencyHeader = None,
-) -> Job:
+) -> Response:
     """Submit one job. A repeat with the same idempotency key and request returns 200 and the
     original job; the same key with a different request is 409. Keys are scoped per API key
     and live as long as the job."""
     body = service.with_idempotency_header(body, idempotency_key)
-    [done] = await service.submit(session, dispatcher, registry, [body], principal)
-    response.status_code = 202 if done.created else 200
-    response.headers["Location"] = f"/v1/jobs/{done.job.id}"
-    return Job.model_validate(done.job)
+    return render.submitted(await service.submit(state.intake, state.registry, body, principal))
 
 
-@router.post("/batch", status_code=202, responses=ERRORS)
-async def submit_batch(
-    body: JobBatchCreate,
-    session: SessionDep,
-    dispatcher: DispatcherDep,
-    registry: RegistryDep,
-    principal: PrincipalDep,
-) -> JobBatch:
+@router.post("/batch", status_code=202, response_model=JobBatch, responses=ERRORS)
+async def submit_batch(body: JobBatchCreate, state: StateDep, principal: PrincipalDep) -> Response:
     """Submit up to 1000 jobs at once: all are created, or none (422 names each bad index).
 
     One INSERT and one Redis pipeline for the whole batch. Items may carry idempotency keys:
     repeating a batch returns the same jobs; a key used twice in one batch with the same
     request names one job (returned at both positions), with different requests it is a 422.
     """
-    done = await service.submit(session, dispatcher, registry, body.jobs, principal, batch=True)
-    return JobBatch(jobs=[Job.model_validate(d.job) for d in done])
+    answers = await service.submit_batch(state.intake, state.registry, body.jobs, principal)
+    return render.submitted_batch(answers)
 
 
 @router.get("", responses=ERRORS)
