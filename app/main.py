@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from app.api import errors
 from app.api.auth import Authenticator, parse_keys
@@ -22,6 +23,7 @@ from app.db.pool import create_pool
 from app.jobs.dispatch import Dispatcher
 from app.jobs.intake import Intake
 from app.jobs.registry import Registry, load_handlers
+from app.jobs.schemas import JobCreate
 from app.logs import configure as configure_logging
 from app.settings import Settings, get_settings
 from app.streams.client import StreamClient, create_redis
@@ -119,6 +121,7 @@ def _openapi(app: FastAPI, registry: Registry, auth: bool) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    _add_model(components, JobCreate)  # POST /v1/jobs declares its body by reference
     for job_type in registry.all():
         payload = job_type.json_schema()
         for name, sub in payload.pop("$defs", {}).items():
@@ -137,6 +140,19 @@ def _openapi(app: FastAPI, registry: Registry, auth: bool) -> dict[str, Any]:
             _tidy_operation(operation)
     app.openapi_schema = schema
     return schema
+
+
+def _add_model(components: dict[str, Any], model: type[BaseModel]) -> None:
+    """The component schemas FastAPI makes for ``model`` as a body, as a body parameter would
+    have added them."""
+    probe = FastAPI()
+
+    async def endpoint(body: Any) -> None: ...
+
+    endpoint.__annotations__ = {"body": model, "return": None}
+    probe.post("/", responses={422: {"description": "none"}})(endpoint)
+    for name, sub in probe.openapi()["components"]["schemas"].items():
+        components.setdefault(name, sub)
 
 
 def _tidy_operation(operation: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=0, ge=0)
     http_allowed_hosts: str = ""
     allowed_hosts: str = "localhost,127.0.0.1,[::1]"
-    keepalive_seconds: float = Field(default=75.0, gt=0)
+    keepalive_seconds: int = Field(default=75, ge=1)
     http_signing_secret: str | None = None
     log_level: str = "INFO"
 

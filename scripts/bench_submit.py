@@ -291,7 +291,6 @@ def conveyor_env(database_url: str, redis_url: str) -> dict[str, str]:
         CONVEYOR_DATABASE_URL=database_url,
         CONVEYOR_REDIS_URL=redis_url,
         CONVEYOR_REDIS_PREFIX=f"bench-{uuid.uuid4().hex[:8]}",
-        CONVEYOR_LOG_LEVEL="WARNING",
         PYTHONPATH=str(ROOT),
     )
     return env

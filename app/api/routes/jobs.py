@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from app.api import render
-from app.api.deps import PrincipalDep, SessionDep, StateDep
+from app.api.bodies import SUBMIT_OPENAPI, submission
+from app.api.deps import PrincipalDep, SessionDep, principal_of, state_of
 from app.jobs import queries, service
 from app.jobs.queries import Cursor, JobFilter
 from app.jobs.schemas import (
@@ -18,7 +19,6 @@ from app.jobs.schemas import (
     Job,
     JobBatch,
     JobBatchCreate,
-    JobCreate,
     JobEventOut,
     JobPage,
     UtcDatetime,
@@ -55,9 +55,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "headers": _RETRY_AFTER,
     },
 }
-IdempotencyHeader = Annotated[
-    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
-]
 
 
 @router.post(
@@ -65,28 +62,27 @@ IdempotencyHeader = Annotated[
     status_code=202,
     response_model=Job,
     responses={200: {"model": Job, "description": "Repeat of an idempotent request"}, **ERRORS},
+    openapi_extra=SUBMIT_OPENAPI,
 )
-async def submit_job(
-    body: JobCreate,
-    state: StateDep,
-    principal: PrincipalDep,
-    idempotency_key: IdempotencyHeader = None,
-) -> Response:
+async def submit_job(request: Request) -> Response:
     """Submit one job. A repeat with the same idempotency key and request returns 200 and the
     original job; the same key with a different request is 409. Keys are scoped per API key
     and live as long as the job."""
+    body, idempotency_key = await submission(request)
     body = service.with_idempotency_header(body, idempotency_key)
+    state, principal = state_of(request), principal_of(request)
     return render.submitted(await service.submit(state.intake, state.registry, body, principal))
 
 
 @router.post("/batch", status_code=202, response_model=JobBatch, responses=ERRORS)
-async def submit_batch(body: JobBatchCreate, state: StateDep, principal: PrincipalDep) -> Response:
+async def submit_batch(body: JobBatchCreate, request: Request) -> Response:
     """Submit up to 1000 jobs at once: all are created, or none (422 names each bad index).
 
     One INSERT and one Redis pipeline for the whole batch. Items may carry idempotency keys:
     repeating a batch returns the same jobs; a key used twice in one batch with the same
     request names one job (returned at both positions), with different requests it is a 422.
     """
+    state, principal = state_of(request), principal_of(request)
     answers = await service.submit_batch(state.intake, state.registry, body.jobs, principal)
     return render.submitted_batch(answers)
 
