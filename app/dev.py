@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ import httpx
 import platformdirs
 
 from app.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, child_preexec
+from app.settings import Settings
 
 if TYPE_CHECKING:
     from signal import _HANDLER
@@ -75,6 +77,19 @@ def _lock_pidfile(path: Path) -> int | None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+_WILDCARDS = frozenset({"0.0.0.0", "", "::"})  # noqa: S104
+
+
+def allowed_hosts(host: str, settings: Settings) -> str:
+    """``CONVEYOR_ALLOWED_HOSTS`` for the API of ``conveyor dev --host HOST``: as configured,
+    else the local names plus HOST (for a wildcard bind, this machine's name)."""
+    if "allowed_hosts" in settings.model_fields_set:
+        return settings.allowed_hosts
+    name = socket.gethostname() if host in _WILDCARDS else host
+    bound = f"[{name}]" if ":" in name and not name.startswith("[") else name
+    return f"{settings.allowed_hosts},{bound.lower()}"
 
 
 def _display_host(host: str) -> str:
@@ -130,6 +145,7 @@ class _Supervisor:
         env = dict(os.environ)
         env["CONVEYOR_DATABASE_URL"] = self.postgres.start()
         env["CONVEYOR_REDIS_URL"] = self.redis.start()
+        env["CONVEYOR_ALLOWED_HOSTS"] = allowed_hosts(self.host, Settings())
         self._migrate(env)
         api = ["api", "--host", self.host, "--port", str(self.port)]
         self.children["API"] = self._spawn(api, env)

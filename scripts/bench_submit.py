@@ -90,6 +90,7 @@ def bare_app() -> FastAPI:
 class Server:
     proc: subprocess.Popen[bytes]
     url: str
+    database: str | None = None  # whose Postgres backends count as this server's
 
     def workers(self) -> list[psutil.Process]:
         """The processes that serve requests (uvicorn's children, or itself with one)."""
@@ -103,6 +104,15 @@ class Server:
         for p in self.workers():
             times = p.cpu_times()
             total += times.user + times.system
+        return total
+
+    def postgres_cpu_seconds(self) -> float:
+        """CPU of the Postgres backends serving this server's database (0 for none)."""
+        total = 0.0
+        for p in psutil.process_iter(["cmdline", "cpu_times"]):
+            cmdline = p.info["cmdline"] or []
+            if self.database and cmdline and f" {self.database} " in f" {cmdline[0]} ":
+                total += p.info["cpu_times"].user + p.info["cpu_times"].system
         return total
 
     def stop(self) -> None:
@@ -129,7 +139,7 @@ def _wait_up(proc: subprocess.Popen[bytes], url: str, path: str) -> None:
     raise SystemExit(f"server at {url} did not come up")
 
 
-def start_conveyor(env: dict[str, str], processes: int, log: Path) -> Server:
+def start_conveyor(env: dict[str, str], processes: int, log: Path, database: str) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "app.cli", "api", "--port", str(port)]
     argv += ["--workers", str(processes)]
@@ -137,7 +147,7 @@ def start_conveyor(env: dict[str, str], processes: int, log: Path) -> Server:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _wait_up(proc, url, "/readyz")
-    return Server(proc, url)
+    return Server(proc, url, database)
 
 
 def start_bare(processes: int, log: Path) -> Server:
@@ -169,20 +179,20 @@ class Result:
     p99_ms: float
     errors: int
     non2xx: int
-    cpu_ms_per_request: float | None = None
+    cpu_ms: float  # API CPU per request (per job for batches)
+    pg_ms: float  # Postgres backend CPU per request (per job for batches)
 
     def row(self, baseline: Result | None) -> str:
         ratio = f"{self.rps / baseline.rps:5.2f}" if baseline else "    -"
-        cpu = f"{self.cpu_ms_per_request:6.2f}" if self.cpu_ms_per_request is not None else "     -"
         return (
             f"{self.name:<34} {self.rps:9.0f} {self.p50_ms:8.1f} {self.p99_ms:8.1f}"
-            f" {ratio} {cpu} {self.errors:6d} {self.non2xx:6d}"
+            f" {ratio} {self.cpu_ms:6.2f} {self.pg_ms:6.2f} {self.errors:6d} {self.non2xx:6d}"
         )
 
 
 HEADER = (
     f"{'run':<34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>5} {'cpu ms':>6}"
-    f" {'errors':>6} {'non2xx':>6}"
+    f" {'pg ms':>6} {'errors':>6} {'non2xx':>6}"
 )
 
 
@@ -205,38 +215,37 @@ def wrk(url: str, body: bytes, connections: int, seconds: int, workdir: Path) ->
     return result
 
 
-def drive(name: str, server: Server, path: str, body: bytes, args: argparse.Namespace) -> Result:
-    cpu0 = server.cpu_seconds()
-    r = wrk(server.url + path, body, args.connections, args.duration, args.workdir)
-    cpu = server.cpu_seconds() - cpu0
-    seconds = r["duration_us"] / 1e6
+def drive(
+    name: str,
+    server: Server,
+    path: str,
+    body: bytes,
+    args: argparse.Namespace,
+    *,
+    connections: int | None = None,
+    per_request: int = 1,
+) -> Result:
+    """wrk against one endpoint; rates and CPU are per job (``per_request`` jobs a request)."""
+    cpu0, pg0 = server.cpu_seconds(), server.postgres_cpu_seconds()
+    r = wrk(server.url + path, body, connections or args.connections, args.duration, args.workdir)
+    cpu, pg = server.cpu_seconds() - cpu0, server.postgres_cpu_seconds() - pg0
+    jobs = max(r["requests"] * per_request, 1)
     return Result(
         name=name,
-        rps=r["requests"] / seconds,
+        rps=jobs / (r["duration_us"] / 1e6),
         p50_ms=r["p50_us"] / 1000,
         p99_ms=r["p99_us"] / 1000,
         errors=r["errors"],
         non2xx=r["non2xx"],
-        cpu_ms_per_request=1000 * cpu / max(r["requests"], 1),
+        cpu_ms=1000 * cpu / jobs,
+        pg_ms=1000 * pg / jobs,
     )
 
 
 def batch_rate(server: Server, args: argparse.Namespace) -> Result:
     body = json.dumps({"jobs": [SINGLE] * BATCH_SIZE}).encode()
-    cpu0 = server.cpu_seconds()
-    r = wrk(server.url + "/v1/jobs/batch", body, 4, args.duration, args.workdir)
-    cpu = server.cpu_seconds() - cpu0
-    seconds = r["duration_us"] / 1e6
-    jobs = r["requests"] * BATCH_SIZE
-    return Result(
-        name="  batch (1000/request, 4 conns) jobs/s",
-        rps=jobs / seconds,
-        p50_ms=r["p50_us"] / 1000,
-        p99_ms=r["p99_us"] / 1000,
-        errors=r["errors"],
-        non2xx=r["non2xx"],
-        cpu_ms_per_request=1000 * cpu / max(jobs, 1),
-    )
+    name = "  batch (1000/request, 4 conns) jobs/s"
+    return drive(name, server, "/v1/jobs/batch", body, args, connections=4, per_request=BATCH_SIZE)
 
 
 def profile(server: Server, args: argparse.Namespace) -> None:
@@ -245,7 +254,7 @@ def profile(server: Server, args: argparse.Namespace) -> None:
     out: Path = args.profile
     out.mkdir(parents=True, exist_ok=True)
     seconds = str(max(args.duration - 2, 3))
-    common = ["record", "--pid", str(proc.pid), "-r", "100", "-d", seconds, "--nonblocking"]
+    common = ["record", "--pid", str(proc.pid), "-r", "100", "-d", seconds]
     spies = [subprocess.Popen([PYSPY, *common, "-f", "raw", "-o", str(out / "submit.txt")])]
     time.sleep(0.5)
     wrk(
@@ -306,7 +315,7 @@ def run_round(processes: int, env: dict[str, str], args: argparse.Namespace) -> 
     finally:
         bare.stop()
     results.append(base)
-    api = start_conveyor(env, processes, logs / "api.log")
+    api = start_conveyor(env, processes, logs / "api.log", args.database)
     try:
         drive(
             "  warm-up", api, "/v1/jobs", body, argparse.Namespace(**{**vars(args), "duration": 2})
@@ -334,7 +343,7 @@ def main() -> int:
     redis_url = os.environ.get("CONVEYOR_TEST_REDIS_URL")
     if not (server_url and redis_url):
         raise SystemExit("set CONVEYOR_TEST_DATABASE_URL and CONVEYOR_TEST_REDIS_URL")
-    name = f"conveyor_bench_{uuid.uuid4().hex[:8]}"
+    name = args.database = f"conveyor_bench_{uuid.uuid4().hex[:8]}"
     asyncio.run(_database(server_url, name, create=True))
     database_url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     worker: subprocess.Popen[bytes] | None = None
