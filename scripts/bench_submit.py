@@ -3,15 +3,18 @@
 ``conveyor api``, beside a bare FastAPI POST endpoint served the same way, in one run.
 
     .venv/bin/python scripts/bench_submit.py [--processes 1,2] [--duration 10]
-        [--connections 64] [--profile DIR] [--worker]
+        [--connections 64] [--profile DIR] [--worker] [--before CHECKOUT]
 
 For each process count: starts ``conveyor api --workers N`` (a throwaway database on the
 Postgres server of ``CONVEYOR_TEST_DATABASE_URL``, a unique Redis key prefix on
 ``CONVEYOR_TEST_REDIS_URL``) and ``uvicorn`` serving a bare FastAPI app with the same worker
 count, and drives both with ``wrk -t2 -cC -dDs`` POSTing one ``demo.echo`` job per request.
-Prints req/s, p50/p99, the ratio to the bare endpoint, the API's CPU time per request, and
-batch submit (1000 jobs per request, 4 connections) in jobs/s. ``--profile DIR`` records a
-py-spy profile (collapsed stacks) of a one-process API under the single-POST load.
+Prints req/s, p50/p99, the ratio to the bare endpoint, the CPU time per request of the API
+processes and of the Postgres backends serving its database, and batch submit (1000 jobs per
+request, 4 connections) in jobs/s (CPU then per job). ``--before CHECKOUT`` measures another
+checkout's API in each round too (``git archive <commit> | tar -x -C DIR``), for a before and
+after from one run. ``--profile DIR`` records a py-spy profile (collapsed stacks, for
+flamegraph.pl or speedscope) of each one-process API under the single-POST load.
 """
 
 from __future__ import annotations
@@ -139,12 +142,16 @@ def _wait_up(proc: subprocess.Popen[bytes], url: str, path: str) -> None:
     raise SystemExit(f"server at {url} did not come up")
 
 
-def start_conveyor(env: dict[str, str], processes: int, log: Path, database: str) -> Server:
+def start_conveyor(
+    env: dict[str, str], processes: int, log: Path, database: str, root: Path = ROOT
+) -> Server:
+    """``conveyor api`` from the checkout at ``root`` (another one: see ``--before``)."""
     port = free_port()
     argv = [sys.executable, "-m", "app.cli", "api", "--port", str(port)]
     argv += ["--workers", str(processes)]
+    env = {**env, "PYTHONPATH": str(root)}
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _wait_up(proc, url, "/readyz")
     return Server(proc, url, database)
@@ -181,6 +188,7 @@ class Result:
     non2xx: int
     cpu_ms: float  # API CPU per request (per job for batches)
     pg_ms: float  # Postgres backend CPU per request (per job for batches)
+    single: bool = False  # a single-POST run: its ratio to the bare endpoint is printed
 
     def row(self, baseline: Result | None) -> str:
         ratio = f"{self.rps / baseline.rps:5.2f}" if baseline else "    -"
@@ -248,14 +256,14 @@ def batch_rate(server: Server, args: argparse.Namespace) -> Result:
     return drive(name, server, "/v1/jobs/batch", body, args, connections=4, per_request=BATCH_SIZE)
 
 
-def profile(server: Server, args: argparse.Namespace) -> None:
+def profile(server: Server, args: argparse.Namespace, label: str) -> None:
     """py-spy the one API process while wrk loads it: an SVG and the collapsed stacks."""
     [proc] = server.workers()
     out: Path = args.profile
     out.mkdir(parents=True, exist_ok=True)
     seconds = str(max(args.duration - 2, 3))
     common = ["record", "--pid", str(proc.pid), "-r", "100", "-d", seconds]
-    spies = [subprocess.Popen([PYSPY, *common, "-f", "raw", "-o", str(out / "submit.txt")])]
+    spies = [subprocess.Popen([PYSPY, *common, "-f", "raw", "-o", str(out / f"{label}.txt")])]
     time.sleep(0.5)
     wrk(
         server.url + "/v1/jobs",
@@ -266,7 +274,7 @@ def profile(server: Server, args: argparse.Namespace) -> None:
     )
     for spy in spies:
         spy.wait(60)
-    print(f"profile (collapsed stacks) written to {out}/submit.txt")
+    print(f"profile (collapsed stacks) written to {out}/{label}.txt")
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -306,26 +314,32 @@ def conveyor_env(database_url: str, redis_url: str) -> dict[str, str]:
 
 
 def run_round(processes: int, env: dict[str, str], args: argparse.Namespace) -> list[Result]:
-    body = json.dumps(SINGLE).encode()
-    logs: Path = args.workdir
-    results: list[Result] = []
-    bare = start_bare(processes, logs / "bare.log")
+    """The bare endpoint, then this checkout's API (and the ``--before`` one's, if given)."""
+    bare = start_bare(processes, args.workdir / "bare.log")
     try:
-        base = drive(f"bare FastAPI POST, {processes} proc", bare, "/v1/jobs", body, args)
+        name = f"bare FastAPI POST, {processes} proc"
+        results = [drive(name, bare, "/v1/jobs", json.dumps(SINGLE).encode(), args)]
     finally:
         bare.stop()
-    results.append(base)
-    api = start_conveyor(env, processes, logs / "api.log", args.database)
+    checkouts = [("conveyor", ROOT)] + ([("before", args.before)] if args.before else [])
+    for label, root in checkouts:
+        results += measure_conveyor(label, root, processes, env, args)
+    return results
+
+
+def measure_conveyor(
+    label: str, root: Path, processes: int, env: dict[str, str], args: argparse.Namespace
+) -> list[Result]:
+    body = json.dumps(SINGLE).encode()
+    api = start_conveyor(env, processes, args.workdir / f"{label}.log", args.database, root)
     try:
-        drive(
-            "  warm-up", api, "/v1/jobs", body, argparse.Namespace(**{**vars(args), "duration": 2})
-        )
-        results.append(
-            drive(f"conveyor POST /v1/jobs, {processes} proc", api, "/v1/jobs", body, args)
-        )
-        results.append(batch_rate(api, args))
+        short = argparse.Namespace(**{**vars(args), "duration": 2})
+        drive("  warm-up", api, "/v1/jobs", body, short)
+        name = f"{label} POST /v1/jobs, {processes} proc"
+        results = [drive(name, api, "/v1/jobs", body, args), batch_rate(api, args)]
+        results[0].single = True
         if args.profile and processes == 1:
-            profile(api, args)
+            profile(api, args, label)
     finally:
         api.stop()
     return results
@@ -338,6 +352,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--worker", action="store_true", help="run one worker meanwhile")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another checkout (e.g. `git archive` of an older commit) measured in each round too",
+    )
     args = parser.parse_args()
     server_url = os.environ.get("CONVEYOR_TEST_DATABASE_URL")
     redis_url = os.environ.get("CONVEYOR_TEST_REDIS_URL")
@@ -358,7 +378,7 @@ def main() -> int:
             for processes in [int(p) for p in args.processes.split(",")]:
                 results = run_round(processes, env, args)
                 for r in results:
-                    print(r.row(results[0] if r is results[1] else None), flush=True)
+                    print(r.row(results[0] if r.single else None), flush=True)
         finally:
             if worker is not None:
                 worker.terminate()
