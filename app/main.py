@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,9 +56,21 @@ and at `GET /v1/job-types`.
 """
 
 
+def settle_gc() -> None:
+    """Once a server process has started: what exists now lives as long as the process, so the
+    collector stops scanning it (``gc.freeze``); and young collections run every 50,000 net
+    allocations instead of 700. A request's garbage is freed by reference counting almost all
+    of it, and collecting less often took the collector from about 12 % of the API's CPU under
+    load to a few percent (docs/performance.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    if not logging.getLogger().handlers:  # a server process (`conveyor api`), not a test
+    server = not logging.getLogger().handlers  # a server process (`conveyor api`), not a test
+    if server:
         configure_logging(settings.log_level)
     registry = load_handlers(settings.handler_module_list)
     auth = Authenticator(parse_keys(settings.api_keys))
@@ -76,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.conveyor = AppState(
             settings, engine, sessions, stream, dispatcher, registry, auth, intake
         )
+        if server:
+            settle_gc()
         try:
             yield
         finally:
