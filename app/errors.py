@@ -5,6 +5,7 @@ class to one status code in one table (``app/api/errors.py``), which the middlew
 
     ConveyorError
     ├── BadRequest               400  malformed framing (an invalid Content-Length)
+    ├── BadHost                  400  Host header not in CONVEYOR_ALLOWED_HOSTS
     ├── NotFound                 404  unknown job / not in the DLQ
     ├── InvalidInput             422  unknown type, payload failing its schema, bad filter,
     │                                 a body that is not storable JSON
@@ -13,7 +14,8 @@ class to one status code in one table (``app/api/errors.py``), which the middlew
     ├── Unauthenticated          401  missing or unknown API key
     ├── Forbidden                403  key lacks the role for the operation
     ├── PayloadTooLarge          413  body over CONVEYOR_MAX_PAYLOAD_BYTES
-    ├── UnsupportedMediaType     415  a body that is not JSON
+    ├── UnsupportedMediaType     415  a body that is not JSON; with auth off, a state-changing
+    │                                 request with neither a JSON type nor X-Requested-With
     ├── RateLimited              429  carries ``retry_after``
     └── Unavailable              503  Postgres or Redis unreachable; nothing was written
 
@@ -38,6 +40,10 @@ class ConveyorError(Exception):
 
 class BadRequest(ConveyorError):
     code = "bad_request"
+
+
+class BadHost(ConveyorError):
+    code = "bad_host"
 
 
 class NotFound(ConveyorError):

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=0, ge=0)
     http_allowed_hosts: str = ""
+    allowed_hosts: str = "localhost,127.0.0.1,[::1]"
+    keepalive_seconds: int = Field(default=75, ge=1)
     http_signing_secret: str | None = None
     log_level: str = "INFO"
 

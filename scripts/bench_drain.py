@@ -45,7 +45,9 @@ from app.db.engine import create_engine, create_session_factory
 from app.db.migrate import upgrade
 from app.jobs import repository
 from app.jobs.dispatch import Dispatcher
+from app.jobs.newjob import NewJob, dump_json
 from app.jobs.repository import Target
+from app.jobs.status import JobStatus
 from app.settings import Settings
 from app.streams.client import StreamClient, create_redis
 from app.streams.keys import Keys
@@ -92,22 +94,22 @@ async def bare_stream(redis_url: str, n: int, count: int = 500) -> float:
     return n / elapsed
 
 
-def _row(n: int) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "type": "demo.echo",
-        "queue": QUEUE,
-        "status": "queued",
-        "priority": 0,
-        "payload": {"n": n},
-        "max_attempts": 3,
-        "timeout_seconds": None,
-        "idempotency_key": None,
-        "idempotency_scope": "",
-        "request_hash": None,
-        "owner": None,
-        "run_at": None,
-    }
+def _row(n: int) -> NewJob:
+    return NewJob(
+        id=uuid.uuid4(),
+        type="demo.echo",
+        queue=QUEUE,
+        status=JobStatus.QUEUED,
+        priority=0,
+        payload_json=dump_json({"n": n}),
+        max_attempts=3,
+        timeout_seconds=None,
+        idempotency_key=None,
+        idempotency_scope="",
+        request_hash=None,
+        owner=None,
+        run_at=None,
+    )
 
 
 async def preload(settings: Settings, n: int) -> None:

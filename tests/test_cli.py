@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import pytest
 from tests.conftest import Backends
 from tests.support.db import fetch, scratch_database
 from tests.support.processes import Spawner
+from tests.support.proxy import LoseFirstAnswer, read_message
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVEYOR = Path(sys.executable).with_name("conveyor")
@@ -144,6 +146,47 @@ def test_errors_exit_non_zero(api_url: str) -> None:
 
     by_flag = conveyor("status", str(uuid.uuid4()), "--url", api_url)
     assert by_flag.returncode == 1 and out(by_flag)["error"] == "not_found"
+
+
+def test_submit_whose_answer_is_lost_is_retried_with_the_same_key_and_makes_one_job(
+    backends: Backends, api_url: str, queue: str
+) -> None:
+    """Issue 10 item 14: the answer to a submission is lost in transit (the connection is
+    reset after the API committed the job). The CLI sends it again with the idempotency key it
+    generated, and the API answers with that same job: one job, not two."""
+    proxy = LoseFirstAnswer(int(api_url.rsplit(":", 1)[1]))
+    with proxy.running() as url:
+        result = conveyor("submit", "demo.echo", "--queue", queue, CONVEYOR_URL=url)
+    assert proxy.lost == 1
+    assert result.returncode == 0, result.stderr
+    assert "retrying with the same key" in result.stderr
+    job = out(result)
+    assert job["idempotency_key"].startswith("cli-")
+    rows = asyncio.run(_run(backends.database_url, f"SELECT id FROM jobs WHERE queue = '{queue}'"))
+    assert [str(r[0]) for r in rows] == [job["id"]]
+
+
+def _get(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return read_message(sock)
+
+
+def test_api_keeps_idle_connections_open_longer_than_clients_do(spawn: Spawner) -> None:
+    """Issue 10 item 14: a server that closes idle keep-alive connections after 5 s (uvicorn's
+    default) races clients that reuse them until 5 s (httpx's default): the request sent as
+    the server closes is reset. The API keeps them 75 s; the setting changes that."""
+    _, url = spawn.api()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        assert b" 200 " in _get(sock)
+        time.sleep(6.0)
+        assert b" 200 " in _get(sock), "the idle connection was closed"
+    _, short = spawn.api(CONVEYOR_KEEPALIVE_SECONDS="1")
+    port = int(short.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        assert b" 200 " in _get(sock)
+        time.sleep(2.5)
+        assert sock.recv(65536) == b"", "the server kept the connection past its keep-alive"
 
 
 # -- conveyor migrate ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from uuid import UUID
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.pool import create_pool
+from app.db.pool import WORKER, create_pool
 from app.jobs.attempts import Claim
 from app.jobs.dispatch import Dispatcher
 from app.jobs.repository import Backoff
@@ -154,7 +154,7 @@ class WorkerContext:
 
     async def open_db(self, max_size: int) -> None:
         if self._db is None:
-            self._db = await create_pool(self.settings, max_size=max_size)
+            self._db = await create_pool(self.settings, max_size=max_size, application_name=WORKER)
 
     async def close_db(self) -> None:
         if self._db is not None:

@@ -2,9 +2,9 @@
 
 Roles: ``producer`` (submit, read and cancel its own jobs) and ``admin`` (everything). The
 secret may be given as ``sha256:<hex>`` (its SHA-256 digest) instead of in the clear. Secrets
-are compared as SHA-256 digests with :func:`hmac.compare_digest`. :class:`AuthGate` answers 401
-for a missing or unknown key on ``/v1`` before anything reads the request body; the route
-dependencies then decide the role (403).
+are compared as SHA-256 digests with :func:`hmac.compare_digest`. The gate
+(:mod:`app.api.gate`) answers 401 for a missing or unknown key on ``/v1`` before anything
+reads the request body; the route dependencies then decide the role (403).
 
 Each key has an id, recorded as the owner of the jobs it submits and as the actor of the events
 it causes (which other keys can see): the ``id`` of ``role:id:secret`` (letters, digits,
@@ -24,13 +24,10 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import error_response, unauthenticated_headers
 from app.errors import Unauthenticated
 from app.jobs import queries
-from app.jobs.service import Principal
+from app.jobs.principal import Principal
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +137,15 @@ class Authenticator:
         key = self.verify(secret)
         return OPEN if key is None else key.principal(self._salt)
 
+    async def principal(self, secret: str | None) -> Principal:
+        """The caller: 401 (:class:`Unauthenticated`) before Postgres is asked for the salt."""
+        key = self.verify(secret)
+        if key is None:
+            return OPEN
+        if key.id is None and self._salt is None:
+            await self.ready()
+        return key.principal(self._salt)
+
 
 def secret_from(authorization: str | None, api_key: str | None) -> str | None:
     """The secret of ``Authorization: Bearer <secret>``, else of ``X-API-Key``."""
@@ -147,29 +153,3 @@ def secret_from(authorization: str | None, api_key: str | None) -> str | None:
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
     return api_key or None
-
-
-class AuthGate:
-    """Pure ASGI middleware: 401 for a missing or unknown key under ``prefix``, body unread."""
-
-    def __init__(self, app: ASGIApp, *, auth: Authenticator, prefix: str = "/v1") -> None:
-        self.app = app
-        self.auth = auth
-        self.prefix = prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        guarded = path == self.prefix or path.startswith(self.prefix + "/")
-        if scope["type"] == "http" and guarded and self.auth.enabled:
-            headers = Headers(scope=scope)
-            try:
-                self.auth.verify(
-                    secret_from(headers.get("authorization"), headers.get("x-api-key"))
-                )
-            except Unauthenticated as exc:
-                response = error_response(
-                    401, exc.code, exc.message, headers=unauthenticated_headers()
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

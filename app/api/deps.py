@@ -1,4 +1,9 @@
-"""Request dependencies: a session, the dispatcher, the registry, and the caller."""
+"""Request dependencies: a session, the dispatcher, the registry, and the caller.
+
+All are ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
+hop per request. The submit routes, the hottest, skip dependency solving altogether and call
+:func:`state_of` and :func:`principal_of` on the request.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.api.auth import Authenticator
-from app.errors import Forbidden
+from app.api.gate import PRINCIPAL
+from app.errors import Forbidden, Unauthenticated
 from app.jobs.dispatch import Dispatcher
+from app.jobs.intake import Intake
+from app.jobs.principal import Principal
 from app.jobs.registry import Registry
-from app.jobs.service import Principal
 from app.settings import Settings
 from app.streams.client import StreamClient
 
@@ -28,11 +34,16 @@ class AppState:
     dispatcher: Dispatcher
     registry: Registry
     auth: Authenticator
+    intake: Intake
 
 
-def get_state(request: Request) -> AppState:
+def state_of(request: Request) -> AppState:
     state: AppState = request.app.state.conveyor
     return state
+
+
+async def get_state(request: Request) -> AppState:
+    return state_of(request)
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
@@ -46,35 +57,34 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-def get_dispatcher(state: StateDep) -> Dispatcher:
+async def get_dispatcher(state: StateDep) -> Dispatcher:
     return state.dispatcher
 
 
-def get_registry(state: StateDep) -> Registry:
+async def get_registry(state: StateDep) -> Registry:
     return state.registry
 
 
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <secret>`")
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <secret>`")
+
+def principal_of(request: Request) -> Principal:
+    """The caller, as the gate authenticated it (:mod:`app.api.gate`)."""
+    principal: Principal | None = request.scope.get(PRINCIPAL)
+    if principal is None:  # not under /v1: the gate did not look
+        raise Unauthenticated("missing API key")
+    return principal
 
 
-async def get_principal(
-    state: StateDep,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    api_key: Annotated[str | None, Security(_api_key)],
-) -> Principal:
-    secret = bearer.credentials if bearer is not None else api_key
-    await state.auth.ready()
-    return state.auth.authenticate(secret)
+async def get_principal(request: Request) -> Principal:
+    return principal_of(request)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_admin(principal: PrincipalDep) -> Principal:
+async def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.admin:
         raise Forbidden("this operation needs an admin key")
     return principal

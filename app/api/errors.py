@@ -37,6 +37,7 @@ class _Answer:
 # The one table: each domain error's status code and how the OpenAPI document describes it.
 TABLE: dict[type[errors.ConveyorError], _Answer] = {
     errors.BadRequest: _Answer(400, "Malformed request framing (e.g. a bad Content-Length)"),
+    errors.BadHost: _Answer(400, "Host header not in CONVEYOR_ALLOWED_HOSTS"),
     errors.Unauthenticated: _Answer(
         401,
         "No API key, or an unknown one",
@@ -46,7 +47,11 @@ TABLE: dict[type[errors.ConveyorError], _Answer] = {
     errors.NotFound: _Answer(404, "No such job (or not yours)"),
     errors.Conflict: _Answer(409, "Conflicts with the job's state or an earlier request"),
     errors.PayloadTooLarge: _Answer(413, "Body larger than CONVEYOR_MAX_PAYLOAD_BYTES"),
-    errors.UnsupportedMediaType: _Answer(415, "Body is not application/json"),
+    errors.UnsupportedMediaType: _Answer(
+        415,
+        "Body is not application/json; or, with auth off, a state-changing request with"
+        " neither that type nor an X-Requested-With header",
+    ),
     errors.InvalidInput: _Answer(422, "Invalid input; nothing was written"),
     errors.RateLimited: _Answer(429, "Rate limit exceeded", _RETRY_AFTER),
     errors.Unavailable: _Answer(
@@ -54,12 +59,17 @@ TABLE: dict[type[errors.ConveyorError], _Answer] = {
     ),
 }
 STATUS: dict[type[errors.ConveyorError], int] = {cls: a.status for cls, a in TABLE.items()}
-# ``responses=ERRORS`` on a route documents every error answer it may give.
-ERRORS: dict[int | str, dict[str, Any]] = {
-    a.status: {"model": ErrorBody, "description": a.description}
-    | ({"headers": a.headers} if a.headers else {})
-    for a in TABLE.values()
-}
+# ``responses=ERRORS`` on a route documents every error answer it may give (the descriptions of
+# errors that share a status are joined).
+ERRORS: dict[int | str, dict[str, Any]] = {}
+for _a in TABLE.values():
+    if _a.status in ERRORS:
+        ERRORS[_a.status]["description"] += "; or " + _a.description
+    else:
+        ERRORS[_a.status] = {"model": ErrorBody, "description": _a.description} | (
+            {"headers": _a.headers} if _a.headers else {}
+        )
+
 RETRY_AFTER_SECONDS = "2"
 
 
@@ -80,6 +90,8 @@ def domain_response(exc: errors.ConveyorError) -> JSONResponse:
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Unauthenticated):
         headers.update(unauthenticated_headers())
+    if isinstance(exc, errors.PayloadTooLarge):  # the rest of the body is left unread
+        headers["Connection"] = "close"
     if isinstance(exc, errors.RateLimited):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, errors.Unavailable):

@@ -22,8 +22,7 @@ import math
 import re
 from typing import Any
 
-from fastapi import Depends, Request
-from starlette.datastructures import Headers
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import domain_response
@@ -39,6 +38,7 @@ MAX_DEPTH = 32
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 _SPECIAL = re.compile(rb'[\[\]{}"\\]')
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a string, on valid JSON
 _OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 
@@ -118,8 +118,49 @@ def _check_strings(document: Any) -> None:
             stack.extend(node)
 
 
+def plainly_acceptable(body: bytes, max_depth: int = MAX_DEPTH) -> bool:
+    """The common case, fast: orjson parses the body (so it is UTF-8 JSON with no ``NaN``,
+    infinity or lone surrogate), nothing nests deeper than ``max_depth``, no string holds a
+    NUL (in valid JSON only the escape ``\\u0000`` can make one), and no object repeats a
+    key (the keys orjson kept are as many as the colons outside strings). ``False`` only means
+    "look closer": :func:`check_json` then finds the fault, if there is one."""
+    if b"\\u0000" in body:
+        return False
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    keys = _count_keys(document, max_depth)
+    if keys < 0:
+        return False
+    colons = body.count(b":")
+    return colons == keys or _STRING.sub(b"", body).count(b":") == keys
+
+
+def _count_keys(document: Any, max_depth: int) -> int:
+    """The number of object keys, level by level; -1 when containers nest too deep."""
+    keys, depth, level = 0, 1, [document]
+    while level:
+        nested: list[Any] = []
+        for node in level:
+            kind = type(node)
+            if kind is dict:
+                keys += len(node)
+                nested.extend(node.values())
+            elif kind is list:
+                nested.extend(node)
+            else:
+                continue
+            if depth > max_depth:
+                return -1
+        level, depth = nested, depth + 1
+    return keys
+
+
 def check_json(body: bytes, max_depth: int = MAX_DEPTH) -> None:
     """Raise :class:`InvalidInput` (422) unless ``body`` is JSON the API can store as-is."""
+    if plainly_acceptable(body, max_depth):
+        return
     if json_depth_exceeds(body, max_depth):
         raise _invalid(f"JSON nesting is deeper than {max_depth} levels", "json_too_deep")
     try:
@@ -151,8 +192,20 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-def _declared_length(headers: Headers) -> int | None:
-    raw = headers.get("content-length")
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"content-type"})
+
+
+def _body_headers(scope: Scope) -> dict[bytes, str]:
+    """The headers that describe the body, in one pass (the first of each name counts)."""
+    found: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in _BODY_HEADERS and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
+
+
+def _declared_length(headers: dict[bytes, str]) -> int | None:
+    raw = headers.get(b"content-length")
     if raw is None:
         return None
     if not raw.strip().isdigit():
@@ -183,14 +236,14 @@ class BodyLimits:
 
     async def _admit(self, scope: Scope, receive: Receive) -> bytes | None:
         """The buffered body to pass on, or None to pass the request through untouched."""
-        headers = Headers(scope=scope)
+        headers = _body_headers(scope)
         declared = _declared_length(headers)
         if declared is not None and declared > self.max_bytes:
             raise self._too_large()
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        chunked = "chunked" in headers.get(b"transfer-encoding", "").lower()
         if not (chunked or (declared or 0) > 0) or scope["method"] not in BODY_METHODS:
             return None
-        if not _is_json(headers.get("content-type")):
+        if not _is_json(headers.get(b"content-type")):
             raise UnsupportedMediaType(
                 "request bodies must be application/json",
                 details={"accepted": ["application/json"]},
@@ -235,21 +288,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-def single_valued_query(request: Request) -> None:
-    """Every query parameter of the API takes one value: a repeated one is a 422, not "the last
-    one wins" (which would hide a client's mistake, e.g. two ``status`` filters)."""
-    seen: set[str] = set()
-    for name, _ in request.query_params.multi_items():
-        if name in seen:
-            raise InvalidInput(
-                "a query parameter is given more than once",
-                details=[
-                    {"loc": ["query", name], "msg": "given more than once", "type": "repeated"}
-                ],
-            )
-        seen.add(name)
-
-
-SingleValuedQuery = Depends(single_valued_query)

@@ -1,4 +1,4 @@
-"""Per-key rate limiting: a token bucket in Redis, applied to the ``/v1`` routers.
+"""Per-key rate limiting: a token bucket in Redis, applied to ``/v1`` by the gate.
 
 ``CONVEYOR_RATE_LIMIT_PER_SECOND`` tokens per second refill a bucket of
 ``CONVEYOR_RATE_LIMIT_BURST`` (at least one second's worth); 0 turns limiting off (the
@@ -13,12 +13,10 @@ import logging
 import math
 import time
 
-from fastapi import Depends, Request
 from redis.exceptions import RedisError
 
-from app.api.deps import AppState, PrincipalDep, StateDep
 from app.errors import RateLimited
-from app.jobs.service import Principal
+from app.streams.client import StreamClient
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +33,12 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.per_second > 0
 
-    async def take(self, state: AppState, identity: str) -> None:
+    async def take(self, stream: StreamClient, identity: str) -> None:
         """Take one token for ``identity``; raise :class:`RateLimited` when there is none."""
         if not self.enabled or time.monotonic() < self._open_until:
             return
         try:
-            wait = await state.stream.take_token(identity, self.per_second, self.burst)
+            wait = await stream.take_token(identity, self.per_second, self.burst)
         except (RedisError, OSError) as exc:  # ConnectionError and TimeoutError are OSErrors
             self._open_until = time.monotonic() + FAIL_OPEN_SECONDS
             log.warning(
@@ -51,17 +49,3 @@ class RateLimiter:
             return
         if wait > 0:
             raise RateLimited("rate limit exceeded; retry later", retry_after=wait)
-
-
-def identity_of(principal: Principal, request: Request) -> str:
-    if principal.scope:
-        return f"key:{principal.scope}"
-    return f"ip:{request.client.host if request.client else 'unknown'}"
-
-
-async def rate_limit(request: Request, state: StateDep, principal: PrincipalDep) -> None:
-    limiter: RateLimiter = request.app.state.rate_limiter
-    await limiter.take(state, identity_of(principal, request))
-
-
-RateLimit = Depends(rate_limit)

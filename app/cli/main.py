@@ -28,17 +28,29 @@ def _migrate(args: argparse.Namespace) -> int:
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    settings = get_settings()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
+        loop=_available("uvloop", "auto"),
+        http=_available("httptools", "auto"),
+        timeout_keep_alive=args.keep_alive or settings.keepalive_seconds,
         timeout_graceful_shutdown=10,
-        log_level=get_settings().log_level.lower(),
+        log_level=settings.log_level.lower(),
+        access_log=args.access_log,  # off: one INFO line per submission is the service's own
         server_header=False,
     )
     return 0
+
+
+def _available(module: str, fallback: str) -> str:
+    """uvloop and httptools (installed with uvicorn[standard]) when importable."""
+    import importlib.util
+
+    return module if importlib.util.find_spec(module) is not None else fallback
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -77,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--keep-alive",
+        type=int,
+        default=None,
+        help="seconds an idle keep-alive connection stays open (CONVEYOR_KEEPALIVE_SECONDS, 75)",
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request (off: faster)")
     p.set_defaults(func=_api)
 
     p = sub.add_parser("worker", help="run worker processes")

@@ -7,18 +7,43 @@ import json
 import os
 import sys
 import time
+import uuid
 from typing import Any
 
 import httpx
 
 from app.jobs.status import TERMINAL, JobStatus
 
+SUBMIT_ATTEMPTS = 5
+RETRY_PAUSE_SECONDS = 0.5
+
 
 def _client(args: argparse.Namespace) -> httpx.Client:
     url = args.url or os.environ.get("CONVEYOR_URL", "http://127.0.0.1:8000")
     key = args.api_key or os.environ.get("CONVEYOR_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    # X-Requested-With: with auth off, a bodiless POST or DELETE needs it (cross-site check)
+    headers = {"X-Requested-With": "conveyor-cli"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     return httpx.Client(base_url=url, headers=headers, timeout=30)
+
+
+def post_submission(client: httpx.Client, body: dict[str, Any]) -> httpx.Response:
+    """POST /v1/jobs; a request that failed in transit (a reset, a timeout) or met a 503 is
+    sent again with the same idempotency key, so a retry can never make a second job: the
+    API answers the repeat with the job the first attempt made."""
+    for attempt in range(1, SUBMIT_ATTEMPTS):
+        try:
+            response = client.post("/v1/jobs", json=body)
+        except httpx.TransportError as exc:
+            print(f"submit: {type(exc).__name__}; retrying with the same key", file=sys.stderr)
+            time.sleep(RETRY_PAUSE_SECONDS * attempt)
+            continue
+        if response.status_code != 503:
+            return response
+        wait = response.headers.get("Retry-After", "")
+        time.sleep(float(wait) if wait.isdigit() else RETRY_PAUSE_SECONDS * attempt)
+    return client.post("/v1/jobs", json=body)  # the last attempt: whatever it gives
 
 
 def _show(response: httpx.Response) -> int:
@@ -38,10 +63,13 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"--payload is not valid JSON: {exc}", file=sys.stderr)
         return 2
     body: dict[str, Any] = {"type": args.type, "payload": payload, "queue": args.queue}
-    if args.idempotency_key:
-        body["idempotency_key"] = args.idempotency_key
+    body["idempotency_key"] = args.idempotency_key or f"cli-{uuid.uuid4()}"
     with _client(args) as client:
-        response = client.post("/v1/jobs", json=body)
+        try:
+            response = post_submission(client, body)
+        except httpx.TransportError as exc:
+            print(f"submit: {exc!r}", file=sys.stderr)
+            return 1
         if not args.wait or not response.is_success:
             return _show(response)
         job_id = response.json()["id"]
@@ -87,7 +115,11 @@ def add_operator_commands(sub: Any) -> None:
     p.add_argument("type")
     p.add_argument("--payload", default="{}")
     p.add_argument("--queue", default="default")
-    p.add_argument("--idempotency-key", default=None)
+    p.add_argument(
+        "--idempotency-key",
+        default=None,
+        help="the job's idempotency key (default: a new one; retries of this submission reuse it)",
+    )
     p.add_argument("--wait", action="store_true", help="poll until the job finishes")
     p.set_defaults(func=_submit)
 

@@ -13,8 +13,12 @@ from sqlalchemy.ext.asyncio import (
 from app.settings import Settings
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
-    """A pool with a short checkout timeout so overload turns into 503s, not 30 s hangs."""
+def create_engine(settings: Settings, *, pre_ping: bool = True) -> AsyncEngine:
+    """A pool with a short checkout timeout so overload turns into 503s, not 30 s hangs.
+
+    Without ``pre_ping`` (the API) a checkout costs no round trip; after a Postgres restart
+    the first statement on a stale connection fails (a 503) and invalidates the whole pool.
+    """
     connect_args: dict[str, object] = {"timeout": 5, "command_timeout": 30}
     if settings.db_statement_timeout_ms:
         connect_args["server_settings"] = {
@@ -26,7 +30,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         connect_args=connect_args,
         hide_parameters=True,  # error messages (which get logged) never carry payloads

@@ -1,21 +1,38 @@
-"""A plain asyncpg pool for the worker's hot path (claim, complete, heartbeat); see ADR 0011.
+"""Plain asyncpg pools for the two hot paths: the API's submissions (group commit, ADR 0013)
+and the worker's claim, complete and heartbeat (ADR 0011). One factory, one name per user.
 
-No ORM, no pre-ping, no reset query on release: a dead connection fails its statement, the
-caller retries, and the pool opens a new one when asked.
+No ORM, no ping per checkout, no reset query on release: the statements on these paths change
+no session state, and an open transaction is still rolled back by the pool. asyncpg notices a
+connection the server closed (a restart) and the pool opens a new one on the next acquire; an
+error on a connection that dies mid-statement is one of :data:`UNAVAILABLE` (the API answers
+503, the worker retries), and the pool replaces that connection when it is released.
+Connections are opened lazily (``min_size=0``), so the API starts while Postgres is down and
+/readyz reports it, and a worker has no floor to restore while Postgres is down.
 """
 
 from __future__ import annotations
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
+from app.db.url import asyncpg_dsn
 from app.settings import Settings
 
+# Errors that say "Postgres could not be reached or gave up", not "your request is wrong":
+# the caller answers 503 with Retry-After. (asyncpg raises OSError subclasses when it cannot
+# connect, TimeoutError when the pool or a command times out.) What Postgres refused as a
+# value or a statement is told apart by SQLSTATE in app/db/errors.py.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,  # connection closed or broken under us
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.OperatorInterventionError,  # class 57: shutdown, starting up, statement timeout
+    asyncpg.TransactionRollbackError,  # class 40: serialization failure, deadlock
+)
 
-def asyncpg_dsn(database_url: str) -> str:
-    """The ``postgresql://`` form of a ``postgresql+asyncpg://`` URL."""
-    url = make_url(database_url).set(drivername="postgresql")
-    return url.render_as_string(hide_password=False)
+API = "conveyor"
+WORKER = "conveyor-worker"
 
 
 async def _keep(conn: asyncpg.Connection) -> None:
@@ -23,16 +40,21 @@ async def _keep(conn: asyncpg.Connection) -> None:
     is still rolled back by the pool)."""
 
 
-async def create_pool(settings: Settings, *, max_size: int) -> asyncpg.Pool:
-    server_settings = {"application_name": "conveyor-worker"}
+async def create_pool(
+    settings: Settings, *, max_size: int | None = None, application_name: str = API
+) -> asyncpg.Pool:
+    """A lazily filled pool of at most ``max_size`` connections (default
+    ``CONVEYOR_DB_POOL_SIZE``), named ``application_name`` in ``pg_stat_activity``."""
+    server_settings = {"application_name": application_name}
     if settings.db_statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
     pool: asyncpg.Pool = await asyncpg.create_pool(
         asyncpg_dsn(settings.database_url),
-        min_size=0,  # no floor to restore while Postgres is down (asyncpg logs each try)
-        max_size=max_size,
+        min_size=0,
+        max_size=max_size or settings.db_pool_size,
         timeout=5,
         command_timeout=30,
+        max_inactive_connection_lifetime=300,
         reset=_keep,
         server_settings=server_settings,
     )

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from app.devserver.postgres import EmbeddedPostgres
 from app.devserver.process import child_preexec
 from app.devserver.server import EmbeddedServerError
 from app.devserver.valkey import EmbeddedRedis
+from app.settings import Settings
 
 if TYPE_CHECKING:
     from signal import _HANDLER
@@ -78,6 +80,19 @@ def _lock_pidfile(path: Path) -> int | None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+_WILDCARDS = frozenset({"0.0.0.0", "", "::"})  # noqa: S104
+
+
+def allowed_hosts(host: str, settings: Settings) -> str:
+    """``CONVEYOR_ALLOWED_HOSTS`` for the API of ``conveyor dev --host HOST``: as configured,
+    else the local names plus HOST (for a wildcard bind, this machine's name)."""
+    if "allowed_hosts" in settings.model_fields_set:
+        return settings.allowed_hosts
+    name = socket.gethostname() if host in _WILDCARDS else host
+    bound = f"[{name}]" if ":" in name and not name.startswith("[") else name
+    return f"{settings.allowed_hosts},{bound.lower()}"
 
 
 def _display_host(host: str) -> str:
@@ -133,6 +148,7 @@ class _Supervisor:
         env = dict(os.environ)
         env["CONVEYOR_DATABASE_URL"] = self.postgres.start()
         env["CONVEYOR_REDIS_URL"] = self.redis.start()
+        env["CONVEYOR_ALLOWED_HOSTS"] = allowed_hosts(self.host, Settings())
         self._migrate(env)
         api = ["api", "--host", self.host, "--port", str(self.port)]
         self.children["API"] = self._spawn(api, env)

@@ -7,7 +7,6 @@ The worker's transitions of an attempt (claim to outcome) are in :mod:`app.jobs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +17,8 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobRow
+from app.jobs import insertion
+from app.jobs.newjob import NewJob
 
 
 @dataclass(frozen=True)
@@ -44,41 +45,15 @@ async def _jobs(session: AsyncSession, sql: str, params: dict[str, Any]) -> list
 
 # -- submit ------------------------------------------------------------------------------------
 
-_INSERT = """
-WITH r AS (
-    SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
-        id uuid, type text, queue text, status text, priority int, payload jsonb,
-        max_attempts int, timeout_seconds float8, idempotency_key text,
-        idempotency_scope text, request_hash text, owner text, run_at timestamptz, ord int)
-), ins AS (
-    INSERT INTO jobs (id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
-                      idempotency_key, idempotency_scope, request_hash, owner, run_at,
-                      enqueued_at)
-    SELECT id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
-           idempotency_key, idempotency_scope, request_hash, owner,
-           coalesce(run_at, now()), CASE WHEN status = 'queued' THEN now() END
-    FROM r ORDER BY ord
-    ON CONFLICT (idempotency_scope, idempotency_key) WHERE idempotency_key IS NOT NULL
-    DO NOTHING
-    RETURNING *
-), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, actor)
-    SELECT id, CASE WHEN status = 'scheduled' THEN 'scheduled' ELSE 'submitted' END, 0, owner
-    FROM ins
-)
-SELECT * FROM ins
-"""
 
-
-async def insert_jobs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[JobRow]:
-    """Insert new jobs; rows whose idempotency key exists already are skipped (not returned)."""
-    payload = [{**row, "ord": i} for i, row in enumerate(rows)]
-    return await _jobs(session, _INSERT, {"rows": json.dumps(payload, default=str)})
-
-
-async def find_by_keys(session: AsyncSession, scope: str, keys: Sequence[str]) -> dict[str, JobRow]:
-    stmt = select(JobRow).where(JobRow.idempotency_scope == scope, JobRow.idempotency_key.in_(keys))
-    return {row.idempotency_key or "": row for row in (await session.scalars(stmt)).all()}
+async def insert_jobs(session: AsyncSession, jobs: Sequence[NewJob]) -> list[NewJob]:
+    """Insert new jobs in the session's transaction; returns those inserted (a job whose
+    idempotency key is taken already is skipped). The API's submit path runs the same
+    statement on asyncpg directly (:mod:`app.jobs.insertion`)."""
+    conn = await session.connection()
+    result = await conn.exec_driver_sql(insertion.INSERT, tuple(insertion.columns(jobs)))
+    inserted = {row[0] for row in result}
+    return [job for job in jobs if job.id in inserted]
 
 
 # Claim, complete, heartbeat, release and reclaim (the worker's transitions of an attempt) are

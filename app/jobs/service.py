@@ -2,95 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobRow
 from app.errors import Conflict, InvalidInput, NotFound
 from app.jobs import queries, repository
 from app.jobs.dispatch import Dispatcher
+from app.jobs.insertion import Submitted
+from app.jobs.intake import Intake
+from app.jobs.newjob import NewJob, new_job, parse
+from app.jobs.principal import Principal
 from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.schemas import JobCreate
-from app.jobs.status import CANCELLABLE, JobStatus
+from app.jobs.status import CANCELLABLE
 
 log = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 500
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: ``scope`` namespaces idempotency keys; ``name`` is recorded as actor."""
-
-    name: str | None
-    scope: str
-    admin: bool
-
-    @property
-    def view(self) -> dict[str, bool]:
-        """The validation context of the API's output models: tracebacks and worker names,
-        hosts and pids are for admins (and everyone when auth is off)."""
-        return {"internals": self.admin}
-
-
-@dataclass(frozen=True)
-class Submitted:
-    job: JobRow
-    created: bool
-
-
-def _request_hash(item: JobCreate, payload: dict[str, Any]) -> str:
-    """What makes two requests "the same": every field as given, with the payload as its type
-    normalises it and ``run_at`` in UTC (``delay_seconds`` is hashed as given, not resolved)."""
-    body = item.model_dump(mode="json", exclude={"idempotency_key", "payload", "run_at"})
-    body["payload"] = payload
-    body["run_at"] = item.run_at.astimezone(UTC).isoformat() if item.run_at else None
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _parse(item: object) -> JobCreate:
-    """Batch items arrive unvalidated, so that one 422 can name every bad index."""
-    try:
-        return JobCreate.model_validate(item)
-    except ValidationError as exc:
-        details = [{k: e[k] for k in ("loc", "msg", "type")} for e in exc.errors()]
-        raise InvalidInput("invalid job", details=details) from exc
-
-
-def _row(raw: object, registry: Registry, principal: Principal, now: datetime) -> dict[str, Any]:
-    item = _parse(raw)
-    job_type = registry.get(item.type)
-    payload = job_type.validate(item.payload).model_dump(mode="json")
-    run_at = item.run_at
-    if item.delay_seconds is not None:
-        run_at = now + timedelta(seconds=item.delay_seconds)
-    scheduled = run_at is not None and run_at > now
-    return {
-        "id": str(uuid.uuid4()),
-        "type": item.type,
-        "queue": item.queue,
-        "status": JobStatus.SCHEDULED if scheduled else JobStatus.QUEUED,
-        "priority": item.priority,
-        "payload": payload,
-        "max_attempts": item.max_attempts,
-        "timeout_seconds": item.timeout_seconds,
-        "idempotency_key": item.idempotency_key,
-        "idempotency_scope": principal.scope,
-        "request_hash": _request_hash(item, payload) if item.idempotency_key else None,
-        "owner": principal.name,
-        "run_at": run_at.isoformat() if run_at else None,
-    }
 
 
 def with_idempotency_header(item: JobCreate, header: str | None) -> JobCreate:
@@ -102,38 +37,58 @@ def with_idempotency_header(item: JobCreate, header: str | None) -> JobCreate:
     return item.model_copy(update={"idempotency_key": header})
 
 
-def _rows(
-    items: Sequence[object],
-    registry: Registry,
-    principal: Principal,
-    *,
-    batch: bool,
-) -> list[dict[str, Any]]:
-    """Validate every item; a batch with any bad item is rejected whole, naming each index.
+async def submit(
+    intake: Intake, registry: Registry, item: JobCreate, principal: Principal
+) -> Submitted:
+    """Validate one job, then insert it with whatever else is being submitted (group commit),
+    commit, and XADD it. Bad input is a 422 before the job joins a group."""
+    return await intake.submit(new_job(item, registry, principal, datetime.now(UTC)))
+
+
+async def submit_batch(
+    intake: Intake, registry: Registry, items: Sequence[object], principal: Principal
+) -> list[Submitted]:
+    """Validate every item (a 422 names each bad index), insert all in one statement and one
+    transaction, commit, then XADD the queued ones in one pipeline.
 
     One idempotency key used twice in a batch with the same request names one job (both
-    positions return it); with different requests, both indexes are named in the 422.
+    positions return it); with different requests, both indexes are named in the 422. The
+    unique index on (scope, idempotency key) decides between concurrent repeats.
     """
+    jobs, positions = _new_jobs(items, registry, principal)
+    answers = await intake.submit_batch(jobs)  # one answer per distinct job, in order
+    return [answers[at] for at in positions]
+
+
+def _new_jobs(
+    items: Sequence[object], registry: Registry, principal: Principal
+) -> tuple[list[NewJob], list[int]]:
+    """The distinct jobs to insert, and for each item the index of its job among them."""
     now = datetime.now(UTC)
-    rows: list[dict[str, Any]] = []
+    jobs: list[NewJob] = []
+    positions: list[int] = []
     problems: list[dict[str, Any]] = []
-    by_key: dict[str, tuple[int, dict[str, Any]]] = {}
+    by_key: dict[str, tuple[int, int]] = {}  # key -> (first item index, job index)
     for index, item in enumerate(items):
         try:
-            row = _row(item, registry, principal, now)
+            job = new_job(parse(item), registry, principal, now)
         except InvalidInput as exc:
             problems.append({"index": index, "message": exc.message, "details": exc.details})
             continue
-        key = row["idempotency_key"]
-        first = by_key.setdefault(key, (index, row)) if key is not None else (index, row)
-        if first[1]["request_hash"] != row["request_hash"]:
-            problems.append(_duplicate_key(index, first[0], key))
-        rows.append(first[1])
+        key = job.idempotency_key
+        if key is not None and key in by_key:
+            first, at = by_key[key]
+            if jobs[at].request_hash != job.request_hash:
+                problems.append(_duplicate_key(index, first, key))
+            positions.append(at)
+            continue
+        if key is not None:
+            by_key[key] = (index, len(jobs))
+        positions.append(len(jobs))
+        jobs.append(job)
     if problems:
-        if not batch:
-            raise InvalidInput(problems[0]["message"], details=problems[0]["details"])
         raise InvalidInput(f"{len(problems)} invalid job(s) in the batch", details=problems)
-    return rows
+    return jobs, positions
 
 
 def _duplicate_key(index: int, first: int, key: str) -> dict[str, Any]:
@@ -142,65 +97,6 @@ def _duplicate_key(index: int, first: int, key: str) -> dict[str, Any]:
         "message": f"idempotency key also used by item {first} with a different request",
         "details": {"idempotency_key": key, "first_index": first},
     }
-
-
-def _resolve(
-    rows: list[dict[str, Any]], inserted: dict[UUID, JobRow], existing: dict[str, JobRow]
-) -> list[Submitted]:
-    """Pair each item with its job: the one just inserted, or the one that holds its key."""
-    results: list[Submitted] = []
-    seen: set[UUID] = set()
-    for row in rows:
-        job = inserted.get(UUID(row["id"]))
-        if job is not None:
-            results.append(Submitted(job, created=job.id not in seen))
-            seen.add(job.id)
-            continue
-        job = existing.get(row["idempotency_key"])
-        if job is None or job.request_hash != row["request_hash"]:
-            raise Conflict(
-                "idempotency key was used with a different request",
-                details={"idempotency_key": row["idempotency_key"]},
-            )
-        results.append(Submitted(job, created=False))
-    return results
-
-
-async def submit(
-    session: AsyncSession,
-    dispatcher: Dispatcher,
-    registry: Registry,
-    items: Sequence[object],
-    principal: Principal,
-    *,
-    batch: bool = False,
-) -> list[Submitted]:
-    """Insert the jobs in one statement, commit, then XADD the queued ones in one pipeline.
-
-    The unique index on (scope, idempotency key) decides between concurrent repeats: the
-    insert skips a taken key, and the existing job is returned if its request is the same.
-    """
-    rows = _rows(items, registry, principal, batch=batch)
-    unique = list({row["id"]: row for row in rows}.values())
-    inserted = {row.id: row for row in await repository.insert_jobs(session, unique)}
-    keys = [r["idempotency_key"] for r in rows if UUID(r["id"]) not in inserted]
-    existing = await repository.find_by_keys(session, principal.scope, keys) if keys else {}
-    try:
-        results = _resolve(rows, inserted, existing)
-    except Conflict:
-        await session.rollback()
-        raise
-    await session.commit()
-    fresh = [
-        Target(s.job.id, s.job.queue, s.job.priority)
-        for s in results
-        if s.created and s.job.status == JobStatus.QUEUED
-    ]
-    await dispatcher.send_after_commit(fresh)
-    for s in results:
-        if s.created:
-            log.info("job submitted", extra={"job_id": str(s.job.id), "job_type": s.job.type})
-    return results
 
 
 async def get(session: AsyncSession, job_id: UUID, principal: Principal) -> JobRow:

@@ -11,9 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db.models import JobRow, ScheduleRow
 from app.errors import Conflict, NotFound
 from app.jobs.dispatch import Dispatcher
+from app.jobs.principal import Principal
 from app.jobs.registry import Registry
 from app.jobs.repository import Target
-from app.jobs.service import Principal
 from app.schedules import repository
 from app.schedules.cron import parse
 from app.schedules.repository import NewJob

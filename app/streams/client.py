@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from app.settings import Settings
 from app.streams.keys import GROUP, Keys
@@ -158,10 +158,7 @@ class StreamClient:
         if isinstance(self.redis, RedisCluster):  # cluster pipelines refuse EVALSHA
             added = await asyncio.gather(*(self._dispatch(keys=[k], args=a) for k, a in calls))
         else:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, args in calls:
-                    await self._dispatch(keys=[stream], args=args, client=pipe)
-                added = await pipe.execute()
+            added = await self._dispatch_pipelined(calls)
         sent: dict[UUID, str] = {}
         for (_, ids), entries in zip(by_stream.items(), added, strict=True):
             sent.update(zip(ids, map(_text, entries or []), strict=False))
@@ -184,6 +181,30 @@ class StreamClient:
                 pipe.xrange(stream, entry_id, entry_id, count=1)
             replies = await pipe.execute()
         return [bool(r) for r in replies]
+
+    async def _dispatch_pipelined(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        """EVALSHA every call in one pipeline. The script is loaded once (when Redis first
+        answers NOSCRIPT, e.g. after a restart), not checked with SCRIPT EXISTS per pipeline;
+        the calls that met NOSCRIPT did nothing, so they are simply sent again."""
+        sha = self._dispatch.sha
+        replies = await self._evalsha_all(sha, calls)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            await self.redis.script_load(self._dispatch.script)
+            again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            retried = await self._evalsha_all(sha, [calls[i] for i in again])
+            for i, reply in zip(again, retried, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _evalsha_all(self, sha: str, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, args in calls:
+                pipe.evalsha(sha, 1, stream, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def add_dead_letter(self, fields: dict[str, str]) -> None:
         """Append a dead job's notification to ``P:dlq``, bounded in size and count.

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from app.main import create_app
 from app.settings import Settings
 from app.streams.keys import Keys
-from tests.conftest import wait_for_status
+from tests.conftest import CLIENT_HEADERS, wait_for_status
 from tests.support.processes import Spawner
 
 
@@ -35,14 +36,22 @@ def echo(queue: str, n: int, **fields: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def counting_statements(engine: Engine) -> Iterator[list[str]]:
-    """Observe (not alter) the SQL sent by the app's own engine."""
+def counting_statements(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Observe (not alter) the SQL sent by the app: through its engine, and on asyncpg
+    directly (the submit path)."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
+    real_fetch = asyncpg.Connection.fetch
+
+    async def fetch(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(query)
+        return await real_fetch(self, query, *args, **kwargs)
+
     event.listen(engine, "before_cursor_execute", record)
+    monkeypatch.setattr(asyncpg.Connection, "fetch", fetch)
     try:
         yield seen
     finally:
@@ -54,7 +63,9 @@ async def app_client(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClien
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        ) as c:
             yield c, app.state.conveyor
 
 
@@ -88,7 +99,7 @@ async def test_one_insert_and_one_pipeline_for_the_whole_batch(
             return real_pipeline(*args, **kwargs)
 
         monkeypatch.setattr(state.stream.redis, "pipeline", spy)
-        with counting_statements(state.engine.sync_engine) as statements:
+        with counting_statements(state.engine.sync_engine, monkeypatch) as statements:
             response = await c.post("/v1/jobs/batch", json={"jobs": items})
         monkeypatch.undo()
     assert response.status_code == 202

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from app.main import create_app
 from app.settings import Settings
 from app.streams.keys import GROUP, Keys
-from tests.conftest import Backends, make_settings, wait_for_status
+from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_for_status
 from tests.support.processes import Spawner
 
 
@@ -149,7 +149,9 @@ async def test_a_producer_cannot_cancel_another_producers_job(
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        ) as c:
             one, two = {"X-API-Key": "one-secret"}, {"X-API-Key": "two-secret"}
             body = {"type": "demo.echo", "queue": queue, "delay_seconds": 60}
             job = (await c.post("/v1/jobs", json=body, headers=one)).json()

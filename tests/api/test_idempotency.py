@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import Backends, make_settings, wait_for_status
+from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_for_status
 from tests.support.processes import Spawner
 
 
@@ -35,7 +35,9 @@ async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        ) as c:
             yield c
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from app.devserver import EmbeddedRedis
 from app.main import create_app
-from tests.conftest import Backends, make_settings, wait_until
+from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_until
 
 
 @pytest.fixture
@@ -28,7 +28,9 @@ async def api(backends: Backends, own_redis: EmbeddedRedis) -> AsyncIterator[htt
     app = create_app(make_settings(backends, redis_url=own_redis.url))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        ) as c:
             yield c
 
 

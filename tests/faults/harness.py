@@ -31,6 +31,8 @@ import asyncpg
 import httpx
 
 from app.db.url import asyncpg_dsn
+from app.jobs.newjob import NewJob
+from app.jobs.status import JobStatus
 from app.main import create_app
 from app.settings import Settings
 from tests.support import db
@@ -67,23 +69,23 @@ def effect_body(queue: str, rng: random.Random, **fields: Any) -> dict[str, Any]
     return body
 
 
-def orphan_row(queue: str, key: str) -> dict[str, Any]:
-    """A row as ``service.submit`` writes it (queued, ``dispatched_at`` NULL)."""
-    return {
-        "id": str(uuid.uuid4()),
-        "type": "test.effect",
-        "queue": queue,
-        "status": "queued",
-        "priority": 0,
-        "payload": {"sleep_ms": 5},
-        "max_attempts": 20,
-        "timeout_seconds": None,
-        "idempotency_key": key,
-        "idempotency_scope": "",
-        "request_hash": None,
-        "owner": None,
-        "run_at": None,
-    }
+def orphan_row(queue: str, key: str) -> NewJob:
+    """A job as ``service.submit`` writes it (queued, ``dispatched_at`` NULL)."""
+    return NewJob(
+        id=uuid.uuid4(),
+        type="test.effect",
+        queue=queue,
+        status=JobStatus.QUEUED,
+        priority=0,
+        payload_json='{"sleep_ms": 5}',
+        max_attempts=20,
+        timeout_seconds=None,
+        idempotency_key=key,
+        idempotency_scope="",
+        request_hash=None,
+        owner=None,
+        run_at=None,
+    )
 
 
 # -- the ledger and the load -------------------------------------------------------------------

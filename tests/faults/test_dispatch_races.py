@@ -31,7 +31,7 @@ from app.main import create_app
 from app.settings import Settings
 from app.streams.client import StreamClient, create_redis
 from app.streams.keys import DEFAULT_BAND, GROUP, Keys
-from tests.conftest import Backends, make_settings
+from tests.conftest import CLIENT_HEADERS, Backends, make_settings
 from tests.faults.checker import drain, stranded
 from tests.faults.harness import (
     Supervisor,
@@ -168,7 +168,9 @@ async def _strand_on_shutdown(spawn: Spawner, settings: Settings, queue: str) ->
     app = create_app(settings)
     async with app.router.lifespan_context(app):  # 120 naps: 100 in the stream, 20 waiting
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        ) as http:
             nap = {"type": "test.nap", "queue": queue, "payload": {"seconds": 30.0}}
             response = await http.post("/v1/jobs/batch", json={"jobs": [nap] * 120})
             assert response.status_code == 202

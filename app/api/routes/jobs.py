@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
-from app.api.deps import DispatcherDep, PrincipalDep, RegistryDep, SessionDep, StateDep
+from app.api import render
+from app.api.bodies import SUBMIT_OPENAPI, submission
+from app.api.deps import PrincipalDep, SessionDep, StateDep, principal_of, state_of
 from app.api.errors import ERRORS
 from app.jobs import queries, service
 from app.jobs.queries import Cursor, JobFilter
@@ -17,7 +19,6 @@ from app.jobs.schemas import (
     Job,
     JobBatch,
     JobBatchCreate,
-    JobCreate,
     JobEventOut,
     JobPage,
     UtcDatetime,
@@ -30,51 +31,37 @@ PAGE_LIMIT = (
     "At most this many items; fewer when they would pass CONVEYOR_PAGE_MAX_BYTES (the page"
     " then still has a `next_cursor`)."
 )
-IdempotencyHeader = Annotated[
-    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
-]
 
 
 @router.post(
     "",
     status_code=202,
+    response_model=Job,
     responses={200: {"model": Job, "description": "Repeat of an idempotent request"}, **ERRORS},
+    openapi_extra=SUBMIT_OPENAPI,
 )
-async def submit_job(
-    body: JobCreate,
-    response: Response,
-    session: SessionDep,
-    dispatcher: DispatcherDep,
-    registry: RegistryDep,
-    principal: PrincipalDep,
-    idempotency_key: IdempotencyHeader = None,
-) -> Job:
+async def submit_job(request: Request) -> Response:
     """Submit one job. A repeat with the same idempotency key and request returns 200 and the
     original job; the same key with a different request is 409. Keys are scoped per API key
     and live as long as the job."""
+    body, idempotency_key = await submission(request)
     body = service.with_idempotency_header(body, idempotency_key)
-    [done] = await service.submit(session, dispatcher, registry, [body], principal)
-    response.status_code = 202 if done.created else 200
-    response.headers["Location"] = f"/v1/jobs/{done.job.id}"
-    return Job.model_validate(done.job, context=principal.view)
+    state, principal = state_of(request), principal_of(request)
+    answer = await service.submit(state.intake, state.registry, body, principal)
+    return render.submitted(answer, principal.view)
 
 
-@router.post("/batch", status_code=202, responses=ERRORS)
-async def submit_batch(
-    body: JobBatchCreate,
-    session: SessionDep,
-    dispatcher: DispatcherDep,
-    registry: RegistryDep,
-    principal: PrincipalDep,
-) -> JobBatch:
+@router.post("/batch", status_code=202, response_model=JobBatch, responses=ERRORS)
+async def submit_batch(body: JobBatchCreate, request: Request) -> Response:
     """Submit up to 1000 jobs at once: all are created, or none (422 names each bad index).
 
     One INSERT and one Redis pipeline for the whole batch. Items may carry idempotency keys:
     repeating a batch returns the same jobs; a key used twice in one batch with the same
     request names one job (returned at both positions), with different requests it is a 422.
     """
-    done = await service.submit(session, dispatcher, registry, body.jobs, principal, batch=True)
-    return JobBatch(jobs=[Job.model_validate(d.job, context=principal.view) for d in done])
+    state, principal = state_of(request), principal_of(request)
+    answers = await service.submit_batch(state.intake, state.registry, body.jobs, principal)
+    return render.submitted_batch(answers, principal.view)
 
 
 @router.get("", responses=ERRORS)

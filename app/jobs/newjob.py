@@ -1,0 +1,94 @@
+"""A job about to be inserted: :class:`NewJob`, built from a validated ``JobCreate``.
+
+The submit path carries these typed values from validation to the insert statement; the
+payload is serialised once (``payload_json``), and that same text is stored and answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import orjson
+from pydantic import ValidationError
+
+from app.errors import InvalidInput
+from app.jobs.principal import Principal
+from app.jobs.registry import Registry
+from app.jobs.schemas import JobCreate
+from app.jobs.status import JobStatus
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    id: UUID
+    type: str
+    queue: str
+    status: JobStatus  # queued, or scheduled when run_at is in the future
+    priority: int
+    payload_json: str  # the payload as its type normalised it, serialised once
+    max_attempts: int
+    timeout_seconds: float | None
+    idempotency_key: str | None
+    idempotency_scope: str
+    request_hash: str | None  # set when idempotency_key is: what makes two requests "the same"
+    owner: str | None
+    run_at: datetime | None  # None: now (Postgres clock)
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON; integers beyond 64 bits (which orjson refuses) go through the stdlib."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_hash(item: JobCreate, payload: Any) -> str:
+    """Every field as given, with the payload as its type normalises it and ``run_at`` in UTC
+    (``delay_seconds`` is hashed as given, not resolved)."""
+    body = item.model_dump(mode="json", exclude={"idempotency_key", "payload", "run_at"})
+    body["payload"] = payload
+    body["run_at"] = item.run_at.astimezone(UTC).isoformat() if item.run_at else None
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def parse(item: object) -> JobCreate:
+    """Batch items arrive unvalidated, so that one 422 can name every bad index."""
+    if isinstance(item, JobCreate):
+        return item
+    try:
+        return JobCreate.model_validate(item)
+    except ValidationError as exc:
+        details = [{k: e[k] for k in ("loc", "msg", "type")} for e in exc.errors()]
+        raise InvalidInput("invalid job", details=details) from exc
+
+
+def new_job(item: JobCreate, registry: Registry, principal: Principal, now: datetime) -> NewJob:
+    """Validate the payload against its type and resolve the schedule; raises InvalidInput."""
+    payload = registry.get(item.type).validate(item.payload).model_dump(mode="json")
+    run_at = item.run_at
+    if item.delay_seconds is not None:
+        run_at = now + timedelta(seconds=item.delay_seconds)
+    scheduled = run_at is not None and run_at > now
+    key = item.idempotency_key
+    return NewJob(
+        id=uuid.uuid4(),
+        type=item.type,
+        queue=item.queue,
+        status=JobStatus.SCHEDULED if scheduled else JobStatus.QUEUED,
+        priority=item.priority,
+        payload_json=dump_json(payload),
+        max_attempts=item.max_attempts,
+        timeout_seconds=item.timeout_seconds,
+        idempotency_key=key,
+        idempotency_scope=principal.scope,
+        request_hash=request_hash(item, payload) if key is not None else None,
+        owner=principal.name,
+        run_at=run_at,
+    )

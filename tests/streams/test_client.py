@@ -1,0 +1,54 @@
+"""StreamClient.dispatch: the Lua script is loaded once, not checked per pipeline, and a
+server that lost its scripts (a restart, SCRIPT FLUSH) gets it again without losing a send."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from app.devserver.valkey import EmbeddedRedis
+from app.streams.client import StreamClient
+from app.streams.keys import Keys
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[Redis]:
+    """A server of this test's own: it is flushed of scripts and its stats are reset."""
+    server = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    server.start()
+    redis = Redis.from_url(server.url, decode_responses=True)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+async def _calls(redis: Redis, command: str) -> int:
+    stats = await redis.info("commandstats")
+    entry = stats.get(f"cmdstat_{command}", {})
+    return int(entry.get("calls", 0)) if isinstance(entry, dict) else 0
+
+
+async def test_dispatch_loads_the_script_once_and_survives_a_script_flush(
+    own_redis: Redis,
+) -> None:
+    client = StreamClient(own_redis, Keys("t"), maxlen=1000)
+    streams = [client.keys.stream("q", 0, band) for band in (0, 1, 2)]
+    await own_redis.config_resetstat()
+    for _ in range(5):
+        ids = [uuid.uuid4() for _ in range(6)]
+        sent = await client.dispatch([(streams[i % 3], job) for i, job in enumerate(ids)])
+        assert set(sent) == set(ids)
+    assert await _calls(own_redis, "script|exists") == 0
+    assert await _calls(own_redis, "script|load") == 1  # the first pipeline met NOSCRIPT
+    await own_redis.script_flush()
+    ids = [uuid.uuid4() for _ in range(6)]
+    sent = await client.dispatch([(streams[i % 3], job) for i, job in enumerate(ids)])
+    assert set(sent) == set(ids)
+    assert await _calls(own_redis, "script|load") == 2
+    assert [await own_redis.xlen(s) for s in streams] == [12, 12, 12]
