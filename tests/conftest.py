@@ -64,13 +64,16 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
 
 @pytest.fixture(autouse=True)
 def _fresh_layout(request: pytest.FixtureRequest) -> None:
-    """The test database is one deployment, yet every test has a Redis prefix of its own:
+    """A test database is one deployment, yet every test has a Redis prefix of its own:
     forget the stream layout (``app.jobs.layout``) that the previous test's processes
     recorded, so that this test's first process records its own."""
+    urls = set()
     if "backends" in request.fixturenames:
-        backends: Backends = request.getfixturevalue("backends")
-        forget = "DELETE FROM conveyor_state WHERE key = 'stream-layout'"
-        asyncio.run(db.execute(backends.database_url, forget))
+        urls.add(request.getfixturevalue("backends").database_url)
+    if "settings" in request.fixturenames:  # a test module may use a database of its own
+        urls.add(request.getfixturevalue("settings").database_url)
+    for url in urls:
+        asyncio.run(db.execute(url, "DELETE FROM conveyor_state WHERE key = 'stream-layout'"))
 
 
 def make_settings(backends: Backends, **overrides: Any) -> Settings:
