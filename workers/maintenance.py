@@ -44,11 +44,18 @@ class Maintenance:
             ctx.sessions, ctx.stream, ctx.dispatcher, ctx.config.queues, ctx.settings
         )
 
-    def loops(self) -> list[Coroutine[Any, Any, None]]:
-        s = self.ctx.settings
+    def lease_loops(self) -> list[Coroutine[Any, Any, None]]:
+        """Heartbeat and entry refresh: they run until the worker has handed back its jobs,
+        so that jobs finishing during the grace period are not reclaimed meanwhile."""
         return [
             self._every(self.heartbeat_every, self.heartbeat),
             self._every(self.heartbeat_every, self.refresh_entries),
+        ]
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """The other duties: they stop as soon as the worker stops."""
+        s = self.ctx.settings
+        return [
             self._every(s.promote_interval_seconds, self.promote_and_dispatch),
             self._every(
                 s.promote_interval_seconds,

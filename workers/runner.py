@@ -70,6 +70,8 @@ class Worker:
         await self._until_ready()
         loops = [asyncio.create_task(c) for c in self.reader.loops() + self.maintenance.loops()]
         reporter = asyncio.create_task(self.reporter.run())
+        # Until the hand-back is done: jobs finishing in the grace period keep their leases.
+        leases = [asyncio.create_task(c) for c in self.maintenance.lease_loops()]
         await ctx.stopping.wait()
         for task in loops:
             task.cancel()
@@ -80,6 +82,7 @@ class Worker:
         await self._drain()
         await self.reporter.stop(reporter)
         await self.reader.hand_back()
+        await shutdown.cancel_and_wait(leases)
         await self.maintenance.unregister()
         await ctx.stream.close()
         await ctx.close_db()
