@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.db.models import JobRow
-from app.jobs import queries, repository
+from app.jobs import repository, workers_table
 
 if TYPE_CHECKING:
     from workers.runner import Worker
@@ -70,12 +70,12 @@ class Maintenance:
 
     async def register(self) -> None:
         async with self.w.sessions.begin() as session:
-            await queries.upsert_worker(session, self._worker_values())
+            await workers_table.upsert_worker(session, self._worker_values())
 
     async def unregister(self) -> None:
         try:
             async with self.w.sessions.begin() as session:
-                await queries.remove_workers(session, [self.w.name])
+                await workers_table.remove_workers(session, [self.w.name])
             for stream in self.w.all_streams:
                 mine = [
                     c for c in await self.w.stream.consumers(stream) if c["name"] == self.w.name
@@ -96,7 +96,7 @@ class Maintenance:
                 [(r.job.id, r.job.attempts) for r in running],
                 self.w.lease_seconds,
             )
-            await queries.upsert_worker(session, self._worker_values())
+            await workers_table.upsert_worker(session, self._worker_values())
 
     async def refresh_entries(self) -> None:
         """Reset the idle time of our pending entries in Redis, so XAUTOCLAIM leaves them.
@@ -254,8 +254,8 @@ class Maintenance:
     async def _prune(self) -> None:
         """Forget long-gone workers; delete their consumers only once nothing is pending."""
         async with self.w.sessions.begin() as session:
-            gone = await queries.stale_workers(session, WORKER_ROW_TTL_SECONDS)
-            await queries.remove_workers(session, gone)
+            gone = await workers_table.stale_workers(session, WORKER_ROW_TTL_SECONDS)
+            await workers_table.remove_workers(session, gone)
         idle_ms = WORKER_ROW_TTL_SECONDS * 1000
         for stream in self.w.all_streams:
             for consumer in await self.w.stream.consumers(stream):

@@ -1,17 +1,17 @@
-"""Read-side SQL: lookups, keyset-paginated listings, history, queue counts, workers."""
+"""Read-side SQL: lookups, keyset-paginated listings, history, queue counts, live workers.
+
+The workers' own writes to the ``workers`` table are in :mod:`app.jobs.workers_table`.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Select, and_, delete, func, or_, select, text, tuple_
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Select, and_, func, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobEventRow, JobRow, WorkerRow
@@ -151,15 +151,6 @@ async def queue_counts(session: AsyncSession) -> dict[str, dict[str, int]]:
 # -- workers -------------------------------------------------------------------------------------
 
 
-async def upsert_worker(session: AsyncSession, values: dict[str, Any]) -> None:
-    stmt = insert(WorkerRow).values(**values, last_seen_at=func.now())
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[WorkerRow.name],
-        set_={"in_flight": stmt.excluded.in_flight, "last_seen_at": func.now()},
-    )
-    await session.execute(stmt)
-
-
 async def live_workers(session: AsyncSession, within_seconds: float) -> list[WorkerRow]:
     stmt = (
         select(WorkerRow)
@@ -168,18 +159,5 @@ async def live_workers(session: AsyncSession, within_seconds: float) -> list[Wor
             > func.now() - func.make_interval(0, 0, 0, 0, 0, 0, within_seconds)
         )
         .order_by(WorkerRow.name)
-    )
-    return list((await session.scalars(stmt)).all())
-
-
-async def remove_workers(session: AsyncSession, names: Sequence[str]) -> None:
-    if names:
-        await session.execute(delete(WorkerRow).where(WorkerRow.name.in_(names)))
-
-
-async def stale_workers(session: AsyncSession, older_than_seconds: float) -> list[str]:
-    stmt = select(WorkerRow.name).where(
-        WorkerRow.last_seen_at
-        < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
     )
     return list((await session.scalars(stmt)).all())
