@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import errors as db_errors
 from app.db.engine import create_engine, create_session_factory
 from app.db.models import JobRow
 from app.jobs import queries, repository
@@ -312,15 +312,22 @@ class Worker:
         try:
             await self._report(batch)
             return
-        except (DataError, IntegrityError, ProgrammingError) as exc:
-            log.warning("Postgres refused a batch of outcomes (%s); writing one by one", exc)
+        except Exception as exc:
+            if not db_errors.is_data_error(exc):
+                raise
+            log.warning(
+                "Postgres refused a batch of outcomes (%s); writing one by one",
+                db_errors.describe(exc),
+            )
         for outcome, delivery in batch:
             try:
                 await self._report([(outcome, delivery)])
-            except (DataError, IntegrityError, ProgrammingError) as exc:
+            except Exception as exc:
+                if not db_errors.is_data_error(exc):
+                    raise
                 error = {
                     "attempt": outcome.attempt,
-                    "error": f"outcome could not be stored: {type(exc.orig).__name__}",
+                    "error": f"outcome could not be stored: {db_errors.describe(exc)}",
                     "type": "OutcomeNotStorable",
                     "traceback": None,
                     "worker": self.name,

@@ -6,16 +6,18 @@ import logging
 import math
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import errors
+from app.db import errors as db_errors
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +88,29 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", "internal error")
 
 
-async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
-    """Postgres refused a value the validators let through: the request, not the service, is
-    at fault, so retrying would not help (422, nothing written: the transaction rolled back)."""
-    log.warning("Postgres refused a value: %s", type(getattr(exc, "orig", exc)).__name__)
-    return error_response(422, "invalid", "a value in the request cannot be stored")
+async def _database(request: Request, exc: Exception) -> JSONResponse:
+    """A database error, SQLAlchemy-wrapped or raw asyncpg, by its SQLSTATE class: Postgres
+    refused a value the validators let through (the request is at fault, a retry would not
+    help: 422, nothing written, the transaction rolled back); it refused the statement itself
+    (our fault: 500); otherwise the database is unreachable or busy (503)."""
+    refusal = db_errors.refusal(exc)
+    if refusal == "value":
+        log.warning("Postgres refused a value: %s", db_errors.describe(exc))
+        return error_response(422, "invalid", "a value in the request cannot be stored")
+    if refusal == "statement":
+        return await _unexpected(request, exc)
+    return await _unavailable(request, exc)
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(errors.ConveyorError, _domain)
-    app.add_exception_handler(DataError, _unstorable)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
+    # Every DBAPIError subclass (DataError, OperationalError, InterfaceError, ...) and every
+    # raw asyncpg error goes through one classification.
+    for db_type in (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        app.add_exception_handler(db_type, _database)
     for exc_type in (
-        OperationalError,
-        InterfaceError,
-        DBAPIError,
         PoolTimeout,
         RedisError,
         ConnectionError,

@@ -165,3 +165,29 @@ async def weird_result(payload: WeirdPayload, ctx: JobContext) -> object:
     if payload.kind == "nul_error":
         raise ValueError("bad\x00byte \udc80")
     return object()
+
+
+class MeasurePayload(BaseModel):
+    """A plain ``float`` field, as job types commonly declare one: in lax mode pydantic also
+    accepts the strings "NaN" and "Infinity" for it, which PostgreSQL's jsonb refuses."""
+
+    value: float
+
+
+@job_type("test.measure")
+async def measure(payload: MeasurePayload, ctx: JobContext) -> dict[str, float]:
+    """Returns the value it was given."""
+    return {"value": payload.value}
+
+
+class HugeNumberPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    digits: int = Field(ge=1, le=200_000)
+
+
+@job_type("test.huge_number")
+async def huge_number(payload: HugeNumberPayload, ctx: JobContext) -> dict[str, int]:
+    """Returns 10**digits: valid JSON (with PYTHONINTMAXSTRDIGITS=0), but over 131072 digits
+    PostgreSQL's numeric (and so jsonb) refuses it: "value overflows numeric format"."""
+    return {"n": 10**payload.digits}
