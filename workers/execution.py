@@ -10,7 +10,7 @@ from typing import Any
 
 from app.db.models import JobRow
 from app.errors import PermanentError
-from app.jobs.registry import JobContext, Registry
+from app.jobs.registry import JobContext, JobType, Registry
 
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
@@ -63,15 +63,22 @@ def _failure(job: JobRow, worker: str, exc: BaseException, *, permanent: bool) -
     return Outcome(job.id, job.attempts, ok=False, error=error, permanent=permanent)
 
 
-async def execute(job: JobRow, registry: Registry, worker: str) -> Outcome:
+def timeout_for(job: JobRow, job_type: JobType, default: float | None) -> float | None:
+    """The attempt's time limit: the job's own, else its type's, else the default (None or
+    0: no limit)."""
+    return job.timeout_seconds or job_type.timeout_seconds or default or None
+
+
+async def execute(
+    job: JobRow, registry: Registry, worker: str, *, default_timeout: float | None = None
+) -> Outcome:
     """Run the job's handler once; ``timeout`` and every exception become a failed outcome."""
     job_type = registry.find(job.type)
     if job_type is None:
         error = _error(job, worker, f"no handler for job type {job.type!r}", "UnknownType", None)
         return Outcome(job.id, job.attempts, ok=False, error=error, permanent=True)
     ctx = JobContext(job.id, job.type, job.queue, job.attempts, job.max_attempts, worker)
-    timeout = job.timeout_seconds or job_type.timeout_seconds
-    deadline = asyncio.timeout(timeout)
+    deadline = asyncio.timeout(timeout_for(job, job_type, default_timeout))
     try:
         payload = job_type.model.model_validate(job.payload)
         async with deadline:

@@ -286,7 +286,12 @@ class Worker:
         log.info("handed back %d job(s) claimed during shutdown", len(released))
 
     async def _run(self, entry: Running) -> None:
-        outcome = await execute(entry.job, self.registry, self.name)
+        outcome = await execute(
+            entry.job,
+            self.registry,
+            self.name,
+            default_timeout=self.settings.default_timeout_seconds,
+        )
         await self.outcomes.put((outcome, entry.delivery))
 
     # -- reporting --------------------------------------------------------------------------

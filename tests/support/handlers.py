@@ -65,6 +65,13 @@ async def nap(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
     return {"worker": ctx.worker, "attempt": ctx.attempt}
 
 
+@job_type("test.patient", timeout_seconds=5.0)
+async def patient(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
+    """As test.nap, with a type timeout of 5 s (above the default the timeout tests set)."""
+    await asyncio.sleep(payload.seconds)
+    return {"worker": ctx.worker, "attempt": ctx.attempt}
+
+
 # -- fault-injection suite (tests/faults): every execution leaves a row in `fault_effects` --------
 
 _effect_pools: dict[str, asyncpg.Pool] = {}

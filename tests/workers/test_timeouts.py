@@ -71,3 +71,44 @@ async def test_job_timeout_overrides_the_type_timeout(
         assert done["status"] == "succeeded", done["errors"]
         assert done["attempts"] == 1
         assert done["errors"] == []
+
+
+async def test_default_timeout_bounds_jobs_and_types_and_jobs_may_change_it(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str
+) -> None:
+    """CONVEYOR_DEFAULT_TIMEOUT_SECONDS bounds a job that names no timeout and whose type names
+    none; a type's timeout raises (or lowers) it; a job's own timeout wins over both."""
+    spawn.worker([queue], CONVEYOR_DEFAULT_TIMEOUT_SECONDS="1")
+
+    def nap(job_type: str, seconds: float, timeout: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": job_type,
+            "queue": queue,
+            "max_attempts": 1,
+            "payload": {"seconds": seconds},
+        }
+        if timeout is not None:
+            body["timeout_seconds"] = timeout
+        return body
+
+    hung = await _submit(client, nap("test.nap", 600))  # no timeout anywhere but the default
+    type_raises = await _submit(client, nap("test.patient", 2))  # the type's 5 s > default 1 s
+    job_raises = await _submit(client, nap("test.nap", 2, timeout=4))  # the job's 4 s > default
+    job_lowers = await _submit(
+        client, nap("test.patient", 3, timeout=1)
+    )  # the job's 1 s < the type's
+    outcomes = {}
+    for name, job in [
+        ("hung", hung),
+        ("type_raises", type_raises),
+        ("job_raises", job_raises),
+        ("job_lowers", job_lowers),
+    ]:
+        done = await wait_for_status(client, job["id"], {"succeeded", "dead"}, timeout=30)
+        outcomes[name] = (done["status"], [e["error"] for e in done["errors"]])
+    assert outcomes == {
+        "hung": ("dead", ["timeout"]),
+        "type_raises": ("succeeded", []),
+        "job_raises": ("succeeded", []),
+        "job_lowers": ("dead", ["timeout"]),
+    }

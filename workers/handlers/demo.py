@@ -39,7 +39,7 @@ async def echo(payload: EchoPayload, ctx: JobContext) -> dict[str, Any]:
     return payload.root
 
 
-@job_type("demo.sleep")
+@job_type("demo.sleep", timeout_seconds=3660)  # its longest sleep fits the default timeout
 async def sleep(payload: SleepPayload, ctx: JobContext) -> dict[str, float]:
     """Sleeps for `seconds`, then returns `{"slept": seconds}`."""
     await asyncio.sleep(payload.seconds)
