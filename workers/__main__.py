@@ -1,22 +1,23 @@
-"""``python -m workers``: run one worker process until SIGTERM/SIGINT, then exit 0."""
+"""``python -m workers``: run one worker process until SIGTERM/SIGINT (exit codes: see
+:mod:`workers.shutdown`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
 from app.logs import configure
 from app.settings import get_settings
+from workers import shutdown
 from workers.runner import Worker, WorkerConfig, default_name
 
 
-async def _main(worker: Worker) -> None:
+async def _main(worker: Worker) -> int:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+    shutdown.install_stop_signals(loop, worker.stop, worker.settings.shutdown_grace_seconds)
     await worker.run()
+    return await shutdown.abandon_leftovers()
 
 
 def run_worker(queues: list[str], concurrency: int, name: str | None) -> int:
@@ -24,12 +25,11 @@ def run_worker(queues: list[str], concurrency: int, name: str | None) -> int:
     configure(settings.log_level)
     if concurrency < 1:
         print("--concurrency must be at least 1", file=sys.stderr)
-        return 2
+        return shutdown.EXIT_USAGE
     worker = Worker(
         settings, WorkerConfig(queues or ["default"], concurrency, name or default_name())
     )
-    asyncio.run(_main(worker))
-    return 0
+    return asyncio.run(_main(worker))
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ errors and goes on. Postgres decides; Redis is only told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -218,10 +219,11 @@ class Maintenance:
             except Exception as exc:
                 log.warning("reconcile failed: %s", exc)
             loss = self.w.stream.data_loss
-            try:
-                await asyncio.wait_for(loss.wait(), timeout=self.w.settings.reconcile_seconds)
-            except TimeoutError:
-                continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives as the event is set, and this loop then outlived the shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.w.settings.reconcile_seconds):
+                    await loss.wait()
 
     async def reconcile(self) -> None:
         """Compare Postgres with Redis and repair what Redis lost."""

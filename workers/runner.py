@@ -28,6 +28,7 @@ from app.jobs.repository import Backoff, Failure, Target
 from app.settings import Settings
 from app.streams.client import Delivery, StreamClient, create_redis
 from app.streams.keys import Keys
+from workers import shutdown
 from workers.execution import Outcome, execute
 from workers.maintenance import Maintenance
 
@@ -155,13 +156,17 @@ class Worker:
             finished.cancel()
             hurry.cancel()
             late = [t for t in tasks if not t.done()]
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            stuck = await shutdown.cancel_and_wait(late)  # bounded: a handler may ignore it
+            if stuck:
+                log.warning("%d job(s) ignored cancellation; handing them back", len(stuck))
 
     async def _hand_back(self) -> None:
         """Release unfinished attempts and unclaimed deliveries so others take them at once."""
-        unfinished = [r for r in self.running.values() if r.task is None or r.task.cancelled()]
+        unfinished = [
+            r
+            for r in self.running.values()
+            if r.task is None or not r.task.done() or r.task.cancelled()
+        ]
         try:
             stray = await self._stray_deliveries()
             async with self.sessions.begin() as session:

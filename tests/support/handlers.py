@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,6 +71,25 @@ async def nap(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
 async def patient(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
     """As test.nap, with a type timeout of 5 s (above the default the timeout tests set)."""
     await asyncio.sleep(payload.seconds)
+    return {"worker": ctx.worker, "attempt": ctx.attempt}
+
+
+@job_type("test.stubborn")
+async def stubborn(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
+    """Sleeps ``seconds`` and swallows every cancellation meanwhile (shutdown, timeout): a
+    handler that ignores ``CancelledError``, as careless ``except BaseException`` code does."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + payload.seconds
+    while (left := end - loop.time()) > 0:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(left)
+    return {"worker": ctx.worker, "attempt": ctx.attempt}
+
+
+@job_type("test.block")
+async def block(payload: NapPayload, ctx: JobContext) -> dict[str, object]:
+    """Sleeps ``seconds`` with ``time.sleep``: synchronous code that holds the event loop."""
+    time.sleep(payload.seconds)
     return {"worker": ctx.worker, "attempt": ctx.attempt}
 
 

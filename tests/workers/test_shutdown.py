@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from typing import Any
@@ -14,10 +15,19 @@ from app.settings import Settings
 from app.streams.keys import GROUP, Keys
 from tests.conftest import submit, wait_for_status, wait_until
 from tests.support.processes import Proc, Spawner
+from workers.runner import LOOP_STOP_SECONDS
+from workers.shutdown import (
+    CANCEL_WAIT_SECONDS,
+    EXIT_ABANDONED,
+    EXIT_FORCED,
+    FORCED_EXIT_SECONDS,
+)
 
 
-async def _nap(client: httpx.AsyncClient, queue: str, seconds: float) -> str:
-    body = {"type": "test.nap", "queue": queue, "payload": {"seconds": seconds}}
+async def _nap(
+    client: httpx.AsyncClient, queue: str, seconds: float, job_type: str = "test.nap"
+) -> str:
+    body = {"type": job_type, "queue": queue, "payload": {"seconds": seconds}}
     return str((await submit(client, body))["id"])
 
 
@@ -142,3 +152,80 @@ async def test_second_stop_signal_ends_the_grace_period_at_once(
     assert await _exit_code(leaving, timeout=40) == 0  # well before the 120 s grace
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert (job["status"], job["attempts"]) == ("queued", 0)
+
+
+async def _handed_back(client: httpx.AsyncClient, ids: list[str], worker: Proc) -> None:
+    for job_id in ids:
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        state = (job["status"], job["attempts"], job["errors"])
+        assert state == ("queued", 0, []), worker.output()
+        released = [e for e in await _events(client, job_id) if e["event"] == "released"]
+        assert [(e["worker"], e["attempt"]) for e in released] == [(worker.name, 1)]
+
+
+async def test_handler_ignoring_cancellation_cannot_hold_the_worker_past_the_grace_period(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings
+) -> None:
+    """After the grace period the worker cancels what still runs and waits a short, fixed time:
+    a handler that swallows the cancellation is abandoned (its job handed back like the rest),
+    and the worker exits with EXIT_ABANDONED instead of hanging."""
+    grace = 1.0
+    leaving = spawn.worker(
+        [queue],
+        concurrency=4,
+        name=f"leaving-{queue}",
+        settings=settings.model_copy(update={"shutdown_grace_seconds": grace}),
+    )
+    ids = [await _nap(client, queue, 300, "test.stubborn"), await _nap(client, queue, 300)]
+    await wait_until(lambda: _all(client, ids, "running"), timeout=30)
+    started = time.monotonic()
+    leaving.signal(signal.SIGTERM)
+    assert await _exit_code(leaving, timeout=30) == EXIT_ABANDONED
+    assert time.monotonic() - started < grace + LOOP_STOP_SECONDS + CANCEL_WAIT_SECONDS + 5
+    await _handed_back(client, ids, leaving)
+    assert "ignored cancellation" in leaving.output()
+
+
+async def test_second_signal_exits_even_when_a_handler_ignores_cancellation(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings
+) -> None:
+    leaving = spawn.worker(
+        [queue],
+        name=f"leaving-{queue}",
+        settings=settings.model_copy(update={"shutdown_grace_seconds": 120.0}),
+    )
+    job_id = await _nap(client, queue, 300, "test.stubborn")
+    await wait_until(lambda: _all(client, [job_id], "running"), timeout=30)
+    leaving.signal(signal.SIGTERM)
+
+    async def draining() -> bool:
+        return "draining 1 job(s)" in leaving.output()
+
+    await wait_until(draining, timeout=20)
+    started = time.monotonic()
+    leaving.signal(signal.SIGTERM)
+    assert await _exit_code(leaving, timeout=40) == EXIT_ABANDONED
+    assert time.monotonic() - started < CANCEL_WAIT_SECONDS + 5  # not the 120 s grace
+    await _handed_back(client, [job_id], leaving)
+
+
+async def test_second_signal_exits_even_when_a_handler_blocks_the_event_loop(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings
+) -> None:
+    """A handler that blocks the event loop (synchronous code) cannot be cancelled at all:
+    the watchdog armed by the signals ends the process FORCED_EXIT_SECONDS after the second."""
+    leaving = spawn.worker(
+        [queue],
+        name=f"leaving-{queue}",
+        settings=settings.model_copy(update={"shutdown_grace_seconds": 120.0}),
+    )
+    job_id = await _nap(client, queue, 300, "test.block")
+    await wait_until(lambda: _all(client, [job_id], "running"), timeout=30)
+    await asyncio.sleep(0.5)  # the handler has started and holds the event loop
+    leaving.signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    leaving.signal(signal.SIGTERM)
+    assert await _exit_code(leaving, timeout=FORCED_EXIT_SECONDS + 20) == EXIT_FORCED
+    assert FORCED_EXIT_SECONDS - 1 < time.monotonic() - started < FORCED_EXIT_SECONDS + 10
+    assert "shutdown did not finish" in leaving.output()
