@@ -13,11 +13,13 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.db.models import JobRow
 from app.jobs import repository, workers_table
+from workers import shutdown
 
 if TYPE_CHECKING:
     from workers.runner import Worker
@@ -36,6 +38,7 @@ class Maintenance:
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
         self.leased: set[UUID] = set()  # jobs whose leases the last heartbeat extended
+        self.token: datetime | None = None  # our claim on our name (workers_table)
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         s = self.w.settings
@@ -70,13 +73,16 @@ class Maintenance:
         }
 
     async def register(self) -> None:
-        async with self.w.sessions.begin() as session:
-            await workers_table.upsert_worker(session, self._worker_values())
+        """Claim our name (raises ``NameInUse`` if a live worker holds it)."""
+        self.token = await workers_table.claim_name(
+            self.w.sessions, self._worker_values(), self.w.lease_seconds
+        )
 
     async def unregister(self) -> None:
         try:
             async with self.w.sessions.begin() as session:
-                await workers_table.remove_workers(session, [self.w.name])
+                if self.token is not None:
+                    await workers_table.release_name(session, self.w.name, self.token)
             for stream in self.w.all_streams:
                 mine = [
                     c for c in await self.w.stream.consumers(stream) if c["name"] == self.w.name
@@ -97,7 +103,10 @@ class Maintenance:
                 [(r.job.id, r.job.attempts) for r in running],
                 self.w.lease_seconds,
             )
-            await workers_table.upsert_worker(session, self._worker_values())
+            if self.token is not None and not await workers_table.beat(
+                session, self._worker_values(), self.token
+            ):
+                shutdown.displaced(self.w.name)
 
     async def refresh_entries(self) -> None:
         """Reset the idle time of our pending entries in Redis, so XAUTOCLAIM leaves them.

@@ -25,6 +25,7 @@ from app.jobs import queries, repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.repository import Backoff, Failure, Target
+from app.jobs.workers_table import NameInUse
 from app.settings import Settings
 from app.streams.client import Delivery, StreamClient, create_redis
 from app.streams.keys import Keys
@@ -133,6 +134,8 @@ class Worker:
                 await self.stream.ensure_groups(self.all_streams)
                 await self.maintenance.register()
                 return
+            except NameInUse:
+                raise
             except Exception as exc:
                 log.warning("waiting for Postgres and Redis: %s", exc)
                 await asyncio.sleep(RETRY_PAUSE)

@@ -48,6 +48,19 @@ def hard_exit(code: int, message: str, *args: object) -> NoReturn:
     os._exit(code)
 
 
+def displaced(name: str) -> NoReturn:
+    """Our heartbeat found our name held by another process: it took the name over while we
+    were frozen or cut off for longer than our lease. Our leases have lapsed and our attempts
+    are another worker's to reclaim; going on (or handing back, which would release that
+    process's jobs under the shared name) can only do harm: exit at once."""
+    hard_exit(
+        EXIT_DISPLACED,
+        "worker name %r was taken over by another process while this one was not"
+        " heartbeating; exiting at once",
+        name,
+    )
+
+
 async def cancel_and_wait(
     tasks: Collection[asyncio.Task[Any]], within: float = CANCEL_WAIT_SECONDS
 ) -> set[asyncio.Task[Any]]:
