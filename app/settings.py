@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     # A job with no timeout of its own, of a type with none, gets this one (0: none at all).
     default_timeout_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400)
+    # A job whose type a worker does not know is handed back for this long, then dead.
+    unknown_type_grace_seconds: float = Field(default=600.0, ge=0)
     promote_interval_seconds: float = Field(default=0.25, gt=0)
     dispatch_grace_seconds: float = Field(default=5.0, ge=0)
     db_pool_size: int = Field(default=10, ge=1)

@@ -44,6 +44,7 @@ class Outcome:
     result: Any = None
     error: dict[str, Any] | None = None
     permanent: bool = False
+    unknown_type: bool = False  # this worker has no handler for the job's type
 
 
 def _error(job: JobRow, worker: str, message: str, kind: str, tb: str | None) -> dict[str, Any]:
@@ -74,9 +75,9 @@ async def execute(
 ) -> Outcome:
     """Run the job's handler once; ``timeout`` and every exception become a failed outcome."""
     job_type = registry.find(job.type)
-    if job_type is None:
-        error = _error(job, worker, f"no handler for job type {job.type!r}", "UnknownType", None)
-        return Outcome(job.id, job.attempts, ok=False, error=error, permanent=True)
+    if job_type is None:  # handed back for a while: see app/jobs/unknown_type.py
+        error = _error(job, worker, f"unknown job type {job.type!r}", "UnknownType", None)
+        return Outcome(job.id, job.attempts, ok=False, error=error, unknown_type=True)
     ctx = JobContext(job.id, job.type, job.queue, job.attempts, job.max_attempts, worker)
     deadline = asyncio.timeout(timeout_for(job, job_type, default_timeout))
     try:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db import errors as db_errors
 from app.db.engine import create_engine, create_session_factory
 from app.db.models import JobRow
-from app.jobs import queries, repository
+from app.jobs import queries, repository, unknown_type
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.repository import Backoff, Failure, Target
@@ -370,11 +370,17 @@ class Worker:
             return
         wins = [(o.job_id, o.attempt, o.result) for o, _ in batch if o.ok]
         losses = [
-            Failure(o.job_id, o.attempt, o.error or {}, o.permanent) for o, _ in batch if not o.ok
+            Failure(o.job_id, o.attempt, o.error or {}, o.permanent)
+            for o, _ in batch
+            if not o.ok and not o.unknown_type
         ]
+        unknown = [Failure(o.job_id, o.attempt, o.error or {}) for o, _ in batch if o.unknown_type]
         async with self.sessions.begin() as session:
             done = await repository.succeed_many(session, self.name, wins)
             failed = await repository.fail_many(session, self.name, losses, self.backoff)
+            failed += await unknown_type.hand_back(
+                session, self.name, unknown, self.settings.unknown_type_grace_seconds
+            )
         moved = done | {r.id for r in failed}
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
         # (or to XAUTOCLAIM, whose claim then drops it).
