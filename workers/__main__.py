@@ -13,14 +13,6 @@ from app.settings import get_settings
 from workers import shutdown
 from workers.runner import Worker, WorkerConfig, default_name
 
-
-async def _main(worker: Worker) -> int:
-    loop = asyncio.get_running_loop()
-    shutdown.install_stop_signals(loop, worker.stop, worker.settings.shutdown_grace_seconds)
-    await worker.run()
-    return await shutdown.abandon_leftovers()
-
-
 MAX_NAME_CHARS = 200
 
 
@@ -31,6 +23,13 @@ def name_problem(name: str) -> str | None:
     if not name.isprintable():  # control characters, and undecodable bytes (lone surrogates)
         return "must be printable UTF-8 text"
     return None
+
+
+async def _main(worker: Worker) -> int:
+    loop = asyncio.get_running_loop()
+    shutdown.install_stop_signals(loop, worker.stop, worker.settings.shutdown_grace_seconds)
+    await worker.run()
+    return await shutdown.abandon_leftovers()
 
 
 def run_worker(queues: list[str], concurrency: int, name: str | None) -> int:
