@@ -40,11 +40,18 @@ class Maintenance:
         self.leased: set[UUID] = set()  # jobs whose leases the last heartbeat extended
         self.token: datetime | None = None  # our claim on our name (workers_table)
 
-    def loops(self) -> list[Coroutine[Any, Any, None]]:
-        s = self.w.settings
+    def lease_loops(self) -> list[Coroutine[Any, Any, None]]:
+        """Heartbeat and entry refresh: they run until the worker has handed back its jobs,
+        so that jobs finishing during the grace period are not reclaimed meanwhile."""
         return [
             self._every(self.heartbeat_every, self.heartbeat),
             self._every(self.heartbeat_every, self.refresh_entries),
+        ]
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """The other duties: they stop as soon as the worker stops."""
+        s = self.w.settings
+        return [
             self._every(s.promote_interval_seconds, self.promote_and_dispatch),
             self._every(self.autoclaim_every, self.autoclaim),
             self._reconcile_loop(),

@@ -105,6 +105,8 @@ class Worker:
         loops = [asyncio.create_task(self._read_loop(q, p)) for q, p in self.partitions]
         reporter = asyncio.create_task(self._report_loop())
         loops += [asyncio.create_task(c) for c in self.maintenance.loops()]
+        # Until the hand-back is done: jobs finishing in the grace period keep their leases.
+        leases = [asyncio.create_task(c) for c in self.maintenance.lease_loops()]
         await self.stopping.wait()
         for task in loops:
             task.cancel()
@@ -115,6 +117,7 @@ class Worker:
         await self._stop_reporter(reporter)
         await self._report_pending()
         await self._hand_back()
+        await shutdown.cancel_and_wait(leases)
         await self.maintenance.unregister()
         await self.stream.close()
         await self._engine.dispose()

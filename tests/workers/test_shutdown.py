@@ -229,3 +229,27 @@ async def test_second_signal_exits_even_when_a_handler_blocks_the_event_loop(
     assert await _exit_code(leaving, timeout=FORCED_EXIT_SECONDS + 20) == EXIT_FORCED
     assert FORCED_EXIT_SECONDS - 1 < time.monotonic() - started < FORCED_EXIT_SECONDS + 10
     assert "shutdown did not finish" in leaving.output()
+
+
+async def test_draining_jobs_keep_their_leases_while_other_workers_watch(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings
+) -> None:
+    """A job that needs longer than the lease to finish during the grace period keeps its
+    lease: the heartbeat goes on until the hand-back, so no other worker reclaims (and runs
+    again) a job that is still running."""
+    leaving = spawn.worker(
+        [queue],
+        name=f"leaving-{queue}",
+        settings=settings.model_copy(update={"shutdown_grace_seconds": 30.0}),
+    )
+    seconds = 4 * settings.claim_idle_seconds
+    job_id = await _nap(client, queue, seconds)
+    await wait_until(lambda: _all(client, [job_id], "running"), timeout=30)
+    spawn.worker([queue], name=f"watcher-{queue}")  # would reclaim a lapsed lease
+    await asyncio.sleep(settings.claim_idle_seconds)  # the watcher is up and reclaiming
+    leaving.signal(signal.SIGTERM)
+    assert await _exit_code(leaving, timeout=30 + seconds) == 0
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert (job["status"], job["attempts"], job["errors"]) == ("succeeded", 1, [])
+    assert job["result"] == {"worker": leaving.name, "attempt": 1}
+    assert "reclaimed" not in [e["event"] for e in await _events(client, job_id)]
