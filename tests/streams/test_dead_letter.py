@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from app.devserver import EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
-from app.streams.client import DLQ_ENTRY_MAX_BYTES, dead_letter_entry
+from app.streams.dead_letter import DLQ_ENTRY_MAX_BYTES, dead_letter_entry
 from app.streams.keys import Keys
 from tests.conftest import Backends, make_settings, submit, wait_for_status, wait_until
 from tests.support.processes import Spawner
