@@ -155,7 +155,8 @@ async def test_startup_warns_when_redis_may_evict_keys(
     # CONFIG refused (a managed Redis): a debug line, and the API starts as usual
     caplog.clear()
     limited = evicting_redis.replace("redis://", "redis://limited:pw@")
-    app = create_app(make_settings(backends, redis_url=limited))
+    # (the same deployment: its stream layout, prefix included, is recorded in Postgres)
+    app = create_app(make_settings(backends, redis_url=limited, redis_prefix=settings.redis_prefix))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://conveyor") as c:
