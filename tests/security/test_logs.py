@@ -157,7 +157,10 @@ def test_api_warns_at_startup_when_no_keys_are_set(
     spawn: Spawner, keys: Keys, backends: Backends
 ) -> None:
     open_api, _ = spawn.api()
-    secured, _ = spawn.api(settings=make_settings(backends, api_keys=keys.spec))
+    prefix = spawn.settings.redis_prefix  # one deployment: the stream layout must agree
+    secured, _ = spawn.api(
+        settings=make_settings(backends, api_keys=keys.spec, redis_prefix=prefix)
+    )
     open_api.stop()
     secured.stop()
     assert "CONVEYOR_API_KEYS is not set" in open_api.output()

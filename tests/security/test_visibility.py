@@ -50,13 +50,15 @@ async def test_key_ids_are_configured_or_not_derived_from_the_secret(
     backends: Backends, keys: Keys, queue: str
 ) -> None:
     named = f"producer:team-a:{keys.producer_a},admin:ops:{keys.admin}"
-    async with api(make_settings(backends, api_keys=named)) as client:
+    async with api(make_settings(backends, redis_prefix=f"test-{queue}", api_keys=named)) as client:
         assert await actor_of(client, keys.producer_a, queue) == "team-a"
         assert await actor_of(client, keys.admin, queue) == "ops"
 
     digest_b = hashlib.sha256(keys.producer_b.encode()).hexdigest()
     unnamed = f"producer:{keys.producer_a},producer:sha256:{digest_b},admin:{keys.admin}"
-    async with api(make_settings(backends, api_keys=unnamed)) as client:
+    async with api(
+        make_settings(backends, redis_prefix=f"test-{queue}", api_keys=unnamed)
+    ) as client:
         actors = {s: await actor_of(client, s, queue) for s in keys.all()}
     assert len(set(actors.values())) == 3
     for secret, actor in actors.items():
@@ -64,7 +66,7 @@ async def test_key_ids_are_configured_or_not_derived_from_the_secret(
 
     # the same key, written plainly or as its digest, after a restart: the same id
     plain = f"producer:{keys.producer_b}"
-    async with api(make_settings(backends, api_keys=plain)) as client:
+    async with api(make_settings(backends, redis_prefix=f"test-{queue}", api_keys=plain)) as client:
         assert await actor_of(client, keys.producer_b, queue) == actors[keys.producer_b]
 
 
