@@ -29,7 +29,8 @@ from app.jobs.registry import Registry, load_handlers
 from app.jobs.schemas import JobCreate
 from app.logs import configure as configure_logging
 from app.settings import Settings, get_settings
-from app.streams.client import StreamClient, create_redis
+from app.streams.client import StreamClient
+from app.streams.connection import create_redis
 from app.streams.keys import Keys
 
 log = logging.getLogger(__name__)

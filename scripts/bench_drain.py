@@ -49,7 +49,8 @@ from app.jobs.newjob import NewJob, dump_json
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
 from app.settings import Settings
-from app.streams.client import StreamClient, create_redis
+from app.streams.client import StreamClient
+from app.streams.connection import create_redis
 from app.streams.keys import Keys
 
 QUEUE = "bench-drain"

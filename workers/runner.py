@@ -20,7 +20,8 @@ from app.jobs.registry import load_handlers
 from app.jobs.repository import Backoff
 from app.jobs.workers_table import NameInUse
 from app.settings import Settings
-from app.streams.client import StreamClient, create_redis
+from app.streams.client import StreamClient
+from app.streams.connection import create_redis
 from app.streams.keys import Keys
 from workers import shutdown
 from workers.context import RunningSet, WorkerConfig, WorkerContext

@@ -29,7 +29,8 @@ from app.jobs.marks import Sent
 from app.jobs.repository import Backoff, Target
 from app.main import create_app
 from app.settings import Settings
-from app.streams.client import StreamClient, create_redis
+from app.streams.client import StreamClient
+from app.streams.connection import create_redis
 from app.streams.keys import DEFAULT_BAND, GROUP, Keys
 from tests.conftest import CLIENT_HEADERS, Backends, make_settings
 from tests.faults.checker import drain, stranded

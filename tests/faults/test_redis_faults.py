@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.devserver import EmbeddedRedis
 from app.settings import Settings
-from app.streams.client import create_redis
+from app.streams.connection import create_redis
 from tests.faults.checker import conclude, stranded
 from tests.faults.harness import (
     Fault,

@@ -19,7 +19,8 @@ from app.jobs.registry import Registry
 from app.schedules import repository
 from app.schedules.due import ScheduleDuty, make_due_jobs, plan
 from app.settings import Settings
-from app.streams.client import StreamClient, create_redis
+from app.streams.client import StreamClient
+from app.streams.connection import create_redis
 from app.streams.keys import Keys
 from tests.conftest import Backends, make_settings
 

@@ -42,14 +42,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import re
-import socket
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 import httpx
@@ -58,6 +55,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.errors import PermanentError
 from app.jobs.registry import JobContext, job_type
 from app.settings import get_settings
+from workers.handlers.destinations import (
+    HttpRequestFailed,
+    IPAddress,
+    allowed_hosts,
+    destination,
+    host_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,6 @@ RESERVED_HEADERS = frozenset(
 )
 USER_AGENT = "Conveyor (http.request)"
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class HttpRequestPayload(BaseModel):
@@ -124,121 +126,6 @@ class HttpRequestPayload(BaseModel):
             if len(text) > 8192 or any(c in text for c in "\r\n\x00"):
                 raise ValueError(f"invalid value for header {name!r}")
         return value
-
-
-class BlockedDestination(PermanentError):
-    """The URL's host is not allowed, or resolves to a refused address."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"blocked_destination: {reason}")
-
-
-class HttpRequestFailed(Exception):
-    """A retryable failure: 5xx, 408, 429 or a network error."""
-
-
-# -- the destination policy -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Allowed:
-    host: str  # normalised; "*" any host; "*.example.com" its subdomains
-    port: int | None  # None: any port
-
-    def matches(self, host: str, port: int) -> bool:
-        if self.port is not None and self.port != port:
-            return False
-        if self.host == "*":
-            return True
-        if self.host.startswith("*."):
-            return host.endswith(self.host[1:])
-        return host == self.host
-
-
-def host_of(url: httpx.URL) -> str:
-    """The host as sent on the wire: lower-case, IDNA-encoded, IPv6 without brackets."""
-    return url.raw_host.decode("ascii")
-
-
-def _normal_host(host: str) -> str:
-    return host_of(httpx.URL(f"http://[{host}]/" if ":" in host else f"http://{host}/"))
-
-
-def _parse_entry(entry: str) -> Allowed:
-    host, port = entry, None
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else None
-    elif entry.count(":") == 1:
-        host, _, raw_port = entry.partition(":")
-        port = int(raw_port)
-    if host == "*":
-        return Allowed("*", port)
-    wildcard = host.startswith("*.")
-    if "*" in host[2:] or (host.startswith("*") and not wildcard):
-        raise ValueError(f"bad wildcard {entry!r}")
-    name = _normal_host(host[2:] if wildcard else host)
-    return Allowed(f"*.{name}" if wildcard else name, port)
-
-
-@lru_cache(maxsize=8)
-def allowed_hosts(spec: str) -> tuple[Allowed, ...]:
-    """Parse ``CONVEYOR_HTTP_ALLOWED_HOSTS``; a malformed entry allows nothing."""
-    entries = []
-    for raw in spec.split(","):
-        if raw.strip():
-            try:
-                entries.append(_parse_entry(raw.strip().lower()))
-            except (ValueError, httpx.InvalidURL):
-                log.warning("ignoring malformed CONVEYOR_HTTP_ALLOWED_HOSTS entry %r", raw)
-    return tuple(entries)
-
-
-def is_public(ip: IPAddress) -> bool:
-    """True only for globally routable unicast addresses, looking inside IPv6 wrappers."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner: ipaddress.IPv4Address | None = ip.ipv4_mapped or ip.sixtofour
-        if inner is None and ip in NAT64:
-            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if inner is not None and not is_public(inner):
-            return False
-    refused = (
-        ip.is_loopback
-        or ip.is_private
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_unspecified
-    )
-    return ip.is_global and not refused
-
-
-async def resolve(host: str, port: int) -> list[IPAddress]:
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise HttpRequestFailed(f"cannot resolve {host}: {exc}") from exc
-    found = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-    return list(dict.fromkeys(found))
-
-
-async def destination(url: httpx.URL, allowed: tuple[Allowed, ...]) -> IPAddress:
-    """The checked address to connect to for ``url``, or :class:`BlockedDestination`."""
-    if url.scheme not in ("http", "https") or not url.host or url.userinfo:
-        raise BlockedDestination(f"{url.scheme}:// URLs are not allowed")
-    host, port = host_of(url), url.port or (443 if url.scheme == "https" else 80)
-    matching = [a for a in allowed if a.matches(host, port)]
-    if not matching:
-        raise BlockedDestination(f"{host}:{port} is not in CONVEYOR_HTTP_ALLOWED_HOSTS")
-    addresses = await resolve(host, port)
-    if not addresses:
-        raise HttpRequestFailed(f"{host} has no address")
-    listed_by_name = any(not a.host.startswith("*") for a in matching)
-    if not listed_by_name:
-        refused = [str(ip) for ip in addresses if not is_public(ip)]
-        if refused:
-            raise BlockedDestination(f"{host} resolves to non-public {', '.join(refused)}")
-    return addresses[0]
 
 
 # -- the exchange -------------------------------------------------------------------------------
