@@ -16,7 +16,6 @@ running): ``skip`` drops them, ``run_once`` makes one job for them, for the firs
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -67,19 +66,7 @@ def plan(row: ScheduleRow, now: datetime, grace: timedelta) -> Plan:
 
 
 def _jobs(row: ScheduleRow, slots: Sequence[datetime]) -> list[NewJob]:
-    return [
-        NewJob(
-            id=str(uuid.uuid4()),
-            schedule=row.name,
-            scheduled_for=slot,
-            type=row.type,
-            queue=row.queue,
-            priority=row.priority,
-            payload=row.payload,
-            actor=f"schedule:{row.name}",
-        )
-        for slot in slots
-    ]
+    return [NewJob.of(row, slot, f"schedule:{row.name}") for slot in slots]
 
 
 async def make_due_jobs(

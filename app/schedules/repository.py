@@ -7,6 +7,7 @@ partial unique index ``uq_jobs_schedule_slot``: whatever runs twice, a slot has 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,13 @@ class NewJob:
     priority: int
     payload: dict[str, Any]
     actor: str | None
+
+    @classmethod
+    def of(cls, row: ScheduleRow, slot: datetime | None, actor: str | None) -> NewJob:
+        """The job ``row`` makes for ``slot`` (``None``: triggered by hand)."""
+        return cls(
+            str(uuid.uuid4()), row.name, slot, row.type, row.queue, row.priority, row.payload, actor
+        )
 
 
 @dataclass(frozen=True)

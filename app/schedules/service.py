@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -112,16 +111,7 @@ async def trigger(
 ) -> JobRow:
     """Make one job now, outside the slots (``scheduled_for`` is null), paused or not."""
     row = await get(session, name)
-    job = NewJob(
-        id=str(uuid.uuid4()),
-        schedule=row.name,
-        scheduled_for=None,
-        type=row.type,
-        queue=row.queue,
-        priority=row.priority,
-        payload=row.payload,
-        actor=principal.name,
-    )
+    job = NewJob.of(row, None, principal.name)
     [made] = await repository.insert_jobs(session, [job])
     await repository.mark_triggered(session, name)
     await session.commit()
