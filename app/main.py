@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -67,14 +67,9 @@ def settle_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
-    server = not logging.getLogger().handlers  # a server process (`conveyor api`), not a test
-    if server:
-        configure_logging(settings.log_level)
-    registry = load_handlers(settings.handler_module_list)
-    auth = Authenticator(parse_keys(settings.api_keys))
-
+def _lifespan(
+    settings: Settings, registry: Registry, auth: Authenticator, server: bool
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings, pre_ping=False)
@@ -102,6 +97,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await pool.close()
             await engine.dispose()
 
+    return lifespan
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    server = not logging.getLogger().handlers  # a server process (`conveyor api`), not a test
+    if server:
+        configure_logging(settings.log_level)
+    registry = load_handlers(settings.handler_module_list)
+    auth = Authenticator(parse_keys(settings.api_keys))
+    lifespan = _lifespan(settings, registry, auth, server)
     app = FastAPI(
         title="Conveyor",
         version="0.1.0",

@@ -12,10 +12,16 @@ Connections are opened lazily (``min_size=0``), so the API starts while Postgres
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import asyncpg
 
 from app.db.url import asyncpg_dsn
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Errors that say "Postgres could not be reached or gave up", not "your request is wrong":
 # the caller answers 503 with Retry-After. (asyncpg raises OSError subclasses when it cannot
@@ -29,10 +35,31 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
     asyncpg.OperatorInterventionError,  # class 57: shutdown, starting up, statement timeout
     asyncpg.TransactionRollbackError,  # class 40: serialization failure, deadlock
+    asyncpg.InternalClientError,  # a connection left mid-protocol by one that broke
 )
 
 API = "conveyor"
 WORKER = "conveyor-worker"
+
+
+@asynccontextmanager
+async def connection(
+    pool: asyncpg.Pool, acquire_timeout: float
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection whose release never hides what happened on it.
+
+    Releasing resets the connection; on one that broke (a Postgres restart) the reset fails
+    and the pool drops the connection. That failure must not replace the statement's own
+    result (a committed insert is still committed) or its own error.
+    """
+    conn = await pool.acquire(timeout=acquire_timeout)
+    try:
+        yield conn
+    finally:
+        try:
+            await pool.release(conn)
+        except Exception as exc:  # the pool has terminated it; the next acquire opens another
+            log.debug("dropped a broken connection: %s", type(exc).__name__)
 
 
 async def _keep(conn: asyncpg.Connection) -> None:

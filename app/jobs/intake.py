@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.db import errors as db_errors
-from app.db.pool import UNAVAILABLE
+from app.db.pool import UNAVAILABLE, connection
 from app.errors import Conflict, InvalidInput, Unavailable
 from app.jobs import insertion
 from app.jobs.dispatch import Dispatcher
@@ -77,7 +77,7 @@ class Intake:
     async def submit_batch(self, jobs: Sequence[NewJob]) -> list[Submitted]:
         """All or nothing, in one transaction: any conflict rolls the whole batch back."""
         try:
-            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+            async with connection(self.pool, self.acquire_timeout) as conn:
                 answers = await self._insert_batch(conn, jobs)
         except UNAVAILABLE as exc:
             log.warning("submission failed: %s", type(exc).__name__)
@@ -148,7 +148,7 @@ class Intake:
 
     async def _insert_group(self, jobs: list[NewJob]) -> list[Submitted | Conflict]:
         """One autocommitted statement; the keys it skipped are looked up after it."""
-        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+        async with connection(self.pool, self.acquire_timeout) as conn:
             inserted = await insertion.insert(conn, jobs)
             missing = insertion.missing_keys(jobs, inserted)
             existing = await insertion.find_by_keys(conn, missing) if missing else {}
