@@ -4,8 +4,8 @@ class to one status code in one table (``app/api/errors.py``), which the middlew
 ::
 
     ConveyorError
-    ├── BadRequest               400  malformed framing (an invalid Content-Length)
-    ├── BadHost                  400  Host header not in CONVEYOR_ALLOWED_HOSTS
+    ├── BadRequest               400  malformed framing (an invalid Content-Length), or
+    │                                 a Host not in CONVEYOR_ALLOWED_HOSTS (code ``bad_host``)
     ├── NotFound                 404  unknown job / not in the DLQ
     ├── InvalidInput             422  unknown type, payload failing its schema, bad filter,
     │                                 a body that is not storable JSON
@@ -32,18 +32,16 @@ class ConveyorError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, *, details: Any = None) -> None:
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        if code is not None:  # a finer name for the same status (the body's ``error``)
+            self.code = code
 
 
 class BadRequest(ConveyorError):
     code = "bad_request"
-
-
-class BadHost(ConveyorError):
-    code = "bad_host"
 
 
 class NotFound(ConveyorError):

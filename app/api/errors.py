@@ -36,8 +36,11 @@ class _Answer:
 
 # The one table: each domain error's status code and how the OpenAPI document describes it.
 TABLE: dict[type[errors.ConveyorError], _Answer] = {
-    errors.BadRequest: _Answer(400, "Malformed request framing (e.g. a bad Content-Length)"),
-    errors.BadHost: _Answer(400, "Host header not in CONVEYOR_ALLOWED_HOSTS"),
+    errors.BadRequest: _Answer(
+        400,
+        "Malformed request framing (e.g. a bad Content-Length); or a Host header not in"
+        " CONVEYOR_ALLOWED_HOSTS (`bad_host`)",
+    ),
     errors.Unauthenticated: _Answer(
         401,
         "No API key, or an unknown one",
@@ -59,17 +62,12 @@ TABLE: dict[type[errors.ConveyorError], _Answer] = {
     ),
 }
 STATUS: dict[type[errors.ConveyorError], int] = {cls: a.status for cls, a in TABLE.items()}
-# ``responses=ERRORS`` on a route documents every error answer it may give (the descriptions of
-# errors that share a status are joined).
-ERRORS: dict[int | str, dict[str, Any]] = {}
-for _a in TABLE.values():
-    if _a.status in ERRORS:
-        ERRORS[_a.status]["description"] += "; or " + _a.description
-    else:
-        ERRORS[_a.status] = {"model": ErrorBody, "description": _a.description} | (
-            {"headers": _a.headers} if _a.headers else {}
-        )
-
+# ``responses=ERRORS`` on a route documents every error answer it may give.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    a.status: {"model": ErrorBody, "description": a.description}
+    | ({"headers": a.headers} if a.headers else {})
+    for a in TABLE.values()
+}
 RETRY_AFTER_SECONDS = "2"
 
 

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.auth import OPEN, Authenticator, secret_from
 from app.api.errors import domain_response
 from app.api.ratelimit import RateLimiter
-from app.errors import BadHost, ConveyorError, InvalidInput, Unavailable, UnsupportedMediaType
+from app.errors import BadRequest, ConveyorError, InvalidInput, Unavailable, UnsupportedMediaType
 from app.jobs.principal import Principal
 from app.streams.client import StreamClient
 
@@ -125,9 +125,10 @@ class Gate:
                 headers[name] = value
         path: str = scope["path"]
         if path not in PROBES and not self.hosts.allows(headers.get(b"host")):
-            raise BadHost(
+            raise BadRequest(
                 "the Host header names no host this server answers to"
-                " (CONVEYOR_ALLOWED_HOSTS lists them)"
+                " (CONVEYOR_ALLOWED_HOSTS lists them)",
+                code="bad_host",
             )
         v1 = path == "/v1" or path.startswith("/v1/")
         if v1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,11 +43,32 @@ class NewJob:
 
 
 def dump_json(value: Any) -> str:
-    """Compact JSON; integers beyond 64 bits (which orjson refuses) go through the stdlib."""
+    """Compact JSON, as the stdlib writes it. orjson is the fast path; integers beyond 64 bits
+    (which orjson refuses) and non-finite floats (which orjson writes as ``null``, silently
+    changing the value) go through the stdlib, which writes ``NaN``/``Infinity``: Postgres then
+    refuses that text (class 22) and the request gets its 422, as for any unstorable value."""
     try:
-        return orjson.dumps(value).decode()
+        text = orjson.dumps(value)
     except orjson.JSONEncodeError:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if b"null" in text and _non_finite(value):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.decode()
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a float NaN or infinity is anywhere inside ``value``."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return False
 
 
 def request_hash(item: JobCreate, payload: Any) -> str:

@@ -4,6 +4,7 @@ request still gets its own answer and its own error."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -130,6 +131,22 @@ async def test_a_value_postgres_refuses_fails_only_its_own_request(
     assert all(isinstance(a, Submitted) and a.created for i, a in enumerate(answers) if i != 2)
     count = await conn.fetchval("SELECT count(*) FROM jobs WHERE queue = $1", queue)
     assert count == 5
+
+
+async def test_a_constraint_postgres_enforces_fails_only_its_own_request(
+    app: FastAPI, queue: str, conn: asyncpg.Connection
+) -> None:
+    """A row that breaks a CHECK constraint (class 23; here ``max_attempts`` 0, which the
+    request models never let through) is a refused value too: only its request gets the 422,
+    the rest of its group is written."""
+    intake = _state(app).intake
+    jobs = [_job(queue) for _ in range(4)]
+    jobs.insert(1, dataclasses.replace(_job(queue), max_attempts=0))
+    answers = await asyncio.gather(*(intake.submit(j) for j in jobs), return_exceptions=True)
+    assert isinstance(answers[1], InvalidInput), answers
+    assert all(isinstance(a, Submitted) and a.created for i, a in enumerate(answers) if i != 1)
+    count = await conn.fetchval("SELECT count(*) FROM jobs WHERE queue = $1", queue)
+    assert count == 4
 
 
 async def test_postgres_unreachable_answers_every_member_503(
