@@ -48,8 +48,8 @@ class Maintenance:
         """Heartbeat and entry refresh: they run until the worker has handed back its jobs,
         so that jobs finishing during the grace period are not reclaimed meanwhile."""
         return [
-            self._every(self.heartbeat_every, self.heartbeat),
-            self._every(self.heartbeat_every, self.refresh_entries),
+            self._every(self.heartbeat_every, self.heartbeat, until_stop=False),
+            self._every(self.heartbeat_every, self.refresh_entries, until_stop=False),
         ]
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
@@ -70,8 +70,12 @@ class Maintenance:
             self._reconcile_loop(),
         ]
 
-    async def _every(self, seconds: float, duty: Callable[[], Awaitable[None]]) -> None:
-        while True:
+    async def _every(
+        self, seconds: float, duty: Callable[[], Awaitable[None]], *, until_stop: bool = True
+    ) -> None:
+        """Run ``duty`` every ``seconds`` until cancelled, or (``until_stop``) until the worker
+        stops, should a cancellation be swallowed on the way (redis-py can)."""
+        while not (until_stop and self.ctx.stopping.is_set()):
             try:
                 await duty()
             except asyncio.CancelledError:
@@ -181,7 +185,7 @@ class Maintenance:
     # -- reconcile ----------------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
-        while True:
+        while not self.ctx.stopping.is_set():
             try:
                 await self.reconcile()
             except asyncio.CancelledError:

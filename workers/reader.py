@@ -74,7 +74,9 @@ class Reader:
     async def _read_loop(self, queue: str, partition: int) -> None:
         streams = self.ctx.keys.partition_streams(queue, partition)
         running = self.ctx.running
-        while True:
+        # Not ``while True``: redis-py can swallow the cancellation of a blocking XREADGROUP,
+        # and the loop must still end with the worker.
+        while not self.ctx.stopping.is_set():
             slots = await running.reserve(READ_COUNT)
             try:
                 batch = running.take_held(slots)
@@ -110,7 +112,7 @@ class Reader:
     # -- source 2: entries of dead consumers ------------------------------------------------------
 
     async def _autoclaim_loop(self) -> None:
-        while True:
+        while not self.ctx.stopping.is_set():
             try:
                 await self.autoclaim()
             except asyncio.CancelledError:

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from app.db.url import server_settings
 from app.settings import Settings
 
 
@@ -19,12 +20,11 @@ def create_engine(settings: Settings, *, pre_ping: bool = True) -> AsyncEngine:
     Without ``pre_ping`` (the API) a checkout costs no round trip; after a Postgres restart
     the first statement on a stale connection fails (a 503) and invalidates the whole pool.
     """
-    connect_args: dict[str, object] = {"timeout": 5, "command_timeout": 30}
-    if settings.db_statement_timeout_ms:
-        connect_args["server_settings"] = {
-            "statement_timeout": str(settings.db_statement_timeout_ms),
-            "application_name": "conveyor",
-        }
+    connect_args: dict[str, object] = {
+        "timeout": 5,
+        "command_timeout": 30,
+        "server_settings": server_settings(settings, "conveyor"),
+    }
     return create_async_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from app.db.url import asyncpg_dsn
+from app.db.url import asyncpg_dsn, server_settings
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,6 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """A lazily filled pool of at most ``max_size`` connections (default
     ``CONVEYOR_DB_POOL_SIZE``), named ``application_name`` in ``pg_stat_activity``."""
-    server_settings = {"application_name": application_name}
-    if settings.db_statement_timeout_ms:
-        server_settings["statement_timeout"] = str(settings.db_statement_timeout_ms)
     pool: asyncpg.Pool = await asyncpg.create_pool(
         asyncpg_dsn(settings.database_url),
         min_size=0,
@@ -83,6 +80,6 @@ async def create_pool(
         command_timeout=30,
         max_inactive_connection_lifetime=300,
         reset=_keep,
-        server_settings=server_settings,
+        server_settings=server_settings(settings, application_name),
     )
     return pool
