@@ -13,7 +13,7 @@ import pytest
 
 from app.db.engine import create_engine, create_session_factory
 from app.db.url import asyncpg_dsn as dsn
-from app.jobs import attempts, repository
+from app.jobs import attempts, repository, unknown_type
 from app.jobs.attempts import Completion
 from app.jobs.repository import Backoff
 from app.settings import Settings
@@ -215,3 +215,17 @@ async def test_a_deferral_after_a_cancel_request_ends_cancelled(
     await attempts.complete_many(conn, "w1", [_defer(claim, 30)], NO_WAIT)
     row = await _row(conn, claim.id)
     assert (row["status"], row["attempts"]) == ("cancelled", 1)
+
+
+async def test_an_unknown_type_is_not_handed_back_after_a_cancel_request(
+    conn: asyncpg.Connection, settings: Settings, queue: str
+) -> None:
+    claim = await _running(conn, queue)
+    assert await _request_cancel(settings, claim.id, "ops")
+    error = error_record(claim.attempt, "w1", "unknown job type", "UnknownType")
+    outcome = Completion(claim.id, claim.token, None, error, unknown_type=True)
+    moved, dead = await unknown_type.hand_back(conn, "w1", [outcome], 600.0)
+    assert moved == {claim.id} and dead == []
+    row = await _row(conn, claim.id)
+    assert (row["status"], row["next_attempt_at"]) == ("cancelled", None)
+    assert (await _events(conn, claim.id))[-1] == ("cancelled", 1, "ops")
