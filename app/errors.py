@@ -20,11 +20,17 @@ class to one status code in one table (``app/api/errors.py``), which the middlew
     └── Unavailable              503  Postgres or Redis unreachable; nothing was written
 
     PermanentError               raised by a handler: fail the job now, skip remaining attempts
+    RetryLater                   raised by a handler: run the job again after ``seconds``,
+                                 without spending an attempt (see CONVEYOR_MAX_DEFERRALS)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+# The longest a single RetryLater may defer a job; longer requests are cut to this.
+MAX_RETRY_LATER_SECONDS = 24 * 3600.0
 
 
 class ConveyorError(Exception):
@@ -86,3 +92,16 @@ class Unavailable(ConveyorError):
 
 class PermanentError(Exception):
     """Raise from a handler to fail the job at once, without further attempts."""
+
+
+class RetryLater(Exception):
+    """Raise from a handler to run the job again after ``seconds`` without spending an attempt
+    (a rate-limited or overloaded dependency: not the job's fault). The job waits as
+    ``retrying`` with ``next_attempt_at``; its history shows a ``deferred`` event, not a
+    failure. ``seconds`` is clamped to 0..MAX_RETRY_LATER_SECONDS (NaN counts as 0). After
+    ``CONVEYOR_MAX_DEFERRALS`` deferrals of one job, each further one is a failed attempt."""
+
+    def __init__(self, seconds: float, message: str | None = None) -> None:
+        value = float(seconds)
+        self.seconds = 0.0 if math.isnan(value) else min(max(value, 0.0), MAX_RETRY_LATER_SECONDS)
+        super().__init__(message or f"retry in {self.seconds:g}s")

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     default_timeout_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400)
     # A job whose type a worker does not know is handed back for this long, then dead.
     unknown_type_grace_seconds: float = Field(default=600.0, ge=0)
+    # A running job asked to cancel: how long its handler may clean up after the cancellation.
+    cancel_grace_seconds: float = Field(default=10.0, ge=0, le=3600)
+    # RetryLater deferrals a job may take without spending attempts; past it, each counts as
+    # a failed attempt (so a service that always answers 429 cannot keep a job forever).
+    max_deferrals: int = Field(default=50, ge=0, le=100000)
     promote_interval_seconds: float = Field(default=0.25, gt=0)
     dispatch_grace_seconds: float = Field(default=5.0, ge=0)
     # A schedule's slot more than this late (nothing was running) is "missed" (skip/run_once).

@@ -45,6 +45,9 @@ class Running:
     job: Claim
     delivery: Delivery
     task: asyncio.Task[None] | None = None
+    # A cancel of the job was requested: the handler's context shows it (``ctx.cancelled``).
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    reported: bool = False  # its outcome went to the reporter (at most once)
 
     @property
     def attempt(self) -> Attempt:

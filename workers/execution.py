@@ -7,7 +7,7 @@ import json
 import traceback
 from typing import Any
 
-from app.errors import PermanentError
+from app.errors import PermanentError, RetryLater
 from app.jobs.attempts import Claim, Completion, ErrorRecord
 from app.jobs.registry import JobContext, JobType, Registry
 
@@ -66,16 +66,43 @@ def timeout_for(job: Claim, job_type: JobType, default: float | None) -> float |
     return job.timeout_seconds or job_type.timeout_seconds or default or None
 
 
+def deferred(job: Claim, worker: str, exc: RetryLater) -> Completion:
+    """A RetryLater: wait ``exc.seconds`` without spending an attempt. The error record is
+    what the history shows if the job's deferral budget is spent (then it is a failure)."""
+    error = error_record(job.attempt, worker, str(exc), "RetryLater")
+    return Completion(job.id, job.token, None, error, defer_seconds=exc.seconds)
+
+
+def cancelled(job: Claim) -> Completion:
+    """The attempt was stopped because a cancel was requested."""
+    return Completion(job.id, job.token, None, cancelled=True)
+
+
 async def execute(
-    job: Claim, registry: Registry, worker: str, *, default_timeout: float | None = None
+    job: Claim,
+    registry: Registry,
+    worker: str,
+    *,
+    default_timeout: float | None = None,
+    cancel: asyncio.Event | None = None,
 ) -> Completion:
-    """Run the job's handler once; ``timeout`` and every exception become a failed attempt."""
+    """Run the job's handler once; ``timeout`` and every exception become a failed attempt,
+    ``RetryLater`` a deferral. ``cancel``: the event a cancel request sets (``ctx.cancelled``).
+    A cancellation of the calling task propagates (the caller decides what it meant)."""
     job_type = registry.find(job.type)
     if job_type is None:  # handed back for a while: see app/jobs/unknown_type.py
         message = f"unknown job type {job.type!r}"
         error = error_record(job.attempt, worker, message, "UnknownType")
         return Completion(job.id, job.token, None, error, unknown_type=True)
-    ctx = JobContext(job.id, job.type, job.queue, job.attempt, job.max_attempts, worker)
+    ctx = JobContext(
+        job.id,
+        job.type,
+        job.queue,
+        job.attempt,
+        job.max_attempts,
+        worker,
+        cancel_event=cancel if cancel is not None else asyncio.Event(),
+    )
     deadline = asyncio.timeout(timeout_for(job, job_type, default_timeout))
     try:
         payload = job_type.model.model_validate_json(job.payload)
@@ -87,6 +114,8 @@ async def execute(
         return _failure(job, worker, exc, permanent=False)
     except PermanentError as exc:
         return _failure(job, worker, exc, permanent=True)
+    except RetryLater as exc:
+        return deferred(job, worker, exc)
     except Exception as exc:
         return _failure(job, worker, exc, permanent=False)
     return Completion(job.id, job.token, result)

@@ -23,6 +23,7 @@ from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
 from app.schedules.due import ScheduleDuty
 from workers import shutdown
+from workers.cancellation import Canceller
 from workers.context import Attempt, WorkerContext
 from workers.reporter import Reporter
 
@@ -39,6 +40,7 @@ class Maintenance:
         idle = ctx.settings.claim_idle_seconds
         self.heartbeat_every = max(0.1, min(idle / 3, 5.0))
         self.leased: set[Attempt] = set()  # attempts whose leases the last heartbeat extended
+        self.canceller = Canceller(ctx.running, reporter, ctx.settings.cancel_grace_seconds)
         self.token: datetime | None = None  # our claim on our name (workers_table)
         self.redispatch = Redispatcher(
             ctx.sessions, ctx.stream, ctx.dispatcher, ctx.config.queues, ctx.settings
@@ -117,13 +119,16 @@ class Maintenance:
             log.warning("could not unregister: %s", exc)
 
     async def heartbeat(self) -> None:
-        """Extend our leases in Postgres. A loop of its own: a slow or hung Redis must never
-        delay a lease extension past the lease."""
+        """Extend our leases in Postgres, and stop the attempts a cancel was requested for.
+        A loop of its own: a slow or hung Redis must never delay a lease extension past the
+        lease."""
         ctx = self.ctx
         async with ctx.db.acquire() as conn:
-            self.leased = await attempts.extend_leases(
+            leases = await attempts.extend_leases(
                 conn, ctx.name, ctx.running.attempts(), ctx.lease_seconds
             )
+        self.leased = leases.held
+        self.canceller.requested(leases.cancel)
         async with ctx.sessions.begin() as session:
             if self.token is not None and not await workers_table.beat(
                 session, self._worker_values(), self.token

@@ -24,8 +24,9 @@ from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
 from app.streams.client import Delivery
+from workers.cancellation import report
 from workers.context import Attempt, Running, WorkerContext
-from workers.execution import execute
+from workers.execution import cancelled, execute
 from workers.maintenance import Maintenance
 from workers.reporter import Reporter
 
@@ -224,13 +225,23 @@ class Reader:
         log.info("handed back %d job(s) claimed during shutdown", len(released))
 
     async def _run(self, entry: Running) -> None:
-        completion = await execute(
-            entry.job,
-            self.registry,
-            self.ctx.name,
-            default_timeout=self.ctx.settings.default_timeout_seconds,
-        )
-        self.reporter.put(completion, entry)
+        try:
+            completion = await execute(
+                entry.job,
+                self.registry,
+                self.ctx.name,
+                default_timeout=self.ctx.settings.default_timeout_seconds,
+                cancel=entry.cancel,
+            )
+        except asyncio.CancelledError:
+            if not entry.cancel.is_set():
+                raise  # shutdown: the attempt is handed back
+            completion = cancelled(entry.job)
+        else:
+            task = asyncio.current_task()
+            if entry.cancel.is_set() and task is not None and task.cancelling():
+                completion = cancelled(entry.job)  # it caught the cancellation and returned
+        report(self.reporter, entry, completion)
 
     # -- handing back on shutdown ------------------------------------------------------------------
 

@@ -111,10 +111,18 @@ class Reporter:
         unknown = [c for c, _ in batch if c.unknown_type]
         async with ctx.db.acquire() as conn:
             if not unknown:
-                moved, dead = await attempts.complete_many(conn, ctx.name, known, ctx.backoff)
+                moved, dead = await attempts.complete_many(
+                    conn, ctx.name, known, ctx.backoff, max_deferrals=ctx.settings.max_deferrals
+                )
             else:  # one transaction: a retry of the batch never finds half of it written
                 async with conn.transaction():
-                    moved, dead = await attempts.complete_many(conn, ctx.name, known, ctx.backoff)
+                    moved, dead = await attempts.complete_many(
+                        conn,
+                        ctx.name,
+                        known,
+                        ctx.backoff,
+                        max_deferrals=ctx.settings.max_deferrals,
+                    )
                     handed, gone = await unknown_type.hand_back(
                         conn, ctx.name, unknown, ctx.settings.unknown_type_grace_seconds
                     )

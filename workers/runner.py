@@ -84,6 +84,7 @@ class Worker:
         await self.reporter.stop(reporter)
         await self.reader.hand_back()
         await shutdown.cancel_and_wait(leases)
+        await self.maintenance.canceller.close()
         await self.maintenance.unregister()
         await ctx.stream.close()
         await ctx.close_db()

@@ -50,6 +50,8 @@ def job_document(answer: Submitted, view: Mapping[str, bool]) -> dict[str, Any]:
         "next_attempt_at": None,
         "schedule": None,
         "scheduled_for": None,
+        "cancel_requested_at": None,
+        "unique_key": new.unique_key,
     }
 
 

@@ -114,6 +114,15 @@ class JobRow(Base):
     # The schedule that made the job and the slot it was made for (NULL for a trigger).
     schedule: Mapped[str | None] = mapped_column(Text, nullable=True)
     scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A cancel asked of a running job (its worker sees it at its next heartbeat), and by whom.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # RetryLater deferrals so far (they spend no attempt; see CONVEYOR_MAX_DEFERRALS).
+    deferrals: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Debounce: a waiting job holds (scope, type, unique_key) until it starts, is cancelled or
+    # unique_until passes (NULL: holds nothing). Only claims and cancels clear it.
+    unique_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    unique_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         CheckConstraint(f"status IN {ALL_SQL}", name="status_valid"),
@@ -199,6 +208,15 @@ class JobRow(Base):
             "scheduled_for",
             unique=True,
             postgresql_where=text("schedule IS NOT NULL AND scheduled_for IS NOT NULL"),
+        ),
+        # One waiting job per (scope, type, unique_key): the arbiter of concurrent submissions.
+        Index(
+            "uq_jobs_unique_waiting",
+            "idempotency_scope",
+            "type",
+            "unique_key",
+            unique=True,
+            postgresql_where=text("unique_until IS NOT NULL"),
         ),
         # Queue stats: dead jobs taken out of the DLQ are subtracted from the dead count.
         Index(

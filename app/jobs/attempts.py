@@ -64,6 +64,8 @@ class Completion:
     error: ErrorRecord | None = None
     permanent: bool = False
     unknown_type: bool = False  # this worker has no handler for the type: see unknown_type.py
+    cancelled: bool = False  # stopped on a cancel request (cancel_requested_at is set)
+    defer_seconds: float | None = None  # RetryLater: ``error`` says why, if it counts after all
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,8 @@ WITH locked AS (
 ), claimed AS (
     UPDATE jobs j SET status = 'running', attempts = j.attempts + 1,
         claim_token = j.claim_token + 1, worker = $2, started_at = now(),
-        next_attempt_at = NULL, lease_expires_at = now() + make_interval(secs => $3)
+        next_attempt_at = NULL, lease_expires_at = now() + make_interval(secs => $3),
+        unique_until = NULL
     FROM locked WHERE j.id = locked.id AND j.status = 'queued'
     RETURNING j.id, j.claim_token, j.attempts, j.type, j.queue, j.max_attempts,
         j.timeout_seconds, j.payload::text AS payload
@@ -112,42 +115,75 @@ async def claim_many(
     return [Claim(*r) for r in rows]
 
 
+# The outcome of a reported attempt, as SQL over the job row ``j`` and the report ``v``:
+# a deferral (RetryLater under the job's deferral budget) spends no attempt; a failure that
+# ends the job (permanent, or the last attempt); a cancel (the attempt was stopped on request,
+# or it would wait for another attempt while a cancel is pending). Success keeps its outcome.
+_DEFERS = "(v.defer IS NOT NULL AND j.deferrals < $MAXDEF::int)"
+_DIES = f"(v.error IS NOT NULL AND NOT {_DEFERS} AND (v.permanent OR {_OUT_OF_ATTEMPTS}))"
+_CANCELS = (
+    "(j.cancel_requested_at IS NOT NULL AND (v.cancelled"
+    f" OR (v.error IS NOT NULL AND NOT {_DIES})))"
+)
+_ENDS = f"({_CANCELS} OR (v.error IS NULL AND NOT v.cancelled) OR {_DIES})"
+_OVER_BUDGET = (
+    "CASE WHEN v.defer IS NULL THEN v.error::jsonb ELSE v.error::jsonb || jsonb_build_object("
+    "'error', 'deferred more than ' || $MAXDEF::int || ' times; ' || (v.error::jsonb->>'error'))"
+    " END"
+)
+
 _COMPLETE = _backoff(
     f"""
 WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bool[])
-        AS v(id, token, result, error, permanent)
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bool[],
+                         $9::bool[], $10::float8[])
+        AS v(id, token, result, error, permanent, cancelled, defer)
 ), done AS (
     UPDATE jobs j SET
-        status = CASE WHEN v.error IS NULL THEN 'succeeded'
-            WHEN v.permanent OR {_OUT_OF_ATTEMPTS} THEN 'dead' ELSE 'retrying' END,
-        result = CASE WHEN v.error IS NULL THEN v.result::jsonb ELSE j.result END,
-        errors = CASE WHEN v.error IS NULL THEN j.errors ELSE j.errors
-            || jsonb_build_array(v.error::jsonb || jsonb_build_object('at', now())) END,
-        next_attempt_at = CASE WHEN v.error IS NULL OR v.permanent OR {_OUT_OF_ATTEMPTS}
-            THEN NULL ELSE now() + make_interval(secs => {_BACKOFF}) END,
-        finished_at = CASE WHEN v.error IS NULL OR v.permanent OR {_OUT_OF_ATTEMPTS}
-            THEN now() END,
+        status = CASE WHEN {_CANCELS} THEN 'cancelled'
+            WHEN v.error IS NULL THEN 'succeeded' WHEN {_DIES} THEN 'dead' ELSE 'retrying' END,
+        result = CASE WHEN v.error IS NULL AND NOT v.cancelled THEN v.result::jsonb
+            ELSE j.result END,
+        errors = CASE WHEN v.error IS NULL OR ({_DEFERS} AND NOT {_CANCELS}) THEN j.errors
+            ELSE j.errors || jsonb_build_array({_OVER_BUDGET} || jsonb_build_object('at', now()))
+            END,
+        attempts = CASE WHEN {_DEFERS} AND NOT {_CANCELS} THEN j.attempts - 1 ELSE j.attempts END,
+        deferrals = CASE WHEN v.defer IS NULL THEN j.deferrals ELSE j.deferrals + 1 END,
+        next_attempt_at = CASE WHEN {_ENDS} THEN NULL
+            WHEN {_DEFERS} THEN now() + make_interval(secs => v.defer)
+            ELSE now() + make_interval(secs => {_BACKOFF}) END,
+        finished_at = CASE WHEN {_ENDS} THEN now() END,
         worker = NULL, lease_expires_at = NULL
     FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
-        AND j.worker = $6
+        AND j.worker = $6 AND (NOT v.cancelled OR j.cancel_requested_at IS NOT NULL)
     RETURNING j.id, j.status, j.attempts, j.type, j.queue,
-        CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors
+        CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors,
+        (j.status = 'retrying' AND v.defer IS NOT NULL AND j.deferrals <= $11::int) AS deferred,
+        j.cancel_requested_by
 ), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, worker)
-    SELECT id, CASE WHEN status = 'retrying' THEN 'failed' ELSE status END, attempts, $6
+    INSERT INTO job_events (job_id, event, attempt, worker, actor)
+    SELECT id, CASE WHEN deferred THEN 'deferred' WHEN status = 'retrying' THEN 'failed'
+            ELSE status END,
+        CASE WHEN deferred THEN attempts + 1 ELSE attempts END, $6,
+        CASE WHEN status = 'cancelled' THEN cancel_requested_by END
     FROM done
 )
-SELECT * FROM done
-""",
+SELECT id, status, attempts, type, queue, errors FROM done
+""".replace("$MAXDEF", "$11"),
     7,
 )
 
 
 async def complete_many(
-    conn: asyncpg.Connection, worker: str, outcomes: Sequence[Completion], backoff: Backoff
+    conn: asyncpg.Connection,
+    worker: str,
+    outcomes: Sequence[Completion],
+    backoff: Backoff,
+    *,
+    max_deferrals: int = 50,
 ) -> tuple[set[UUID], list[Dead]]:
-    """running → succeeded, retrying (with backoff) or dead, fenced by the claim token.
+    """running → succeeded, retrying (with backoff, or deferred by RetryLater), dead or
+    cancelled (a cancel was requested), fenced by the claim token.
 
     Returns the ids that moved (the others were fenced off: a newer attempt, a cancel or a
     replay won) and the jobs that went dead.
@@ -164,6 +200,9 @@ async def complete_many(
         worker,
         backoff.base_seconds,
         backoff.max_seconds,
+        [o.cancelled for o in outcomes],
+        [o.defer_seconds for o in outcomes],
+        max_deferrals,
     )
     moved = {r[0] for r in rows}
     dead = [Dead(r[0], r[3], r[4], r[2], r[5]) for r in rows if r[1] == "dead"]
@@ -180,8 +219,16 @@ WITH v AS (
 )
 UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => $4)
 FROM mine WHERE j.id = mine.id
-RETURNING j.id, j.claim_token
+RETURNING j.id, j.claim_token, j.cancel_requested_at IS NOT NULL
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Leases:
+    """What a heartbeat learnt: the attempts we still hold, and those asked to cancel."""
+
+    held: set[tuple[UUID, int]]
+    cancel: set[tuple[UUID, int]]
 
 
 async def extend_leases(
@@ -189,30 +236,37 @@ async def extend_leases(
     worker: str,
     running: Sequence[tuple[UUID, int]],
     lease_seconds: float,
-) -> set[tuple[UUID, int]]:
-    """Keep the leases of our running attempts alive; returns the attempts we still hold."""
+) -> Leases:
+    """Keep the leases of our running attempts alive; returns the attempts we still hold and
+    which of them a cancel was requested for (Postgres is the truth of both)."""
     if not running:
-        return set()
+        return Leases(set(), set())
     ids = [r[0] for r in running]
     tokens = [r[1] for r in running]
     rows = await conn.fetch(_HEARTBEAT, ids, tokens, worker, lease_seconds)
-    return {(r[0], r[1]) for r in rows}
+    return Leases({(r[0], r[1]) for r in rows}, {(r[0], r[1]) for r in rows if r[2]})
 
 
 _RELEASE = """
 WITH v AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS v(id, token)
 ), released AS (
-    UPDATE jobs j SET status = 'queued', attempts = j.attempts - 1, worker = NULL,
-        lease_expires_at = NULL, started_at = NULL, enqueued_at = now(), dispatched_at = NULL
+    UPDATE jobs j SET
+        status = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+        attempts = j.attempts - 1, worker = NULL, lease_expires_at = NULL,
+        started_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE j.started_at END,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+        enqueued_at = now(), dispatched_at = NULL
     FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
         AND j.worker = $3
-    RETURNING j.id, j.queue, j.priority, j.attempts
+    RETURNING j.id, j.queue, j.priority, j.attempts, j.status, j.cancel_requested_by
 ), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, worker)
-    SELECT id, 'released', attempts + 1, $3 FROM released
+    INSERT INTO job_events (job_id, event, attempt, worker, actor)
+    SELECT id, CASE WHEN status = 'queued' THEN 'released' ELSE 'cancelled' END, attempts + 1,
+        $3, CASE WHEN status = 'cancelled' THEN cancel_requested_by END
+    FROM released
 )
-SELECT id, queue, priority FROM released
+SELECT id, queue, priority FROM released WHERE status = 'queued'
 """
 
 
@@ -220,7 +274,8 @@ async def release_many(
     conn: asyncpg.Connection, worker: str, running: Sequence[tuple[UUID, int]]
 ) -> list[Target]:
     """running → queued on shutdown; the interrupted attempt does not count (its token
-    stays used)."""
+    stays used). A job asked to cancel ends ``cancelled`` instead; only the queued ones are
+    returned (to send again)."""
     if not running:
         return []
     rows = await conn.fetch(_RELEASE, [r[0] for r in running], [r[1] for r in running], worker)
@@ -239,21 +294,23 @@ WITH lost AS (
     ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED
 ), upd AS (
     UPDATE jobs j SET
-        status = CASE WHEN {_OUT_OF_ATTEMPTS} THEN 'dead' ELSE 'retrying' END,
+        status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+            WHEN {_OUT_OF_ATTEMPTS} THEN 'dead' ELSE 'retrying' END,
         errors = j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempts, 'error', 'worker lost', 'type', 'WorkerLost',
             'worker', j.worker, 'at', now())),
-        next_attempt_at = CASE WHEN {_OUT_OF_ATTEMPTS} THEN NULL
-            ELSE now() + make_interval(secs => {_BACKOFF}) END,
-        finished_at = CASE WHEN {_OUT_OF_ATTEMPTS} THEN now() END,
+        next_attempt_at = CASE WHEN j.cancel_requested_at IS NOT NULL OR {_OUT_OF_ATTEMPTS}
+            THEN NULL ELSE now() + make_interval(secs => {_BACKOFF}) END,
+        finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL OR {_OUT_OF_ATTEMPTS}
+            THEN now() END,
         worker = NULL, lease_expires_at = NULL
     FROM lost WHERE j.id = lost.id
     RETURNING j.id, j.status, j.attempts, j.type, j.queue, j.errors::text AS errors,
-        lost.lost_worker
+        lost.lost_worker, j.cancel_requested_by
 ), ev AS (
     INSERT INTO job_events (job_id, event, attempt, worker, actor)
-    SELECT id, CASE WHEN status = 'dead' THEN 'dead' ELSE 'reclaimed' END, attempts,
-           lost_worker, $6
+    SELECT id, CASE WHEN status = 'retrying' THEN 'reclaimed' ELSE status END, attempts,
+           lost_worker, CASE WHEN status = 'cancelled' THEN cancel_requested_by ELSE $6 END
     FROM upd
 )
 SELECT id, status, attempts, type, queue, errors FROM upd
@@ -282,7 +339,8 @@ async def reclaim_expired(
     ids: Sequence[UUID] | None = None,
     limit: int = 500,
 ) -> list[Reclaimed]:
-    """running with a lapsed lease → the attempt failed with ``worker lost`` (retry or dead).
+    """running with a lapsed lease → the attempt failed with ``worker lost`` (retry or dead;
+    ``cancelled`` when a cancel was requested: a cancelled job never runs again).
 
     ``live``: the attempts the caller runs itself; never reclaimed here, whatever their
     lease says (the caller's heartbeat renews it as soon as it reaches Postgres again).

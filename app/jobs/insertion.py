@@ -4,6 +4,14 @@ Arrays in, tuples out: no ORM objects and no JSON document of the rows. asyncpg 
 each statement once per connection and caches it. One statement inserts the jobs and their
 ``submitted``/``scheduled`` events; a job whose idempotency key is taken is skipped, and
 :func:`resolve` then pairs it with the job that holds the key (200) or refuses it (409).
+
+Debounce (``unique_key``): a waiting job holds ``(scope, type, unique_key)`` in the partial
+unique index ``uq_jobs_unique_waiting`` until it starts, is cancelled, or its ``unique_until``
+passes. A job skipped because a live holder has its key is answered with that holder (200).
+If the holder's time is up, :func:`find_holders` releases it (clears ``unique_until``) and the
+job is inserted again in another round; so is one whose holder started meanwhile. The index,
+not a check before the insert, decides between concurrent submissions. Without a
+``unique_key`` in the group nothing of this runs: one round, as before.
 """
 
 from __future__ import annotations
@@ -23,19 +31,24 @@ INSERT = """
 WITH ins AS (
     INSERT INTO jobs (id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
                       idempotency_key, idempotency_scope, request_hash, owner, run_at,
-                      enqueued_at)
+                      enqueued_at, unique_key, unique_until)
     SELECT r.id, r.type, r.queue, r.status, r.priority, CAST(r.payload AS jsonb),
            r.max_attempts, r.timeout_seconds, r.idempotency_key, r.idempotency_scope,
            r.request_hash, r.owner, coalesce(r.run_at, now()),
-           CASE WHEN r.status = 'queued' THEN now() END
+           CASE WHEN r.status = 'queued' THEN now() END, r.unique_key,
+           CASE WHEN r.unique_key IS NULL THEN NULL
+                WHEN r.unique_for IS NULL THEN CAST('infinity' AS timestamptz)
+                ELSE now() + make_interval(secs => r.unique_for) END
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
                 $7::int[], $8::float8[], $9::text[], $10::text[], $11::text[], $12::text[],
-                $13::timestamptz[]) WITH ORDINALITY
+                $13::timestamptz[], $14::text[], $15::float8[]) WITH ORDINALITY
         AS r(id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
-             idempotency_key, idempotency_scope, request_hash, owner, run_at, ord)
+             idempotency_key, idempotency_scope, request_hash, owner, run_at, unique_key,
+             unique_for, ord)
     ORDER BY r.ord
-    ON CONFLICT (idempotency_scope, idempotency_key) WHERE idempotency_key IS NOT NULL
-    DO NOTHING
+    -- any unique index: the idempotency key (uq_jobs_idempotency) or the debounce key of a
+    -- waiting job (uq_jobs_unique_waiting); resolve() tells which
+    ON CONFLICT DO NOTHING
     RETURNING id, status, owner, created_at, run_at
 ), ev AS (
     INSERT INTO job_events (job_id, event, attempt, actor)
@@ -50,7 +63,8 @@ JOB_COLUMNS = """
 j.id, j.type, j.queue, j.status, j.priority, CAST(j.payload AS text) AS payload,
 CAST(j.result AS text) AS result, j.attempts, j.max_attempts, CAST(j.errors AS text) AS errors,
 j.idempotency_key, j.idempotency_scope, j.request_hash, j.timeout_seconds, j.created_at,
-j.run_at, j.started_at, j.finished_at, j.next_attempt_at, j.schedule, j.scheduled_for
+j.run_at, j.started_at, j.finished_at, j.next_attempt_at, j.schedule, j.scheduled_for,
+j.cancel_requested_at, j.unique_key
 """
 
 _BY_KEYS = f"""
@@ -59,7 +73,25 @@ JOIN unnest($1::text[], $2::text[]) AS k(scope, key)
   ON j.idempotency_scope = k.scope AND j.idempotency_key = k.key
 """
 
+# The live holders of these debounce keys; expired ones are released in the same statement
+# (it reads the snapshot from before its own update, hence the filter on unique_until).
+_HOLDERS = f"""
+WITH k AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(scope, type, key)
+), expired AS (
+    UPDATE jobs j SET unique_until = NULL FROM k
+    WHERE j.idempotency_scope = k.scope AND j.type = k.type AND j.unique_key = k.key
+      AND j.unique_until IS NOT NULL AND j.unique_until <= now()
+    RETURNING j.id
+)
+SELECT {JOB_COLUMNS} FROM jobs j
+JOIN k ON j.idempotency_scope = k.scope AND j.type = k.type AND j.unique_key = k.key
+WHERE j.unique_until > now()
+"""
+
 Key = tuple[str, str]  # (idempotency scope, idempotency key)
+UniqueKey = tuple[str, str, str]  # (idempotency scope, type, unique key)
+MAX_ROUNDS = 5  # inserts of one job whose debounce key's holder keeps going away
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +122,8 @@ def columns(jobs: Sequence[NewJob]) -> list[list[Any]]:
         [j.request_hash for j in jobs],
         [j.owner for j in jobs],
         [j.run_at for j in jobs],
+        [j.unique_key for j in jobs],
+        [j.unique_for_seconds for j in jobs],
     ]
 
 
@@ -121,32 +155,124 @@ def _key(job: NewJob) -> Key:
     return (job.idempotency_scope, job.idempotency_key or "")
 
 
+def missing_unique(jobs: Sequence[NewJob], inserted: Mapping[UUID, object]) -> list[UniqueKey]:
+    """The debounce keys of jobs that were not inserted, and not named by one that was."""
+    taken = {_ukey(j) for j in jobs if j.id in inserted and j.unique_key is not None}
+    keys = {_ukey(j) for j in jobs if j.id not in inserted and j.unique_key is not None}
+    return sorted(keys - taken)
+
+
+def _ukey(job: NewJob) -> UniqueKey:
+    return (job.idempotency_scope, job.type, job.unique_key or "")
+
+
+async def find_holders(conn: asyncpg.Connection, keys: Sequence[UniqueKey]) -> dict[UniqueKey, Any]:
+    """The waiting jobs that hold these debounce keys now; holders whose time is up are
+    released (so the next insert of the key succeeds)."""
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        _HOLDERS, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+    )
+    return {(row["idempotency_scope"], row["type"], row["unique_key"]): row for row in rows}
+
+
+Answer = Submitted | Conflict
+
+
+async def insert_resolved(conn: asyncpg.Connection, jobs: Sequence[NewJob]) -> list[Answer]:
+    """Insert the jobs and answer each: created, the job its idempotency key or debounce key
+    names (200), or a conflict (409). Jobs whose debounce key was freed meanwhile are inserted
+    again, up to MAX_ROUNDS times in all."""
+    answers: list[Answer | None] = [None] * len(jobs)
+    todo = list(range(len(jobs)))
+    for _ in range(MAX_ROUNDS):
+        batch = [jobs[i] for i in todo]
+        inserted = await insert(conn, batch)
+        missing = missing_keys(batch, inserted)
+        existing = await find_by_keys(conn, missing) if missing else {}
+        contended = missing_unique(batch, inserted)
+        holders = await find_holders(conn, contended) if contended else {}
+        again = []
+        for i, answer in zip(todo, resolve(batch, inserted, existing, holders), strict=True):
+            if answer is None:
+                again.append(i)
+            else:
+                answers[i] = answer
+        if not again:
+            break
+        todo = again
+    return [
+        a
+        if a is not None
+        else Conflict("unique_key is contended; retry", details={"unique_key": j.unique_key})
+        for a, j in zip(answers, jobs, strict=True)
+    ]
+
+
 def resolve(
     jobs: Sequence[NewJob],
     inserted: Mapping[UUID, tuple[datetime, datetime]],
     existing: Mapping[Key, Any],
-) -> list[Submitted | Conflict]:
-    """Pair each job with its answer: created, a repeat of a job (200), or a conflict (409)."""
+    holders: Mapping[UniqueKey, Any] | None = None,
+) -> list[Answer | None]:
+    """Pair each job with its answer: created, a repeat of a job (200), a job its debounce key
+    names (200), or a conflict (409); None: its debounce key has no holder now (insert again)."""
     firsts = {_key(j): j for j in jobs if j.id in inserted and j.idempotency_key is not None}
-    answers: list[Submitted | Conflict] = []
+    held = {_ukey(j): j for j in jobs if j.id in inserted and j.unique_key is not None}
+    answers: list[Answer | None] = []
     for job in jobs:
         times = inserted.get(job.id)
         if times is not None:
             answers.append(Submitted(job.id, True, job, *times))
             continue
-        first = firsts.get(_key(job))
-        if first is not None and first.request_hash == job.request_hash:
-            created_at, run_at = inserted[first.id]
-            answers.append(Submitted(first.id, False, first, created_at, run_at))
+        if job.idempotency_key is not None:
+            answer = _by_idempotency(job, firsts, inserted, existing)
+            if answer is not None or job.unique_key is None:
+                answers.append(answer or _reused(job))
+                continue
+        if job.unique_key is None:  # skipped, though no unique index names it: as a reuse
+            answers.append(_reused(job))
             continue
-        row = existing.get(_key(job)) if first is None else None
-        if row is not None and row["request_hash"] == job.request_hash:
-            answers.append(Submitted(row["id"], False, row=row))
-            continue
-        answers.append(
-            Conflict(
-                "idempotency key was used with a different request",
-                details={"idempotency_key": job.idempotency_key},
-            )
-        )
+        answers.append(_by_unique(job, held, inserted, holders or {}))
     return answers
+
+
+def _by_idempotency(
+    job: NewJob,
+    firsts: Mapping[Key, NewJob],
+    inserted: Mapping[UUID, tuple[datetime, datetime]],
+    existing: Mapping[Key, Any],
+) -> Answer | None:
+    """The job that holds ``job``'s idempotency key, or a conflict; None: no job holds it."""
+    first = firsts.get(_key(job))
+    if first is not None:
+        if first.request_hash != job.request_hash:
+            return _reused(job)
+        return Submitted(first.id, False, first, *inserted[first.id])
+    row = existing.get(_key(job))
+    if row is None:
+        return None
+    if row["request_hash"] != job.request_hash:
+        return _reused(job)
+    return Submitted(row["id"], False, row=row)
+
+
+def _by_unique(
+    job: NewJob,
+    held: Mapping[UniqueKey, NewJob],
+    inserted: Mapping[UUID, tuple[datetime, datetime]],
+    holders: Mapping[UniqueKey, Any],
+) -> Submitted | None:
+    first = held.get(_ukey(job))
+    if first is not None:
+        return Submitted(first.id, False, first, *inserted[first.id])
+    row = holders.get(_ukey(job))
+    return None if row is None else Submitted(row["id"], False, row=row)
+
+
+def _reused(job: NewJob) -> Conflict:
+    return Conflict(
+        "idempotency key was used with a different request",
+        details={"idempotency_key": job.idempotency_key},
+    )

@@ -101,9 +101,7 @@ class Intake:
         self, conn: asyncpg.Connection, jobs: Sequence[NewJob]
     ) -> list[Submitted | Conflict]:
         async with conn.transaction():
-            inserted = await insertion.insert(conn, jobs)
-            existing = await insertion.find_by_keys(conn, insertion.missing_keys(jobs, inserted))
-            answers = insertion.resolve(jobs, inserted, existing)
+            answers = await insertion.insert_resolved(conn, jobs)
             for answer in answers:
                 if isinstance(answer, Conflict):
                     raise answer  # rolls the transaction back
@@ -147,12 +145,10 @@ class Intake:
                 waiting.answer.set_result(answer)
 
     async def _insert_group(self, jobs: list[NewJob]) -> list[Submitted | Conflict]:
-        """One autocommitted statement; the keys it skipped are looked up after it."""
+        """One autocommitted statement; the keys it skipped are looked up after it (and a job
+        whose debounce key was freed meanwhile is inserted again)."""
         async with connection(self.pool, self.acquire_timeout) as conn:
-            inserted = await insertion.insert(conn, jobs)
-            missing = insertion.missing_keys(jobs, inserted)
-            existing = await insertion.find_by_keys(conn, missing) if missing else {}
-        return insertion.resolve(jobs, inserted, existing)
+            return await insertion.insert_resolved(conn, jobs)
 
     async def _dispatch(self, answers: Sequence[Submitted]) -> None:
         """XADD the queued jobs made now (scheduled ones are sent when due); never raises."""

@@ -40,6 +40,8 @@ class NewJob:
     request_hash: str | None  # set when idempotency_key is: what makes two requests "the same"
     owner: str | None
     run_at: datetime | None  # None: now (Postgres clock)
+    unique_key: str | None = None  # debounce: one waiting job per (scope, type, unique_key)
+    unique_for_seconds: float | None = None  # how long the key holds (None: until it starts)
 
 
 def dump_json(value: Any) -> str:
@@ -113,4 +115,6 @@ def new_job(item: JobCreate, registry: Registry, principal: Principal, now: date
         request_hash=request_hash(item, payload) if key is not None else None,
         owner=principal.name,
         run_at=run_at,
+        unique_key=item.unique_key,
+        unique_for_seconds=item.unique_for_seconds,
     )

@@ -7,10 +7,11 @@ package, then those of ``CONVEYOR_HANDLER_MODULES``), so they agree.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, get_type_hints
 from uuid import UUID
 
@@ -34,6 +35,15 @@ class JobContext:
     attempt: int
     max_attempts: int
     worker: str
+    # Set by the worker when a cancel of this job was requested (before it cancels the task).
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a cancel of this job was requested: a long loop may check it and stop.
+        The handler's task is cancelled too (``CancelledError`` at its next ``await``); it may
+        catch that to clean up, within ``CONVEYOR_CANCEL_GRACE_SECONDS``."""
+        return self.cancel_event.is_set()
 
 
 class Handler(Protocol[PayloadT_contra]):

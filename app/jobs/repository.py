@@ -101,7 +101,8 @@ async def promote_due(
 
 _CANCEL = """
 WITH c AS (
-    UPDATE jobs SET status = 'cancelled', finished_at = now(), next_attempt_at = NULL
+    UPDATE jobs SET status = 'cancelled', finished_at = now(), next_attempt_at = NULL,
+        unique_until = NULL
     WHERE id = :id AND status IN ('queued', 'scheduled', 'retrying')
     RETURNING *
 ), ev AS (
@@ -118,13 +119,36 @@ async def cancel(session: AsyncSession, job_id: UUID, actor: str | None) -> JobR
     return rows[0] if rows else None
 
 
+# Only the first request of a running job is recorded (its time and actor, and one event).
+_REQUEST_CANCEL = """
+WITH c AS (
+    UPDATE jobs SET cancel_requested_at = now(), cancel_requested_by = :actor
+    WHERE id = :id AND status = 'running' AND cancel_requested_at IS NULL
+    RETURNING *
+), ev AS (
+    INSERT INTO job_events (job_id, event, attempt, actor)
+    SELECT id, 'cancel_requested', attempts, :actor FROM c
+)
+SELECT * FROM c
+"""
+
+
+async def request_cancel(session: AsyncSession, job_id: UUID, actor: str | None) -> JobRow | None:
+    """running → running with ``cancel_requested_at``: its worker sees it at its next
+    heartbeat, stops the handler and reports ``cancelled`` (unless the attempt ended first).
+    None when the job is not running or a cancel was requested already."""
+    rows = await _jobs(session, _REQUEST_CANCEL, {"id": job_id, "actor": actor})
+    return rows[0] if rows else None
+
+
 _REPLAY = """
 WITH r AS (
     SELECT id FROM jobs WHERE status = 'dead' AND dlq_removed_at IS NULL {where}
     ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
 ), upd AS (
     UPDATE jobs j SET status = 'queued', attempts = 0, result = NULL, finished_at = NULL,
-        started_at = NULL, next_attempt_at = NULL, enqueued_at = now(), dispatched_at = NULL
+        started_at = NULL, next_attempt_at = NULL, enqueued_at = now(), dispatched_at = NULL,
+        cancel_requested_at = NULL, cancel_requested_by = NULL, deferrals = 0
     FROM r WHERE j.id = r.id AND j.status = 'dead'
     RETURNING j.*
 ), ev AS (

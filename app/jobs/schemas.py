@@ -83,11 +83,31 @@ class JobCreate(BaseModel):
         default=None, strict=True, gt=0, le=86400, allow_inf_nan=False
     )
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    unique_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description=(
+            "Debounce: while a job of the same type with this key (submitted with the same API"
+            " key) is still waiting to start, a submission returns that job (200) instead of"
+            " making another."
+        ),
+    )
+    unique_for_seconds: float | None = Field(
+        default=None,
+        strict=True,
+        gt=0,
+        le=MAX_DELAY_SECONDS,
+        allow_inf_nan=False,
+        description="How long the key holds after the first submission (default: until it starts).",
+    )
 
     @model_validator(mode="after")
     def _one_schedule(self) -> JobCreate:
         if self.run_at is not None and self.delay_seconds is not None:
             raise ValueError("give run_at or delay_seconds, not both")
+        if self.unique_for_seconds is not None and self.unique_key is None:
+            raise ValueError("unique_for_seconds needs a unique_key")
         return self
 
 
@@ -149,6 +169,12 @@ class Job(BaseModel):
     schedule: str | None = Field(default=None, description="The schedule that made the job.")
     scheduled_for: datetime | None = Field(
         default=None, description="The schedule's slot it was made for (null for a trigger)."
+    )
+    cancel_requested_at: datetime | None = Field(
+        default=None, description="When a cancel was asked of the job while it ran."
+    )
+    unique_key: str | None = Field(
+        default=None, description="Debounce key it was submitted with (see JobCreate)."
     )
 
 

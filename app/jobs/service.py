@@ -21,7 +21,7 @@ from app.jobs.principal import Principal
 from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.schemas import JobCreate
-from app.jobs.status import CANCELLABLE
+from app.jobs.status import CANCELLABLE, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,21 @@ def _visible(job: JobRow, principal: Principal) -> bool:
 
 
 async def cancel(session: AsyncSession, job_id: UUID, principal: Principal) -> JobRow:
+    """A waiting job ends ``cancelled`` now; a running one is asked to stop (it stays
+    ``running`` with ``cancel_requested_at`` until its worker reports)."""
     await get(session, job_id, principal)
     job = await repository.cancel(session, job_id, principal.name)
+    if job is None:
+        job = await repository.request_cancel(session, job_id, principal.name)
     await session.commit()
     if job is not None:
-        log.info("job cancelled", extra={"job_id": str(job_id)})
+        event = "job cancelled" if job.status == JobStatus.CANCELLED else "job cancel requested"
+        log.info(event, extra={"job_id": str(job_id)})
         return job
     current = await get(session, job_id, principal)
-    if current.status in CANCELLABLE:  # raced with a promotion; the row moved under us
+    if current.status == JobStatus.RUNNING and current.cancel_requested_at is not None:
+        return current  # asked already: the same answer again
+    if current.status in CANCELLABLE or current.status == JobStatus.RUNNING:  # moved under us
         raise Conflict("job changed state; try again", details={"status": current.status})
     raise Conflict(
         f"a {current.status} job cannot be cancelled", details={"status": current.status}

@@ -9,6 +9,8 @@
         │                         │                  └─ fails, none left / permanent ──► dead
         └──────── cancel ─────────┴── cancel (queued, scheduled, retrying) ──► cancelled
                                      dead ──replay──► queued
+    running ──cancel requested (the worker stops it; or reclaim/release)──► cancelled
+    running ──RetryLater (attempt given back)──► retrying
 """
 
 from __future__ import annotations

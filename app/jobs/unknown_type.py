@@ -35,28 +35,32 @@ _DELAY = (
     "least($7::float8, greatest($6::float8,"
     " $8::float8 * extract(epoch FROM now() - greatest(j.created_at, j.run_at))::float8))"
 )
+_CANCEL = "(j.cancel_requested_at IS NOT NULL)"  # asked to cancel: never handed back
+_ENDS = f"({_CANCEL} OR {_EXPIRED})"
 _HAND_BACK = f"""
 WITH v AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, error)
 ), moved AS (
     UPDATE jobs j SET
-        status = CASE WHEN {_EXPIRED} THEN 'dead' ELSE 'retrying' END,
-        attempts = CASE WHEN {_EXPIRED} THEN j.attempts ELSE j.attempts - 1 END,
-        errors = CASE WHEN {_EXPIRED} THEN j.errors || jsonb_build_array(
+        status = CASE WHEN {_CANCEL} THEN 'cancelled' WHEN {_EXPIRED} THEN 'dead'
+            ELSE 'retrying' END,
+        attempts = CASE WHEN {_ENDS} THEN j.attempts ELSE j.attempts - 1 END,
+        errors = CASE WHEN {_ENDS} THEN j.errors || jsonb_build_array(
             v.error::jsonb || jsonb_build_object('at', now())) ELSE j.errors END,
-        next_attempt_at = CASE WHEN {_EXPIRED} THEN NULL
+        next_attempt_at = CASE WHEN {_ENDS} THEN NULL
             ELSE now() + make_interval(secs => {_DELAY}) END,
-        finished_at = CASE WHEN {_EXPIRED} THEN now() END,
-        started_at = CASE WHEN {_EXPIRED} THEN j.started_at END,
+        finished_at = CASE WHEN {_ENDS} THEN now() END,
+        started_at = CASE WHEN {_ENDS} THEN j.started_at END,
         worker = NULL, lease_expires_at = NULL
     FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
         AND j.worker = $4
     RETURNING j.id, j.status, j.attempts, j.type, j.queue, j.next_attempt_at,
-        CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors
+        CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors, j.cancel_requested_by
 ), ev AS (
-    INSERT INTO job_events (job_id, event, attempt, worker)
-    SELECT id, CASE WHEN status = 'dead' THEN 'dead' ELSE 'released' END,
-           CASE WHEN status = 'dead' THEN attempts ELSE attempts + 1 END, $4
+    INSERT INTO job_events (job_id, event, attempt, worker, actor)
+    SELECT id, CASE WHEN status = 'retrying' THEN 'released' ELSE status END,
+           CASE WHEN status = 'retrying' THEN attempts + 1 ELSE attempts END, $4,
+           CASE WHEN status = 'cancelled' THEN cancel_requested_by END
     FROM moved
 )
 SELECT * FROM moved
@@ -86,6 +90,8 @@ async def hand_back(
     )
     dead: list[Dead] = []
     for row in rows:
+        if row["status"] == "cancelled":
+            continue  # a cancel was asked: it ends here, whatever its type
         if row["status"] == "dead":
             dead.append(Dead(row["id"], row["type"], row["queue"], row["attempts"], row["errors"]))
             log.warning(

@@ -104,20 +104,6 @@ async def test_cancelled_retrying_job_is_not_retried(
     assert await events(client, job["id"]) == ["submitted", "claimed", "failed", "cancelled"]
 
 
-async def test_running_job_cannot_be_cancelled(
-    client: httpx.AsyncClient, spawn: Spawner, queue: str
-) -> None:
-    spawn.worker([queue], concurrency=1)
-    job = await submit(client, {"type": "demo.sleep", "queue": queue, "payload": {"seconds": 2}})
-    await wait_for_status(client, job["id"], {"running"}, timeout=60)
-    response = await client.post(f"/v1/jobs/{job['id']}/cancel")
-    assert response.status_code == 409
-    assert response.json()["error"] == "conflict"
-    assert response.json()["details"] == {"status": "running"}
-    done = await wait_for_status(client, job["id"], {"succeeded", "dead"}, timeout=60)
-    assert done["status"] == "succeeded"
-
-
 async def test_finished_jobs_cannot_be_cancelled(
     client: httpx.AsyncClient, spawn: Spawner, queue: str
 ) -> None:

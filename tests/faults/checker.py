@@ -32,7 +32,7 @@ from tests.faults.harness import Fault, Ledger, Supervisor
 
 TERMINAL = frozenset({"succeeded", "dead", "cancelled"})
 PROGRESS = TERMINAL | {"claimed"}
-ENDS_ATTEMPT = TERMINAL | {"failed", "reclaimed", "released"}
+ENDS_ATTEMPT = TERMINAL | {"failed", "deferred", "reclaimed", "released"}
 
 
 # -- invariants mid-run ---------------------------------------------------------------------------

@@ -65,7 +65,7 @@ async def test_a_replayed_job_claimed_by_the_same_worker_fences_off_the_old_atte
     assert (new.attempt, new.token) == (old.attempt, old.token + 1)  # same (attempts, worker)
 
     stale = Completion(job_id, old.token, '"stale"')
-    assert await attempts.extend_leases(conn, "w1", [(job_id, old.token)], 30.0) == set()
+    assert (await attempts.extend_leases(conn, "w1", [(job_id, old.token)], 30.0)).held == set()
     assert await attempts.release_many(conn, "w1", [(job_id, old.token)]) == []
     assert await attempts.complete_many(conn, "w1", [stale], NO_WAIT) == (set(), [])
     assert await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "running"

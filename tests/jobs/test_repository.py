@@ -88,7 +88,8 @@ async def extend_lease(
     s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0
 ) -> bool:
     running = [(job.id, attempt or job.claim_token)]
-    return bool(await attempts.extend_leases(await _raw(s), worker, running, LEASE_SECONDS))
+    leases = await attempts.extend_leases(await _raw(s), worker, running, LEASE_SECONDS)
+    return bool(leases.held)
 
 
 async def release(s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0) -> bool:

@@ -11,7 +11,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.url import asyncpg_dsn
-from app.errors import PermanentError
+from app.errors import PermanentError, RetryLater
 from app.jobs.registry import JobContext, job_type
 
 
@@ -219,3 +219,55 @@ async def huge_number(payload: HugeNumberPayload, ctx: JobContext) -> dict[str, 
     """Returns 10**digits: valid JSON (with PYTHONINTMAXSTRDIGITS=0), but over 131072 digits
     PostgreSQL's numeric (and so jsonb) refuses it: "value overflows numeric format"."""
     return {"n": 10**payload.digits}
+
+
+# -- cancelling running jobs and RetryLater (tests/api/test_cancel_running.py, test_defer.py) ---
+
+
+class CancellablePayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=500)
+    seconds: float = Field(default=120, ge=0, le=600)
+    swallow: bool = False  # catch the cancellation, clean up, and return a value
+
+
+@job_type("test.cancellable")
+async def cancellable(payload: CancellablePayload, ctx: JobContext) -> dict[str, object]:
+    """Loops in short sleeps, checking ``ctx.cancelled``; on the cancellation it writes what
+    it saw to ``path`` (its "clean-up"), then re-raises it or, with ``swallow``, returns."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + payload.seconds
+    with open(payload.path + ".started", "w") as f:
+        f.write(str(ctx.attempt))
+    try:
+        while loop.time() < end and not ctx.cancelled:
+            await asyncio.sleep(0.05)
+    except asyncio.CancelledError:
+        with open(payload.path, "w") as f:
+            f.write(f"CancelledError ctx.cancelled={ctx.cancelled}")
+        if not payload.swallow:
+            raise
+        return {"swallowed": True}
+    return {"finished": True, "ctx.cancelled": ctx.cancelled}
+
+
+class DeferPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(default=0.5, ge=0, le=600)
+    times: int = Field(default=2, ge=0, le=1000)  # defer on the first `times` runs
+
+
+_deferred_runs: dict[str, int] = {}
+
+
+@job_type("test.defer")
+async def defer(payload: DeferPayload, ctx: JobContext) -> dict[str, object]:
+    """Raises ``RetryLater(seconds)`` on its first ``times`` runs (counted per job, in the
+    worker process), then succeeds with the attempt it ran in and how many runs it took."""
+    key = str(ctx.job_id)
+    _deferred_runs[key] = _deferred_runs.get(key, 0) + 1
+    if _deferred_runs[key] <= payload.times:
+        raise RetryLater(payload.seconds)
+    return {"attempt": ctx.attempt, "runs": _deferred_runs[key]}

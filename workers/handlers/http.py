@@ -5,8 +5,11 @@ targets. Outcome of one attempt:
 
 - 2xx: success; the result is ``{"status", "headers", "body", "body_truncated"}`` (a few
   response headers; the body as text, cut at 64 KiB).
-- 5xx, 408, 429, and network errors (refused, reset, DNS, timeout): the attempt fails and
-  the job retries with backoff.
+- 429 or 503 with a ``Retry-After`` header (seconds or an HTTP date): the job waits that
+  long without spending an attempt (``RetryLater``; at least 1 s, at most
+  ``MAX_RETRY_AFTER_SECONDS``, one hour; and at most ``CONVEYOR_MAX_DEFERRALS`` times).
+- 5xx, 408, 429 (without a usable ``Retry-After``), and network errors (refused, reset, DNS,
+  timeout): the attempt fails and the job retries with backoff.
 - any other status (4xx, an unusable redirect): permanent failure, no further attempts.
 
 Every request carries ``Conveyor-Job-Id``, ``Conveyor-Attempt``, ``Conveyor-Timestamp`` (Unix
@@ -40,6 +43,7 @@ worker.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import json
@@ -47,12 +51,13 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.errors import PermanentError
+from app.errors import PermanentError, RetryLater
 from app.jobs.registry import JobContext, job_type
 from app.settings import get_settings
 from workers.handlers.destinations import (
@@ -69,6 +74,10 @@ MAX_RESPONSE_BYTES = 64 * 1024
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 RETRYABLE = frozenset({408, 429})
+DEFERRING = frozenset({429, 503})  # with Retry-After: wait as told, spending no attempt
+MAX_RETRY_AFTER_SECONDS = 3600.0
+MIN_RETRY_AFTER_SECONDS = 1.0
+DELTA_SECONDS = re.compile(r"^\d+$")
 KEPT_HEADERS = ("content-type", "content-length", "location", "etag", "retry-after")
 RESERVED_HEADERS = frozenset(
     {
@@ -235,6 +244,25 @@ def _text(body: bytes) -> str:
     return body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date), within
+    1 s .. MAX_RETRY_AFTER_SECONDS; None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if DELTA_SECONDS.match(value):
+        seconds = float(value[:12])  # beyond 12 digits it is capped anyway
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # an HTTP date is GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now
+    return min(max(seconds, MIN_RETRY_AFTER_SECONDS), MAX_RETRY_AFTER_SECONDS)
+
+
 def _outcome(reply: Reply, host: str) -> dict[str, Any]:
     if 200 <= reply.status < 300:
         return {
@@ -244,6 +272,10 @@ def _outcome(reply: Reply, host: str) -> dict[str, Any]:
             "body_truncated": reply.truncated,
         }
     message = f"HTTP {reply.status} from {host}: {_text(reply.body[:300])}"
+    if reply.status in DEFERRING:
+        wait = retry_after(reply.headers.get("retry-after"), time.time())
+        if wait is not None:
+            raise RetryLater(wait, f"{message} (Retry-After: {wait:g}s)")
     if reply.status >= 500 or reply.status in RETRYABLE:
         raise HttpRequestFailed(message)
     raise PermanentError(message)
@@ -270,8 +302,9 @@ async def _follow(client: httpx.AsyncClient, first: Request, ctx: JobContext) ->
 
 @job_type("http.request", timeout_seconds=330)
 async def http_request(payload: HttpRequestPayload, ctx: JobContext) -> dict[str, Any]:
-    """Calls `url`: 2xx succeeds; 5xx, 408, 429 and network errors retry; other statuses fail
-    permanently. Off unless CONVEYOR_HTTP_ALLOWED_HOSTS lists the host. Each request carries
+    """Calls `url`: 2xx succeeds; 429 or 503 with Retry-After waits as told without spending
+    an attempt; 5xx, 408, 429 and network errors retry; other statuses fail permanently.
+    Off unless CONVEYOR_HTTP_ALLOWED_HOSTS lists the host. Each request carries
     Conveyor-Job-Id, Conveyor-Attempt, Conveyor-Timestamp and Conveyor-Signature: sha256=<hex
     HMAC-SHA256 of "{timestamp}.{job_id}.{attempt}.{body}" keyed with
     CONVEYOR_HTTP_SIGNING_SECRET>. A redirect to another origin gets neither the signature nor

@@ -108,12 +108,21 @@ async def get_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) ->
     return Job.model_validate(await service.get(session, job_id, principal), context=principal.view)
 
 
-@router.post("/{job_id}/cancel", responses=ERRORS)
-async def cancel_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) -> Job:
-    """Cancel a queued, scheduled or retrying job. Running or finished jobs give 409."""
-    return Job.model_validate(
-        await service.cancel(session, job_id, principal), context=principal.view
-    )
+@router.post(
+    "/{job_id}/cancel",
+    responses={202: {"model": Job, "description": "A running job asked to stop"}, **ERRORS},
+)
+async def cancel_job(
+    job_id: UUID, session: SessionDep, principal: PrincipalDep, response: Response
+) -> Job:
+    """Cancel a job. A queued, scheduled or retrying job is `cancelled` at once (200). A
+    running job is asked to stop (202, still `running` with `cancel_requested_at`): its
+    worker cancels the handler within one heartbeat interval and the job ends `cancelled`,
+    unless the attempt finished first (it keeps that outcome). A finished job gives 409."""
+    job = await service.cancel(session, job_id, principal)
+    if job.status == JobStatus.RUNNING:
+        response.status_code = 202
+    return Job.model_validate(job, context=principal.view)
 
 
 @router.get("/{job_id}/events", responses=ERRORS)
