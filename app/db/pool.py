@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from app.db.url import asyncpg_dsn, server_settings
+from app.db.url import asyncpg_dsn, server_settings, statement_cache_args
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ async def create_pool(
     settings: Settings, *, max_size: int | None = None, application_name: str = API
 ) -> asyncpg.Pool:
     """A lazily filled pool of at most ``max_size`` connections (default
-    ``CONVEYOR_DB_POOL_SIZE``), named ``application_name`` in ``pg_stat_activity``."""
+    ``CONVEYOR_DB_POOL_SIZE``), named ``application_name`` in ``pg_stat_activity``. Behind a
+    transaction pooler it keeps no prepared statement past its transaction (ADR 0020)."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         asyncpg_dsn(settings.database_url),
         min_size=0,
@@ -81,5 +82,6 @@ async def create_pool(
         max_inactive_connection_lifetime=300,
         reset=_keep,
         server_settings=server_settings(settings, application_name),
+        **statement_cache_args(settings),
     )
     return pool
