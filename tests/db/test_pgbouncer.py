@@ -5,6 +5,7 @@ prepared statement past its transaction, and the whole lifecycle and a load run 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,8 +17,8 @@ import pytest
 from sqlalchemy import text
 
 from app.db.engine import create_engine
-from app.db.pool import WORKER, create_pool
-from app.db.url import asyncpg_dsn, pooled_session_sql, server_settings
+from app.db.pool import WORKER, create_pool, warn_of_missing_timeouts
+from app.db.url import asyncpg_dsn, pooled_session_sql, server_settings, session_timeouts
 from app.settings import Settings
 from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_until
 from tests.support import db
@@ -149,6 +150,39 @@ async def test_the_default_settings_are_refused_and_the_pooled_ones_pass(
     finally:
         await pool.close()
         await engine.dispose()
+
+
+async def test_a_warning_names_the_timeouts_the_role_lacks(
+    backends: Backends, settings: Settings, bouncer: PgBouncer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind the pooler the timeouts cannot be sent: the pool says which the server's defaults
+    lack and what to run, and is quiet once they are set (here on the database)."""
+    database = str(bouncer.upstream.database)
+    narrow = settings.model_copy(update={"database_url": bouncer.url("narrow")})
+    bouncer.admin("RECONNECT narrow")  # server connections opened from now on
+    with caplog.at_level(logging.WARNING, logger="app.db.pool"):
+        pool = await create_pool(narrow, max_size=1, application_name=WORKER)
+    try:
+        assert await warn_of_missing_timeouts(pool, narrow) == [
+            "idle_in_transaction_session_timeout",
+            "statement_timeout",
+        ]
+        assert "ALTER ROLE" in caplog.text and "idle_in_transaction_session_timeout" in caplog.text
+        timeouts = session_timeouts(narrow)
+        for name, value in timeouts.items():
+            await db.execute(
+                backends.database_url, f'ALTER DATABASE "{database}" SET {name} = {value}'
+            )
+        try:
+            bouncer.admin("RECONNECT narrow")
+            await pool.expire_connections()
+            assert await warn_of_missing_timeouts(pool, narrow) == []
+        finally:
+            for name in timeouts:
+                await db.execute(backends.database_url, f'ALTER DATABASE "{database}" RESET {name}')
+    finally:
+        await pool.close()
+        bouncer.admin("RECONNECT narrow")
 
 
 @pytest.mark.timeout(180)

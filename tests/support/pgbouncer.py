@@ -105,7 +105,13 @@ pidfile = {self.dir / "pgbouncer.pid"}
         raise RuntimeError(f"pgbouncer did not listen on {self.port}:\n{self.output()}")
 
     def show(self, what: str) -> list[dict[str, str]]:
-        """``SHOW <what>`` on the admin console (simple query protocol only, hence psql)."""
+        """``SHOW <what>`` on the admin console."""
+        lines = self.admin(f"SHOW {what}").splitlines()
+        header = lines[0].split(",")
+        return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
+
+    def admin(self, command: str) -> str:
+        """A command on the admin console (simple query protocol only, hence psql), as CSV."""
         psql = psql_binary()
         assert psql, "psql is not installed"
         env = dict(os.environ)
@@ -113,10 +119,8 @@ pidfile = {self.dir / "pgbouncer.pid"}
             env["PGPASSWORD"] = self.upstream.password
         argv = [psql, "-h", "127.0.0.1", "-p", str(self.port), "-U"]
         argv += [self.upstream.username or "postgres", "-d", "pgbouncer", "--csv", "-c"]
-        done = subprocess.run([*argv, f"SHOW {what}"], env=env, capture_output=True, check=True)
-        lines = done.stdout.decode().splitlines()
-        header = lines[0].split(",")
-        return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
+        done = subprocess.run([*argv, command], env=env, capture_output=True, check=True)
+        return done.stdout.decode()
 
     def output(self) -> str:
         parts = [self.dir / "stdout.log", self.dir / "pgbouncer.log"]
