@@ -6,6 +6,8 @@ CRD outside those schemas: its shape is checked here instead."""
 from __future__ import annotations
 
 import copy
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +99,12 @@ def test_compose_cluster_profile_builds_a_redis_cluster(compose: dict[str, Any])
         assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     creators = [n for n, s in services.items() if "--cluster create" in str(s.get("command"))]
     assert len(creators) == 1, creators
-    script = " ".join(services[creators[0]]["command"])
-    for name in nodes:
-        assert f"{name}:6379" in script, f"{name} is not joined to the cluster"
+    script = " ".join(services[creators[0]]["command"]).replace("$$", "$")  # compose's escape
+    subprocess.run(["sh", "-n", "-c", script], check=True)  # a valid shell script
+    loop = re.search(r"for n in ([\d ]+); do\s+nodes=.*redis-node-\$n ", script)
+    assert loop, script
+    assert {f"redis-node-{n}" for n in loop.group(1).split()} == set(nodes)
+    assert "--cluster-replicas 1" in script
     assert set(services[creators[0]]["depends_on"]) == set(nodes)
     url = compose["x-conveyor-cluster"]["environment"]["CONVEYOR_REDIS_URL"]
     assert url.split("//")[1].split(":")[0] in nodes
