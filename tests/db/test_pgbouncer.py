@@ -230,7 +230,7 @@ async def test_a_load_through_pgbouncer(
     backends: Backends, spawn: Spawner, api: httpx.AsyncClient, queue: str
 ) -> None:
     """300 jobs (single submissions, 20 at a time, and a batch) through one API and two
-    worker processes behind PgBouncer: each ends succeeded, run exactly once."""
+    worker processes behind PgBouncer: each ends succeeded, in one attempt."""
     spawn.worker([queue], concurrency=16)
     spawn.worker([queue], concurrency=16)
     started = time.monotonic()
