@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,14 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout_seconds: float = Field(default=2.0, gt=0)
     db_statement_timeout_ms: int = Field(default=15000, ge=0)
+    # What sits between Conveyor and Postgres (ADR 0020). `transaction`: a pooler that hands a
+    # server connection out per transaction (PgBouncer pool_mode=transaction), which carries
+    # no session state: no session settings are sent and asyncpg's statement cache is off.
+    db_pooler: Literal["none", "transaction"] = "none"
+    # asyncpg's prepared-statement cache; unset: on, except behind a transaction pooler. Set it
+    # true behind a pooler that carries protocol-level prepared statements (PgBouncer >= 1.21
+    # with max_prepared_statements > 0) to keep the fast path.
+    db_statement_cache: bool | None = None
     redis_timeout_seconds: float = Field(default=2.0, gt=0)
     rate_limit_per_second: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=0, ge=0)
@@ -61,6 +70,13 @@ class Settings(BaseSettings):
     keepalive_seconds: int = Field(default=75, ge=1)
     http_signing_secret: str | None = None
     log_level: str = "INFO"
+
+    @property
+    def db_statement_cache_enabled(self) -> bool:
+        """Whether connections may keep named prepared statements across transactions."""
+        if self.db_statement_cache is not None:
+            return self.db_statement_cache
+        return self.db_pooler == "none"
 
     @property
     def handler_module_list(self) -> list[str]:

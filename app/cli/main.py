@@ -66,7 +66,8 @@ def _dev(args: argparse.Namespace) -> int:
     return run_dev(args.host, args.port, args.data_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``conveyor`` command line (deployment files are checked against it)."""
     parser = argparse.ArgumentParser(prog="conveyor", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     from app.cli.operator_commands import add_operator_commands
 
     add_operator_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result: int = args.func(args)
     return result

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from app.db.url import server_settings
+from app.db.url import engine_statement_args, server_settings
 from app.settings import Settings
 
 
@@ -24,6 +24,7 @@ def create_engine(settings: Settings, *, pre_ping: bool = True) -> AsyncEngine:
         "timeout": 5,
         "command_timeout": 30,
         "server_settings": server_settings(settings, "conveyor"),
+        **engine_statement_args(settings),  # behind a transaction pooler (ADR 0020)
     }
     return create_async_engine(
         settings.database_url,

@@ -18,7 +18,13 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from app.db.url import asyncpg_dsn, server_settings
+from app.db.url import (
+    asyncpg_dsn,
+    pooled_session_sql,
+    server_settings,
+    session_timeouts,
+    statement_cache_args,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,7 +77,8 @@ async def create_pool(
     settings: Settings, *, max_size: int | None = None, application_name: str = API
 ) -> asyncpg.Pool:
     """A lazily filled pool of at most ``max_size`` connections (default
-    ``CONVEYOR_DB_POOL_SIZE``), named ``application_name`` in ``pg_stat_activity``."""
+    ``CONVEYOR_DB_POOL_SIZE``), named ``application_name`` in ``pg_stat_activity``. Behind a
+    transaction pooler it keeps no prepared statement past its transaction (ADR 0020)."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         asyncpg_dsn(settings.database_url),
         min_size=0,
@@ -81,5 +88,32 @@ async def create_pool(
         max_inactive_connection_lifetime=300,
         reset=_keep,
         server_settings=server_settings(settings, application_name),
+        **statement_cache_args(settings),
     )
+    if settings.db_pooler == "transaction":
+        await warn_of_missing_timeouts(pool, settings)
     return pool
+
+
+async def warn_of_missing_timeouts(pool: asyncpg.Pool, settings: Settings) -> list[str]:
+    """Behind a transaction pooler Conveyor cannot send its session timeouts (ADR 0020): log a
+    warning naming the statements to run when the server's own defaults are not the same, and
+    return the names of the timeouts that differ. Postgres out of reach: nothing to say."""
+    wanted = session_timeouts(settings)
+    try:
+        async with connection(pool, acquire_timeout=5) as conn:
+            shown = {
+                name: await conn.fetchval("SELECT setting FROM pg_settings WHERE name = $1", name)
+                for name in wanted
+            }
+            role = await conn.fetchval("SELECT current_user")
+    except UNAVAILABLE:
+        return []
+    differ = sorted(name for name, value in wanted.items() if shown[name] != value)
+    if differ:
+        log.warning(
+            "behind a transaction pooler Conveyor cannot set %s on its connections; run: %s",
+            ", ".join(differ),
+            "; ".join(pooled_session_sql(settings, str(role))),
+        )
+    return differ
