@@ -9,7 +9,7 @@ from typing import Any
 
 from app.errors import PermanentError
 from app.jobs.attempts import Claim, Completion, ErrorRecord
-from app.jobs.registry import JobContext, JobType, Registry
+from app.jobs.registry import JobContext, JobType, ProgressSink, Registry
 
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
@@ -67,7 +67,12 @@ def timeout_for(job: Claim, job_type: JobType, default: float | None) -> float |
 
 
 async def execute(
-    job: Claim, registry: Registry, worker: str, *, default_timeout: float | None = None
+    job: Claim,
+    registry: Registry,
+    worker: str,
+    *,
+    default_timeout: float | None = None,
+    progress: ProgressSink | None = None,
 ) -> Completion:
     """Run the job's handler once; ``timeout`` and every exception become a failed attempt."""
     job_type = registry.find(job.type)
@@ -75,7 +80,7 @@ async def execute(
         message = f"unknown job type {job.type!r}"
         error = error_record(job.attempt, worker, message, "UnknownType")
         return Completion(job.id, job.token, None, error, unknown_type=True)
-    ctx = JobContext(job.id, job.type, job.queue, job.attempt, job.max_attempts, worker)
+    ctx = JobContext(job.id, job.type, job.queue, job.attempt, job.max_attempts, worker, progress)
     deadline = asyncio.timeout(timeout_for(job, job_type, default_timeout))
     try:
         payload = job_type.model.model_validate_json(job.payload)

@@ -27,6 +27,7 @@ from app.streams.client import Delivery
 from workers.context import Attempt, Running, WorkerContext
 from workers.execution import execute
 from workers.maintenance import Maintenance
+from workers.progress import ProgressWriter
 from workers.reporter import Reporter
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,12 @@ class Reader:
         registry: Registry,
         reporter: Reporter,
         maintenance: Maintenance,
+        progress: ProgressWriter,
     ) -> None:
         self.ctx = ctx
         self.registry = registry
         self.reporter = reporter
+        self.progress = progress
         self.maintenance = maintenance  # fails lapsed attempts, repairs vanished entries
         idle = ctx.settings.claim_idle_seconds
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
@@ -190,6 +193,7 @@ class Reader:
             entry = Running(job, fresh.pop(job.id))
             running.add(entry)
             entry.task = asyncio.create_task(self._run(entry))
+        await ctx.changes.publish((), [job.id for job in claimed])  # wakes SSE followers
         # The rest were taken, cancelled or finished: their entries are done with.
         await ctx.stream.ack([*fresh.values(), *batch.dropped])
 
@@ -227,7 +231,9 @@ class Reader:
             self.registry,
             self.ctx.name,
             default_timeout=self.ctx.settings.default_timeout_seconds,
+            progress=self.progress.sink(entry.attempt),
         )
+        self.progress.discard(entry.attempt)
         self.reporter.put(completion, entry)
 
     # -- handing back on shutdown ------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from uuid import UUID
 
 from app.db import errors as db_errors
 from app.jobs import attempts, unknown_type
@@ -120,6 +121,7 @@ class Reporter:
                     )
                 moved |= handed
                 dead += gone
+        await self._announce(known, moved, dead)
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
         # (or to XAUTOCLAIM, whose claim then drops it).
         try:
@@ -131,6 +133,16 @@ class Reporter:
         if stale:
             log.info("%d outcome(s) fenced off: a newer attempt or a cancel won", stale)
         ctx.running.finished([e.attempt for _, e in batch])
+
+    async def _announce(
+        self, known: Sequence[Completion], moved: set[UUID], dead: Sequence[Dead]
+    ) -> None:
+        """One job-change message for the batch: the jobs that are terminal now (succeeded or
+        dead) wake the API's ``?wait=`` requests; the others (retrying, handed back) only the
+        followers of their events."""
+        terminal = {c.id for c in known if c.error is None and c.id in moved}
+        terminal.update(d.id for d in dead)
+        await self.ctx.changes.publish(terminal, moved - terminal)
 
     async def dead_lettered(self, jobs: Sequence[Dead]) -> None:
         """Tell ``<prefix>:dlq`` (a notification: the DLQ of record is the ``dead`` status)."""

@@ -114,6 +114,8 @@ class JobRow(Base):
     # The schedule that made the job and the slot it was made for (NULL for a trigger).
     schedule: Mapped[str | None] = mapped_column(Text, nullable=True)
     scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The latest progress of the running attempt: {"value": 0..1, "message": str | None}.
+    progress: Mapped[Json | None] = mapped_column(JSONB, nullable=True)
 
     __table_args__ = (
         CheckConstraint(f"status IN {ALL_SQL}", name="status_valid"),

@@ -126,6 +126,13 @@ class JobError(BaseModel):
     _internal = field_validator("traceback", "worker")(internal)
 
 
+class JobProgress(BaseModel):
+    """The latest progress a running attempt reported (``await ctx.progress(...)``)."""
+
+    value: float = Field(ge=0, le=1)
+    message: str | None = None
+
+
 class Job(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -149,6 +156,10 @@ class Job(BaseModel):
     schedule: str | None = Field(default=None, description="The schedule that made the job.")
     scheduled_for: datetime | None = Field(
         default=None, description="The schedule's slot it was made for (null for a trigger)."
+    )
+    progress: JobProgress | None = Field(
+        default=None,
+        description="The latest progress its handler reported (cleared when an attempt starts).",
     )
 
 

@@ -219,3 +219,19 @@ async def huge_number(payload: HugeNumberPayload, ctx: JobContext) -> dict[str, 
     """Returns 10**digits: valid JSON (with PYTHONINTMAXSTRDIGITS=0), but over 131072 digits
     PostgreSQL's numeric (and so jsonb) refuses it: "value overflows numeric format"."""
     return {"n": 10**payload.digits}
+
+
+class ProgressPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=4, ge=1, le=100_000)
+    pause: float = Field(default=0.5, ge=0, le=60)
+
+
+@job_type("test.progress")
+async def report_progress(payload: ProgressPayload, ctx: JobContext) -> dict[str, int]:
+    """Reports ``step i of n`` after each pause; the result counts the steps."""
+    for step in range(1, payload.steps + 1):
+        await asyncio.sleep(payload.pause)
+        await ctx.progress(step / payload.steps, f"step {step} of {payload.steps}")
+    return {"steps": payload.steps}
