@@ -214,3 +214,29 @@ async def test_a_missed_notification_is_covered_by_the_slow_recheck(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_cancel_in_one_api_process_wakes_a_waiter_in_another(
+    backends: Backends, spawn: Spawner, queue: str
+) -> None:
+    """`conveyor api --workers N`, or several hosts: each process subscribes by itself, and
+    a transition made in one wakes the waiters of all (the re-check is out of reach here)."""
+    settings = make_settings(backends, wait_recheck_seconds=60.0)
+    _, url_a = spawn.api(settings=settings)
+    _, url_b = spawn.api(settings=settings)
+    async with (
+        httpx.AsyncClient(base_url=url_a, headers=CLIENT_HEADERS, timeout=60) as a,
+        httpx.AsyncClient(base_url=url_b, headers=CLIENT_HEADERS, timeout=60) as b,
+    ):
+        job = await submit(a, {"type": "demo.echo", "queue": queue})
+        await asyncio.sleep(2)  # both subscriptions are up (they connect at start)
+        waiting = asyncio.ensure_future(b.get(f"/v1/jobs/{job['id']}", params={"wait": 45}))
+        await asyncio.sleep(1)
+        assert not waiting.done()
+        assert (await a.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
+        started = time.monotonic()
+        r = await asyncio.wait_for(waiting, 50)
+        took = time.monotonic() - started
+    print(f"\nwaiter in the other process answered {took:.2f}s after the cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert took < 20, took
