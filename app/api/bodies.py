@@ -25,6 +25,7 @@ WAIT_DESCRIPTION = (
     "Wait up to this many seconds (0 < S <= 60) for the job to finish: answered as soon as it"
     " is terminal, or with its current state when the time runs out."
 )
+_POST_WAIT = WAIT_DESCRIPTION + " A job finished in time is answered with 200."
 _WAIT = TypeAdapter(Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)])
 
 SUBMIT_OPENAPI: dict[str, Any] = {
@@ -33,8 +34,8 @@ SUBMIT_OPENAPI: dict[str, Any] = {
             "name": "wait",
             "in": "query",
             "required": False,
-            "description": WAIT_DESCRIPTION + " A job finished in time is answered with 200.",
-            "schema": {"title": "Wait", **_WAIT.json_schema()},
+            "schema": {"description": _POST_WAIT, "title": "Wait", **_WAIT.json_schema()},
+            "description": _POST_WAIT,
         },
         {
             "name": IDEMPOTENCY_HEADER,
