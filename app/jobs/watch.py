@@ -3,9 +3,9 @@
 One :class:`Watch` per API process holds a dict ``job id → waiters`` (each an
 :class:`asyncio.Event`). Two things wake them, and no waiter ever polls Postgres alone:
 
-- the process's one subscription to ``P:jobs-changed`` (:mod:`app.streams.notify`), fed by the
-  workers' claim, completion, reclaim and progress batches and by the API's own terminal
-  transitions (which also wake this process's waiters directly, Redis or not);
+- the process's one subscription to ``P:jobs-changed`` (:mod:`app.streams.notify`), fed by
+  the workers' claim, completion, reclaim, promotion and progress batches and by the API's
+  own terminal transitions (which also wake this process's waiters directly, Redis or not);
 - a slow re-check: every ``CONVEYOR_WAIT_RECHECK_SECONDS`` one statement asks Postgres which
   of all the jobs waited on in this process are terminal (or gone). It covers a lost message
   and a Redis outage; a waiter then answers late, never wrongly.

@@ -2,11 +2,12 @@
 
 A message is a wake-up, never a record: ``{"t": [ids], "c": [ids]}``, the jobs that reached a
 terminal status (``t``) and those that changed otherwise (``c``: claimed, failed and
-retrying, progress). The workers publish one message per batch they write (claims,
-completions, reclaims, progress); the API publishes its own terminal transitions (cancel).
-Every API process subscribes once (:class:`Subscriber`) and wakes its in-process waiters
-(:mod:`app.jobs.watch`). A lost message (Redis down, a subscriber reconnecting) only delays
-those waiters until their slow re-check reads Postgres; publishing never fails a caller.
+retrying, promoted, progress). The workers publish one message per batch they write
+(claims, completions, reclaims, promotions, progress); the API publishes its own terminal
+transitions (cancel). Every API process subscribes once (:class:`Subscriber`) and wakes its
+in-process waiters (:mod:`app.jobs.watch`). A lost message (Redis down, a subscriber
+reconnecting) only delays those waiters until their slow re-check reads Postgres;
+publishing never fails a caller.
 """
 
 from __future__ import annotations

@@ -133,3 +133,19 @@ async def test_progress_is_on_the_job_while_it_runs(
     done = await client.get(f"/v1/jobs/{job['id']}", params={"wait": 30})
     assert done.json()["status"] == "succeeded"
     assert done.json()["progress"]["value"] >= seen["progress"]["value"]
+
+
+async def test_a_retried_job_streams_every_attempt(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str
+) -> None:
+    spawn.worker([queue], name="follow-retry")
+    job = await submit(client, {"type": "demo.fail", "queue": queue, "payload": {"fail_times": 1}})
+    events = await asyncio.wait_for(read_stream(client, job["id"]), 90)
+    assert [e["event"] for _, e in events] == [
+        "submitted",
+        "claimed",
+        "failed",
+        "promoted",
+        "claimed",
+        "succeeded",
+    ]
