@@ -149,3 +149,13 @@ async def test_a_retried_job_streams_every_attempt(
         "claimed",
         "succeeded",
     ]
+
+
+async def test_last_event_id_resumes_after_that_event(
+    client: httpx.AsyncClient, queue: str
+) -> None:
+    job = await submit(client, {"type": "demo.echo", "queue": queue})
+    assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
+    [(_, submitted), (_, cancelled)] = await read_stream(client, job["id"])
+    resumed = await read_stream(client, job["id"], {"Last-Event-ID": str(submitted["id"])})
+    assert [e for _, e in resumed] == [cancelled]
