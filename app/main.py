@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.api import errors
 from app.api.auth import Authenticator, parse_keys
@@ -27,11 +28,13 @@ from app.jobs.intake import Intake
 from app.jobs.layout import Layout
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.schemas import JobCreate
+from app.jobs.watch import Watch
 from app.logs import configure as configure_logging
 from app.settings import Settings, get_settings
 from app.streams.client import StreamClient
 from app.streams.connection import create_redis
 from app.streams.keys import Keys
+from app.streams.notify import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +90,17 @@ def _lifespan(
         pool = await create_pool(settings)
         intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
         auth.bind(sessions)
+        watch = _watch(settings, sessions, stream)
+        watch.start()
         app.state.conveyor = AppState(
-            settings, engine, sessions, stream, dispatcher, registry, auth, intake
+            settings, engine, sessions, stream, dispatcher, registry, auth, intake, watch
         )
         if server:
             settle_gc()
         try:
             yield
         finally:
+            await watch.stop()
             await layout.stop(layout_check)
             await intake.close()
             await dispatcher.stop()
@@ -103,6 +109,22 @@ def _lifespan(
             await engine.dispose()
 
     return lifespan
+
+
+def _watch(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], stream: StreamClient
+) -> Watch:
+    """This process's waiters, its subscription to job changes and its slow re-check."""
+
+    channel = stream.keys.changes
+    return Watch(
+        sessions,
+        Publisher(stream.redis, channel),
+        settings.redis_url,
+        channel,
+        settings.wait_recheck_seconds,
+        settings.redis_timeout_seconds,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     allowed_hosts: str = "localhost,127.0.0.1,[::1]"
     keepalive_seconds: int = Field(default=75, ge=1)
     http_signing_secret: str | None = None
+    # How often an API process asks Postgres, in one statement, which of the jobs its
+    # ``?wait=`` requests wait for are done (covers a lost notification or Redis down).
+    wait_recheck_seconds: float = Field(default=2.0, gt=0, le=60)
     log_level: str = "INFO"
 
     @property

@@ -99,11 +99,12 @@ def test_configuration_defaults_match_the_code() -> None:
     assert wrong == {}, "README default differs from app/settings.py"
 
 
-def test_curl_example_submits_demo_echo_and_polls_it() -> None:
+def test_curl_example_submits_demo_echo_and_waits_for_it() -> None:
     section = _section("Submit a job and watch it")
     assert re.search(r"curl .*http://127\.0\.0\.1:8000/v1/jobs", section)
     assert '"type": "demo.echo"' in section
-    assert re.search(r"curl .*/v1/jobs/\$id", section)
+    assert re.search(r"curl .*/v1/jobs/\$id\?wait=", section)
+    assert re.search(r"curl .*/v1/jobs/\$id/events\?follow=true", section)
 
 
 def test_relative_links_point_at_files() -> None:

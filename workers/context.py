@@ -23,6 +23,7 @@ from app.jobs.repository import Backoff
 from app.settings import Settings
 from app.streams.client import Delivery, StreamClient
 from app.streams.keys import Keys
+from app.streams.notify import Publisher
 
 Attempt = tuple[UUID, int]  # (job id, claim token): one attempt, never repeated
 
@@ -166,6 +167,11 @@ class WorkerContext:
     @property
     def keys(self) -> Keys:
         return self.stream.keys
+
+    @property
+    def changes(self) -> Publisher:
+        """The job-change channel that wakes the API's waiters (app/streams/notify.py)."""
+        return Publisher(self.stream.redis, self.keys.changes)
 
     @property
     def lease_seconds(self) -> float:

@@ -9,7 +9,7 @@ from typing import Any
 
 from app.errors import PermanentError, RetryLater
 from app.jobs.attempts import Claim, Completion, ErrorRecord
-from app.jobs.registry import JobContext, JobType, Registry
+from app.jobs.registry import JobContext, JobType, ProgressSink, Registry
 
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
@@ -85,6 +85,7 @@ async def execute(
     *,
     default_timeout: float | None = None,
     cancel: asyncio.Event | None = None,
+    progress: ProgressSink | None = None,
 ) -> Completion:
     """Run the job's handler once; ``timeout`` and every exception become a failed attempt,
     ``RetryLater`` a deferral. ``cancel``: the event a cancel request sets (``ctx.cancelled``).
@@ -102,6 +103,7 @@ async def execute(
         job.max_attempts,
         worker,
         cancel_event=cancel if cancel is not None else asyncio.Event(),
+        progress_sink=progress,
     )
     deadline = asyncio.timeout(timeout_for(job, job_type, default_timeout))
     try:

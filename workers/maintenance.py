@@ -172,6 +172,8 @@ class Maintenance:
                     limit=RECLAIM_BATCH,
                 )
             total += len(rows)
+            dead = [r.id for r in rows if r.status == JobStatus.DEAD]
+            await self.ctx.changes.publish(dead, [r.id for r in rows if r.status != JobStatus.DEAD])
             for row in rows:
                 log.info(
                     "reclaimed job from a lost worker",

@@ -28,6 +28,7 @@ from workers.cancellation import report
 from workers.context import Attempt, Running, WorkerContext
 from workers.execution import cancelled, execute
 from workers.maintenance import Maintenance
+from workers.progress import ProgressWriter
 from workers.reporter import Reporter
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,12 @@ class Reader:
         registry: Registry,
         reporter: Reporter,
         maintenance: Maintenance,
+        progress: ProgressWriter,
     ) -> None:
         self.ctx = ctx
         self.registry = registry
         self.reporter = reporter
+        self.progress = progress
         self.maintenance = maintenance  # fails lapsed attempts, repairs vanished entries
         idle = ctx.settings.claim_idle_seconds
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
@@ -193,6 +196,7 @@ class Reader:
             entry = Running(job, fresh.pop(job.id))
             running.add(entry)
             entry.task = asyncio.create_task(self._run(entry))
+        await ctx.changes.publish((), [job.id for job in claimed])  # wakes SSE followers
         # The rest were taken, cancelled or finished: their entries are done with.
         await ctx.stream.ack([*fresh.values(), *batch.dropped])
 
@@ -232,12 +236,15 @@ class Reader:
                 self.ctx.name,
                 default_timeout=self.ctx.settings.default_timeout_seconds,
                 cancel=entry.cancel,
+                progress=self.progress.sink(entry.attempt),
             )
         except asyncio.CancelledError:
+            self.progress.discard(entry.attempt)
             if not entry.cancel.is_set():
                 raise  # shutdown: the attempt is handed back
             completion = cancelled(entry.job)
         else:
+            self.progress.discard(entry.attempt)
             task = asyncio.current_task()
             if entry.cancel.is_set() and task is not None and task.cancelling():
                 completion = cancelled(entry.job)  # it caught the cancellation and returned

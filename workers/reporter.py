@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from uuid import UUID
 
 from app.db import errors as db_errors
 from app.jobs import attempts, unknown_type
@@ -128,6 +129,7 @@ class Reporter:
                     )
                 moved |= handed
                 dead += gone
+        await self._announce(known, moved, dead)
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
         # (or to XAUTOCLAIM, whose claim then drops it).
         try:
@@ -139,6 +141,17 @@ class Reporter:
         if stale:
             log.info("%d outcome(s) fenced off: a newer attempt or a cancel won", stale)
         ctx.running.finished([e.attempt for _, e in batch])
+
+    async def _announce(
+        self, known: Sequence[Completion], moved: set[UUID], dead: Sequence[Dead]
+    ) -> None:
+        """One job-change message for the batch: the jobs that are terminal now (succeeded or
+        dead, or cancelled) wake the API's ``?wait=`` requests; the others (retrying, handed
+        back) only the followers of their events. (A failure with attempts left that a cancel
+        request turned into ``cancelled`` is left to the API's slow re-check.)"""
+        terminal = {c.id for c in known if (c.error is None or c.cancelled) and c.id in moved}
+        terminal.update(d.id for d in dead)
+        await self.ctx.changes.publish(terminal, moved - terminal)
 
     async def dead_lettered(self, jobs: Sequence[Dead]) -> None:
         """Tell ``<prefix>:dlq`` (a notification: the DLQ of record is the ``dead`` status)."""

@@ -26,6 +26,7 @@ from app.streams.keys import Keys
 from workers import shutdown
 from workers.context import RunningSet, WorkerConfig, WorkerContext
 from workers.maintenance import Maintenance
+from workers.progress import ProgressWriter
 from workers.reader import READ_BLOCK_MS, Reader
 from workers.reporter import Reporter
 
@@ -57,7 +58,8 @@ class Worker:
         self.reporter = Reporter(self.ctx)
         self.maintenance = Maintenance(self.ctx, self.reporter)
         registry = load_handlers(settings.handler_module_list)
-        self.reader = Reader(self.ctx, registry, self.reporter, self.maintenance)
+        self.progress = ProgressWriter(self.ctx)
+        self.reader = Reader(self.ctx, registry, self.reporter, self.maintenance, self.progress)
 
     async def run(self) -> None:
         """Work until :meth:`stop` is called, then drain and hand back what is unfinished."""
@@ -69,7 +71,8 @@ class Worker:
             ctx.config.concurrency,
         )
         await self._until_ready()
-        loops = [asyncio.create_task(c) for c in self.reader.loops() + self.maintenance.loops()]
+        duties = [*self.reader.loops(), *self.maintenance.loops(), self.progress.run()]
+        loops = [asyncio.create_task(c) for c in duties]
         reporter = asyncio.create_task(self.reporter.run())
         # Until the hand-back is done: jobs finishing in the grace period keep their leases.
         leases = [asyncio.create_task(c) for c in self.maintenance.lease_loops()]

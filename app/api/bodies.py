@@ -21,14 +21,28 @@ from app.jobs.schemas import JobCreate
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY = TypeAdapter(Annotated[str, Field(min_length=1, max_length=255)])
 
+WAIT_DESCRIPTION = (
+    "Wait up to this many seconds (0 < S <= 60) for the job to finish: answered as soon as it"
+    " is terminal, or with its current state when the time runs out."
+)
+_POST_WAIT = WAIT_DESCRIPTION + " A job finished in time is answered with 200."
+_WAIT = TypeAdapter(Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)])
+
 SUBMIT_OPENAPI: dict[str, Any] = {
     "parameters": [
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "schema": {"description": _POST_WAIT, "title": "Wait", **_WAIT.json_schema()},
+            "description": _POST_WAIT,
+        },
         {
             "name": IDEMPOTENCY_HEADER,
             "in": "header",
             "required": False,
             "schema": {"title": IDEMPOTENCY_HEADER, **_KEY.json_schema()},
-        }
+        },
     ],
     "requestBody": {
         "required": True,
@@ -52,6 +66,17 @@ def _body(raw: bytes) -> tuple[JobCreate | None, list[dict[str, Any]]]:
         return JobCreate.model_validate(json.loads(raw), from_attributes=True), []
     except ValidationError as exc:
         return None, _located(exc, ("body",))
+
+
+def wait_seconds(request: Request) -> float | None:
+    """The ``wait`` query parameter of a submit request (absent: None)."""
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return None
+    try:
+        return _WAIT.validate_python(raw, strict=False)
+    except ValidationError as exc:
+        raise RequestValidationError(_located(exc, ("query", "wait"))) from None
 
 
 async def submission(request: Request) -> tuple[JobCreate, str | None]:

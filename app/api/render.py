@@ -14,11 +14,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from starlette.responses import Response
+from fastapi.encoders import jsonable_encoder
+from starlette.responses import JSONResponse, Response
 
 from app.jobs.insertion import Submitted
 from app.jobs.newjob import dump_json
-from app.jobs.schemas import Job
+from app.jobs.schemas import Job, JobEventOut
+from app.jobs.waiting import Waited
 
 _JSON_COLUMNS = ("payload", "result", "errors")
 
@@ -52,6 +54,7 @@ def job_document(answer: Submitted, view: Mapping[str, bool]) -> dict[str, Any]:
         "scheduled_for": None,
         "cancel_requested_at": None,
         "unique_key": new.unique_key,
+        "progress": None,
     }
 
 
@@ -84,3 +87,23 @@ def submitted(answer: Submitted, view: Mapping[str, bool]) -> Response:
 def submitted_batch(answers: Sequence[Submitted], view: Mapping[str, bool]) -> Response:
     body = dumps({"jobs": [job_document(a, view) for a in answers]})
     return Response(body, status_code=202, media_type="application/json")
+
+
+def waited(waited: Waited, view: Mapping[str, bool]) -> Response:
+    """``POST /v1/jobs?wait=``: 200 when the job finished in time (or the request was a
+    repeat), else 202; the body is the job as it stands."""
+    created = waited.answer.created
+    document = Job.model_validate(waited.job, context=view).model_dump(mode="json")
+    for column in ("payload", "result"):  # may hold integers beyond orjson's 64 bits
+        document[column] = orjson.Fragment(dump_json(document[column]))
+    return Response(
+        dumps(document),
+        status_code=202 if created and not waited.finished else 200,
+        headers={"Location": f"/v1/jobs/{waited.answer.id}"},
+        media_type="application/json",
+    )
+
+
+def events(items: Sequence[JobEventOut]) -> Response:
+    """As FastAPI would answer ``list[JobEventOut]``."""
+    return JSONResponse(jsonable_encoder(list(items)))

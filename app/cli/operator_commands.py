@@ -16,6 +16,7 @@ from app.jobs.status import TERMINAL, JobStatus
 
 SUBMIT_ATTEMPTS = 5
 RETRY_PAUSE_SECONDS = 0.5
+WAIT_SECONDS = 30  # one `?wait=` request of `submit --wait`
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
@@ -72,13 +73,29 @@ def _submit(args: argparse.Namespace) -> int:
             return 1
         if not args.wait or not response.is_success:
             return _show(response)
-        job_id = response.json()["id"]
-        while True:
-            response = client.get(f"/v1/jobs/{job_id}")
-            if not response.is_success or response.json()["status"] in TERMINAL:
-                code = _show(response)
-                return code if response.json().get("status") != JobStatus.DEAD else 1
-            time.sleep(0.2)
+        return _wait(client, response.json()["id"])
+
+
+def _wait(client: httpx.Client, job_id: str) -> int:
+    """``GET /v1/jobs/{id}?wait=`` until the job is terminal: the API answers as soon as it
+    is (one request per WAIT_SECONDS at most, no polling); exit 1 when it ends dead."""
+    while True:
+        try:
+            response = client.get(
+                f"/v1/jobs/{job_id}",
+                params={"wait": WAIT_SECONDS},
+                timeout=WAIT_SECONDS + 30,
+            )
+        except httpx.TransportError as exc:  # the API restarting: ask again
+            print(f"wait: {type(exc).__name__}; asking again", file=sys.stderr)
+            time.sleep(RETRY_PAUSE_SECONDS)
+            continue
+        if response.status_code == 503:
+            time.sleep(RETRY_PAUSE_SECONDS)
+            continue
+        if not response.is_success or response.json()["status"] in TERMINAL:
+            code = _show(response)
+            return code if response.json().get("status") != JobStatus.DEAD else 1
 
 
 def _get(path: str) -> Any:

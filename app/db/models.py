@@ -123,6 +123,8 @@ class JobRow(Base):
     # unique_until passes (NULL: holds nothing). Only claims and cancels clear it.
     unique_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     unique_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The latest progress of the running attempt: {"value": 0..1, "message": str | None}.
+    progress: Mapped[Json | None] = mapped_column(JSONB, nullable=True)
 
     __table_args__ = (
         CheckConstraint(f"status IN {ALL_SQL}", name="status_valid"),

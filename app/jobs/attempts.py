@@ -1,5 +1,6 @@
 """The worker's transitions of an attempt, on asyncpg directly: claim, complete, heartbeat,
-release, reclaim. Each is one guarded statement over a batch, with its ``job_events`` rows.
+progress, release, reclaim. Each is one guarded statement over a batch, with its
+``job_events`` rows (progress has none).
 
 This is the hot path (a few statements per XREADGROUP batch), so it skips the ORM: prepared
 statements (asyncpg caches them per connection), arrays in, tuples out, and a single
@@ -93,7 +94,7 @@ WITH locked AS (
     UPDATE jobs j SET status = 'running', attempts = j.attempts + 1,
         claim_token = j.claim_token + 1, worker = $2, started_at = now(),
         next_attempt_at = NULL, lease_expires_at = now() + make_interval(secs => $3),
-        unique_until = NULL
+        unique_until = NULL, progress = NULL
     FROM locked WHERE j.id = locked.id AND j.status = 'queued'
     RETURNING j.id, j.claim_token, j.attempts, j.type, j.queue, j.max_attempts,
         j.timeout_seconds, j.payload::text AS payload
@@ -245,6 +246,39 @@ async def extend_leases(
     tokens = [r[1] for r in running]
     rows = await conn.fetch(_HEARTBEAT, ids, tokens, worker, lease_seconds)
     return Leases({(r[0], r[1]) for r in rows}, {(r[0], r[1]) for r in rows if r[2]})
+
+
+_PROGRESS = """
+WITH v AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, progress)
+), mine AS (
+    -- SKIP LOCKED, in id order: a row being completed or reclaimed right now is skipped
+    -- (its progress no longer matters), and two statements never wait on each other.
+    SELECT j.id, v.progress FROM jobs j JOIN v ON j.id = v.id AND j.claim_token = v.token
+    WHERE j.status = 'running' AND j.worker = $4
+    ORDER BY j.id FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE jobs j SET progress = mine.progress::jsonb
+FROM mine WHERE j.id = mine.id
+RETURNING j.id
+"""
+
+
+async def write_progress(
+    conn: asyncpg.Connection, worker: str, updates: Sequence[tuple[UUID, int, str]]
+) -> set[UUID]:
+    """The latest progress (JSON text) of running attempts, fenced like every write of an
+    attempt: ``(id, claim_token)``, ``running`` and this worker. Returns the ids written."""
+    if not updates:
+        return set()
+    rows = await conn.fetch(
+        _PROGRESS,
+        [u[0] for u in updates],
+        [u[1] for u in updates],
+        [u[2] for u in updates],
+        worker,
+    )
+    return {r[0] for r in rows}
 
 
 _RELEASE = """

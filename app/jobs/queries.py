@@ -16,7 +16,7 @@ from uuid import UUID
 from sqlalchemy import Select, Text, and_, cast, func, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import OPEN_SQL, JobEventRow, JobRow, WorkerRow
+from app.db.models import OPEN_SQL, TERMINAL_SQL, JobEventRow, JobRow, WorkerRow
 from app.errors import InvalidInput
 from app.jobs.status import JobStatus
 
@@ -177,9 +177,33 @@ async def in_dlq(session: AsyncSession, job_id: UUID) -> bool:
     return (await session.scalar(stmt)) is not None
 
 
-async def events(session: AsyncSession, job_id: UUID) -> list[JobEventRow]:
-    stmt = select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
-    return list((await session.scalars(stmt)).all())
+async def events(
+    session: AsyncSession, job_id: UUID, after: int | None = None
+) -> list[JobEventRow]:
+    """The job's events, oldest first; ``after``: only those after this event id."""
+    stmt = select(JobEventRow).where(JobEventRow.job_id == job_id)
+    if after is not None:
+        stmt = stmt.where(JobEventRow.id > after)
+    return list((await session.scalars(stmt.order_by(JobEventRow.id))).all())
+
+
+_SETTLED = text(
+    " ".join(
+        (
+            "SELECT w.id FROM unnest(CAST(:ids AS uuid[])) AS w(id)",
+            "LEFT JOIN jobs j ON j.id = w.id WHERE j.id IS NULL OR j.status IN",
+            TERMINAL_SQL,
+        )
+    )
+)
+
+
+async def settled_among(session: AsyncSession, ids: Sequence[UUID]) -> set[UUID]:
+    """Which of these jobs are terminal now (or gone): one statement for any number of ids,
+    the slow re-check of every waiter of a process (:mod:`app.jobs.watch`)."""
+    if not ids:
+        return set()
+    return set((await session.scalars(_SETTLED, {"ids": list(ids)})).all())
 
 
 # Each WHERE clause is the predicate of a partial index (``ix_jobs_open``, and

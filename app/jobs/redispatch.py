@@ -29,6 +29,7 @@ from app.jobs.marks import Marked
 from app.settings import Settings
 from app.streams.client import StreamClient
 from app.streams.keys import band_for, partition_for
+from app.streams.notify import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Redispatcher:
             s: (q, p) for q, p in self.partitions for s in self.keys.partition_streams(q, p)
         }
         self._checked_to: dict[str, Marked] = {}  # the entry check's place per queue
+        self.changes = Publisher(stream.redis, stream.keys.changes)
 
     def _stream(self, queue: str, job_id: UUID, band: int) -> str:
         return self.keys.stream(queue, partition_for(job_id, self.partition_count), band)
@@ -71,6 +73,7 @@ class Redispatcher:
             async with self.sessions.begin() as session:
                 targets = await repository.promote_due(session, self.queues, PROMOTE_BATCH)
             await self.dispatcher.send_committed(targets)
+            await self.changes.publish((), [t.id for t in targets])  # wakes SSE followers
             if len(targets) < PROMOTE_BATCH:
                 break
         await self.sweep(self.settings.dispatch_grace_seconds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, get_type_hints
@@ -23,6 +24,11 @@ from app.schedules.spec import Periodic
 Json = Any
 PayloadT = TypeVar("PayloadT", bound=BaseModel)
 PayloadT_contra = TypeVar("PayloadT_contra", bound=BaseModel, contravariant=True)
+
+
+MAX_PROGRESS_MESSAGE = 500  # characters; a longer message is cut
+
+ProgressSink = Callable[[float, str | None], None]
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,24 @@ class JobContext:
         The handler's task is cancelled too (``CancelledError`` at its next ``await``); it may
         catch that to clean up, within ``CONVEYOR_CANCEL_GRACE_SECONDS``."""
         return self.cancel_event.is_set()
+
+    progress_sink: ProgressSink | None = field(default=None, repr=False, compare=False)
+
+    async def progress(self, value: float, message: str | None = None) -> None:
+        """Report how far the attempt got: ``value`` from 0 to 1, and an optional message (cut
+        to 500 characters). Returns at once: the worker writes the latest value of each job
+        a few times a second at most, fenced like every write of the attempt; a value reported
+        just before the handler returns may be superseded by the outcome unwritten.
+
+        Raises ``ValueError`` for a value outside 0..1 (or not a number)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("progress value must be a number from 0 to 1")
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise ValueError("progress value must be a number from 0 to 1")
+        if message is not None:
+            message = str(message)[:MAX_PROGRESS_MESSAGE]
+        if self.progress_sink is not None:
+            self.progress_sink(float(value), message)
 
 
 class Handler(Protocol[PayloadT_contra]):

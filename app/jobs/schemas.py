@@ -146,6 +146,13 @@ class JobError(BaseModel):
     _internal = field_validator("traceback", "worker")(internal)
 
 
+class JobProgress(BaseModel):
+    """The latest progress a running attempt reported (``await ctx.progress(...)``)."""
+
+    value: float = Field(ge=0, le=1)
+    message: str | None = None
+
+
 class Job(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -175,6 +182,10 @@ class Job(BaseModel):
     )
     unique_key: str | None = Field(
         default=None, description="Debounce key it was submitted with (see JobCreate)."
+    )
+    progress: JobProgress | None = Field(
+        default=None,
+        description="The latest progress its handler reported (cleared when an attempt starts).",
     )
 
 

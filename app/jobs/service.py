@@ -100,7 +100,11 @@ def _duplicate_key(index: int, first: int, key: str) -> dict[str, Any]:
 
 
 async def get(session: AsyncSession, job_id: UUID, principal: Principal) -> JobRow:
-    job = await queries.get_job(session, job_id)
+    return shown(await queries.get_job(session, job_id), principal)
+
+
+def shown(job: JobRow | None, principal: Principal) -> JobRow:
+    """The job, if it exists and the caller may see it; else 404 (the same answer for both)."""
     if job is None or not _visible(job, principal):
         raise NotFound("job not found")
     return job

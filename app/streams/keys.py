@@ -8,6 +8,7 @@ Layout (``P`` = ``CONVEYOR_REDIS_PREFIX``)::
     P:dlq                      stream of dead-lettered jobs (a notification; Postgres is the record)
     P:{queue:partition}:epoch  marker whose loss means that partition's node lost its data
     P:rl:<principal>           rate-limit bucket of one API key
+    P:jobs-changed             pub/sub channel: ids of jobs that changed (app/streams/notify.py)
 
 The ``{queue:partition}`` hash tag puts the band streams of one partition in one Redis Cluster
 slot, so one XREADGROUP can read all bands of a partition, while partitions spread over slots.
@@ -64,3 +65,8 @@ class Keys:
 
     def rate_limit(self, principal: str) -> str:
         return f"{self.prefix}:rl:{principal}"
+
+    @property
+    def changes(self) -> str:
+        """The pub/sub channel of job changes (a broadcast: every node of a cluster has it)."""
+        return f"{self.prefix}:jobs-changed"

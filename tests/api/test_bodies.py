@@ -8,15 +8,25 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Query
 
 from app.api import errors
+from app.api.bodies import WAIT_DESCRIPTION
 from app.jobs.schemas import JobCreate
 from app.main import _tidy_operation, create_app
 from app.settings import Settings
 
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+]
+Wait = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        le=60,
+        allow_inf_nan=False,
+        description=WAIT_DESCRIPTION + " A job finished in time is answered with 200.",
+    ),
 ]
 
 
@@ -25,7 +35,9 @@ def _reference() -> FastAPI:
     errors.install(app)
 
     @app.post("/v1/jobs", status_code=202)
-    async def submit(body: JobCreate, idempotency_key: IdempotencyKey = None) -> None:
+    async def submit(
+        body: JobCreate, idempotency_key: IdempotencyKey = None, wait: Wait = None
+    ) -> None:
         return None
 
     return app
@@ -50,6 +62,7 @@ BODIES = [
     b'{"type": "demo.echo", "timeout_seconds": 0, "delay_seconds": -1}',
 ]
 KEYS = [None, "", "k" * 256]
+WAITS = ["0", "-1", "61", "abc", "nan", "inf", ""]
 
 
 @pytest.mark.parametrize("key", KEYS, ids=["no-key", "empty-key", "long-key"])
@@ -68,6 +81,19 @@ async def test_errors_are_those_of_fastapi_parameters(
             theirs = await reference.post("/v1/jobs", content=body, headers=headers)
             assert ours.status_code == theirs.status_code == 422, (body, ours.text)
             assert ours.json() == theirs.json(), body
+
+
+async def test_wait_errors_are_those_of_a_fastapi_parameter(client: httpx.AsyncClient) -> None:
+    reference = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=_reference()), base_url="http://conveyor"
+    )
+    body = {"type": "demo.echo"}
+    async with reference:
+        for wait in WAITS:
+            ours = await client.post("/v1/jobs", params={"wait": wait}, json=body)
+            theirs = await reference.post("/v1/jobs", params={"wait": wait}, json=body)
+            assert ours.status_code == theirs.status_code == 422, (wait, ours.text)
+            assert ours.json() == theirs.json(), wait
 
 
 def test_openapi_describes_the_body_and_header_as_parameters_would(settings: Settings) -> None:

@@ -3,6 +3,7 @@ attempt is fenced by it (real Postgres)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from uuid import UUID
@@ -106,3 +107,38 @@ async def test_reclaim_leaves_the_callers_live_attempts_alone(
     lost = await attempts.reclaim_expired(conn, "w1", NO_WAIT, [queue], live=[(mine, a.token)])
     assert [r.id for r in lost] == [theirs]
     assert await conn.fetchval("SELECT status FROM jobs WHERE id = $1", mine) == "running"
+
+
+async def test_progress_is_fenced_like_every_write_of_the_attempt(
+    conn: asyncpg.Connection, queue: str
+) -> None:
+    job_id = await _queued(conn, queue)
+    [old] = await attempts.claim_many(conn, [job_id], "w1", 30.0)
+    assert await attempts.write_progress(conn, "w1", [(job_id, old.token, _p(0.2))]) == {job_id}
+    await attempts.release_many(conn, "w1", [(job_id, old.token)])
+    [new] = await attempts.claim_many(conn, [job_id], "w2", 30.0)
+    assert await _progress(conn, job_id) is None, "a new attempt starts without progress"
+
+    # the stale attempt (an older token, on the old worker or the new one) changes nothing
+    assert await attempts.write_progress(conn, "w1", [(job_id, old.token, _p(0.9))]) == set()
+    assert await attempts.write_progress(conn, "w2", [(job_id, old.token, _p(0.9))]) == set()
+    # nor does the right token from another worker
+    assert await attempts.write_progress(conn, "w1", [(job_id, new.token, _p(0.9))]) == set()
+    assert await _progress(conn, job_id) is None
+
+    assert await attempts.write_progress(conn, "w2", [(job_id, new.token, _p(0.5))]) == {job_id}
+    assert await _progress(conn, job_id) == {"value": 0.5, "message": "half"}
+    done = Completion(job_id, new.token, '"ok"')
+    assert (await attempts.complete_many(conn, "w2", [done], NO_WAIT))[0] == {job_id}
+    # after the outcome, a late write of the same attempt is fenced too
+    assert await attempts.write_progress(conn, "w2", [(job_id, new.token, _p(0.1))]) == set()
+    assert await _progress(conn, job_id) == {"value": 0.5, "message": "half"}
+
+
+def _p(value: float) -> str:
+    return json.dumps({"value": value, "message": "half"})
+
+
+async def _progress(conn: asyncpg.Connection, job_id: UUID) -> object:
+    raw = await conn.fetchval("SELECT progress::text FROM jobs WHERE id = $1", job_id)
+    return None if raw is None else json.loads(raw)

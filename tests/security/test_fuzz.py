@@ -87,6 +87,15 @@ CONFIG = SchemathesisConfig.from_dict(
 )
 
 
+def _short_wait(case: Any) -> None:
+    """A valid `?wait=` holds a request up to 60 s (beyond the client's 10 s timeout, and a
+    job no worker runs waits all of it): fuzz it with waits of at most 0.5 s. Its range is
+    checked by the negative cases and tests/api/test_wait.py."""
+    wait = (case.query or {}).get("wait")
+    if isinstance(wait, int | float) and not isinstance(wait, bool):
+        case.query["wait"] = min(wait, 0.5)
+
+
 def fuzz(app: Any, method: str, path: str, mode: GenerationMode, headers: dict[str, str]) -> None:
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
     operation = schema[path][method]
@@ -94,6 +103,8 @@ def fuzz(app: Any, method: str, path: str, mode: GenerationMode, headers: dict[s
     @given(case=operation.as_strategy(generation_mode=mode))
     @FUZZ
     def run(case: Any) -> None:
+        if mode is POSITIVE:
+            _short_wait(case)
         case.call_and_validate(headers=headers or None, checks=CHECKS)
 
     run()

@@ -271,3 +271,19 @@ async def defer(payload: DeferPayload, ctx: JobContext) -> dict[str, object]:
     if _deferred_runs[key] <= payload.times:
         raise RetryLater(payload.seconds)
     return {"attempt": ctx.attempt, "runs": _deferred_runs[key]}
+
+
+class ProgressPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=4, ge=1, le=100_000)
+    pause: float = Field(default=0.5, ge=0, le=60)
+
+
+@job_type("test.progress")
+async def report_progress(payload: ProgressPayload, ctx: JobContext) -> dict[str, int]:
+    """Reports ``step i of n`` after each pause; the result counts the steps."""
+    for step in range(1, payload.steps + 1):
+        await asyncio.sleep(payload.pause)
+        await ctx.progress(step / payload.steps, f"step {step} of {payload.steps}")
+    return {"steps": payload.steps}

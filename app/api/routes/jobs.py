@@ -1,17 +1,19 @@
-"""/v1/jobs: submit, batch submit, read, list, cancel, history."""
+"""/v1/jobs: submit (and wait), batch submit, read (and wait), list, cancel, history (and
+follow)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 
-from app.api import render
-from app.api.bodies import SUBMIT_OPENAPI, submission
+from app.api import render, sse
+from app.api.bodies import SUBMIT_OPENAPI, WAIT_DESCRIPTION, submission, wait_seconds
 from app.api.deps import PrincipalDep, SessionDep, StateDep, principal_of, state_of
 from app.api.errors import ERRORS
-from app.jobs import queries, service
+from app.jobs import queries, service, waiting
+from app.jobs.follow import follow as follow_job
 from app.jobs.queries import Cursor, JobFilter
 from app.jobs.schemas import (
     QUEUE_PATTERN,
@@ -26,6 +28,10 @@ from app.jobs.schemas import (
 from app.jobs.status import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+WaitQuery = Annotated[
+    float | None, Query(gt=0, le=waiting.MAX_WAIT_SECONDS, description=WAIT_DESCRIPTION)
+]
 
 PAGE_LIMIT = (
     "At most this many items; fewer when they would pass CONVEYOR_PAGE_MAX_BYTES (the page"
@@ -43,12 +49,21 @@ PAGE_LIMIT = (
 async def submit_job(request: Request) -> Response:
     """Submit one job. A repeat with the same idempotency key and request returns 200 and the
     original job; the same key with a different request is 409. Keys are scoped per API key
-    and live as long as the job."""
+    and live as long as the job.
+
+    With `?wait=S`: the answer waits until the job is terminal (200 with its result) or S
+    seconds pass (202 with its current state); a repeat is 200 either way."""
+    wait = wait_seconds(request)
     body, idempotency_key = await submission(request)
     body = service.with_idempotency_header(body, idempotency_key)
     state, principal = state_of(request), principal_of(request)
-    answer = await service.submit(state.intake, state.registry, body, principal)
-    return render.submitted(answer, principal.view)
+    if wait is None:
+        answer = await service.submit(state.intake, state.registry, body, principal)
+        return render.submitted(answer, principal.view)
+    waited = await waiting.submit_and_wait(
+        state.intake, state.registry, state.watch, body, principal, wait
+    )
+    return render.waited(waited, principal.view)
 
 
 @router.post("/batch", status_code=202, response_model=JobBatch, responses=ERRORS)
@@ -104,8 +119,22 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", responses=ERRORS)
-async def get_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) -> Job:
-    return Job.model_validate(await service.get(session, job_id, principal), context=principal.view)
+async def get_job(
+    job_id: UUID,
+    session: SessionDep,
+    state: StateDep,
+    principal: PrincipalDep,
+    wait: WaitQuery = None,
+) -> Job:
+    """The job; with `?wait=S`, as soon as it is terminal, or as it is when S seconds pass.
+
+    A waiting request holds no database connection: it is woken by the job-change
+    notifications of its process (or their slow re-check)."""
+    if wait is None:
+        job = await service.get(session, job_id, principal)
+    else:
+        job = await waiting.wait_for_job(state.watch, job_id, principal, wait)
+    return Job.model_validate(job, context=principal.view)
 
 
 @router.post(
@@ -113,7 +142,11 @@ async def get_job(job_id: UUID, session: SessionDep, principal: PrincipalDep) ->
     responses={202: {"model": Job, "description": "A running job asked to stop"}, **ERRORS},
 )
 async def cancel_job(
-    job_id: UUID, session: SessionDep, principal: PrincipalDep, response: Response
+    job_id: UUID,
+    session: SessionDep,
+    state: StateDep,
+    principal: PrincipalDep,
+    response: Response,
 ) -> Job:
     """Cancel a job. A queued, scheduled or retrying job is `cancelled` at once (200). A
     running job is asked to stop (202, still `running` with `cancel_requested_at`): its
@@ -121,17 +154,44 @@ async def cancel_job(
     unless the attempt finished first (it keeps that outcome). A finished job gives 409."""
     job = await service.cancel(session, job_id, principal)
     if job.status == JobStatus.RUNNING:
-        response.status_code = 202
+        response.status_code = 202  # the worker's outcome will wake `?wait=` requests
+        await state.watch.publish(terminal=[], changed=[job.id])
+    else:
+        await state.watch.publish(terminal=[job.id])  # wakes `?wait=` requests and followers
     return Job.model_validate(job, context=principal.view)
 
 
-@router.get("/{job_id}/events", responses=ERRORS)
+@router.get(
+    "/{job_id}/events",
+    response_model=list[JobEventOut],
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The history (JSON), or with `follow=true` a live event stream",
+            "content": {sse.MEDIA_TYPE: {"schema": {"type": "string"}}},
+        },
+    },
+)
 async def job_events(
-    job_id: UUID, session: SessionDep, principal: PrincipalDep
-) -> list[JobEventOut]:
+    job_id: UUID,
+    state: StateDep,
+    principal: PrincipalDep,
+    follow: Annotated[
+        bool,
+        Query(
+            description="Stream Server-Sent Events: the history, then each transition"
+            " (`event: transition`) and progress update (`event: progress`) as it happens;"
+            " the stream ends after the terminal transition.",
+        ),
+    ] = False,
+    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+) -> Response:
     """Every transition of the job, oldest first."""
-    await service.get(session, job_id, principal)
-    return [
-        JobEventOut.model_validate(e, context=principal.view)
-        for e in await queries.events(session, job_id)
-    ]
+    async with state.sessions() as session:
+        await service.get(session, job_id, principal)  # 404 before anything is streamed
+        if not follow:
+            events = await queries.events(session, job_id)
+            items = [JobEventOut.model_validate(e, context=principal.view) for e in events]
+            return render.events(items)
+    after = sse.last_event_id(last_event_id)
+    return sse.stream(follow_job(state.sessions, state.watch, job_id, principal, after=after))
