@@ -62,14 +62,17 @@ UPDATE flow_controls f SET tokens = v.tokens, refilled_at = v.at
 FROM unnest($1::text[], $2::text[], $3::float8[], $4::timestamptz[]) AS v(scope, name, tokens, at)
 WHERE f.scope = v.scope AND f.name = v.name
 """
-# The plain claim, stamped when it happens (after the wait for the limits' locks), so that
-# started_at and the claimed event order the starts as the buckets admitted them.
-_CLAIM_NOW = _CLAIM.replace("started_at = now()", "started_at = clock_timestamp()").replace(
+# The plain claim, stamped with the time the limits admitted the jobs (the buckets' clock),
+# so that started_at and the claimed event order the starts as the buckets admitted them.
+_CLAIM_AT = _CLAIM.replace("started_at = now()", "started_at = $4::timestamptz").replace(
     "INSERT INTO job_events (job_id, event, attempt, worker)\n"
     "    SELECT id, 'claimed', attempts, $2",
     "INSERT INTO job_events (job_id, event, attempt, worker, at)\n"
-    "    SELECT id, 'claimed', attempts, $2, clock_timestamp()",
+    "    SELECT id, 'claimed', attempts, $2, $4::timestamptz",
 )
+if _CLAIM_AT.count("$4::timestamptz") != 2:  # pragma: no cover - the claim's text changed
+    raise RuntimeError("app.flow.claim: update _CLAIM_AT to the claim statement")
+
 # A held job starts a new queued turn: enqueued_at moves on, so a late confirmation of the
 # entry just deleted cannot mark it (app.jobs.marks), and the sweep re-sends it only
 # ``later`` seconds after the dispatch grace, if the worker that held it did not first.
@@ -168,7 +171,9 @@ async def claim_limited(
             for room in mine:
                 room.take()
             admitted.append(job_id)
-        claims = [Claim(*r) for r in await conn.fetch(_CLAIM_NOW, admitted, worker, lease_seconds)]
+        at = next(iter(rooms.values())).at
+        rows = await conn.fetch(_CLAIM_AT, admitted, worker, lease_seconds, at)
+        claims = [Claim(*r) for r in rows]
         rated = [(k, r) for k, r in rooms.items() if r.rated]
         if rated:
             await conn.execute(
@@ -191,8 +196,11 @@ async def _rooms(
     conn: asyncpg.Connection, keys: list[Key], limits: Mapping[Key, Limits], retry: float
 ) -> dict[Key, _Room]:
     scopes, names = [k[0] for k in keys], [k[1] for k in keys]
-    await conn.execute(_ENSURE_KEYS, scopes, names)
-    state = {(r[0], r[1]): (r[2], r[3], r[4]) for r in await conn.fetch(_LOCK_KEYS, scopes, names)}
+    rows = await conn.fetch(_LOCK_KEYS, scopes, names)
+    if len(rows) < len(keys):  # first use of a limit: make its row (once), then lock them all
+        await conn.execute(_ENSURE_KEYS, scopes, names)
+        rows = await conn.fetch(_LOCK_KEYS, scopes, names)
+    state = {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
     rooms = {k: _Room(limits[k], retry) for k in keys}
     counted = [k for k in keys if limits[k].concurrency is not None]
     running: dict[Key, int] = {}

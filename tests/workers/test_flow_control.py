@@ -121,6 +121,8 @@ async def test_pause_stops_starts_and_resume_restarts_them(
     assert response.json() == {"queue": queue, "paused": True}
     paused_at: datetime = await db.fetchval("SELECT now()")
     await _workers_logged(spawn, f"paused={queue}")
+    spawn.worker([queue], concurrency=4)  # started while paused: it reads the pause at start
+    await _workers_logged(spawn, f"paused={queue}")
     # Submissions are accepted; a delayed job still becomes queued.
     held = await _batch(client, [{"type": "demo.echo", "queue": queue}] * 20)
     delayed = (await submit(client, {"type": "demo.echo", "queue": queue, "delay_seconds": 0.5}))[
@@ -194,7 +196,7 @@ async def test_rate_limit_holds_in_every_one_second_window(
     await _start_workers(client, spawn, queue)
     ids = await _batch(client, [{"type": "test.rated", "queue": queue}] * 220)
     began = time.monotonic()
-    await _all_succeeded(db, ids, timeout=90)
+    await _all_succeeded(db, ids, timeout=120)
     took = time.monotonic() - began
     starts = [
         r[0].timestamp()
@@ -206,9 +208,10 @@ async def test_rate_limit_holds_in_every_one_second_window(
     ]
     assert len(starts) == len(ids)  # one start each
     worst = max(sum(1 for t in starts[i:] if t < s + 1.0) for i, s in enumerate(starts))
-    assert worst <= 20 + 5, worst
-    assert took >= (220 - 25) / 20 - 1  # it was held to the rate
-    assert starts[-1] - starts[0] < 30  # and yet ran near it (about 10 s)
+    spread = starts[-1] - starts[0]
+    assert worst <= 20 + 5, (worst, spread, took)
+    assert spread >= (220 - 25) / 20 - 0.5, (worst, spread)  # it was held to the rate
+    assert spread < 45, (worst, spread)  # and yet ran near it (about 10 s; a busy machine)
 
 
 async def test_limit_changes_over_http_take_effect_without_restart(
