@@ -7,8 +7,8 @@ one transaction (on the worker's asyncpg connection) does:
 2. lock the ``flow_controls`` rows of the limits those jobs fall under, in key order (created
    on first use): every claim of a limited type or queue, on any worker, queues up here, so
    the next two steps see every claim committed before;
-3. count the running attempts per limited type and queue whose lease is live (a SIGKILLed
-   worker's attempts stop counting when their lease lapses: no slot leaks), and refill the
+3. count the running attempts per limited type and queue (a SIGKILLed worker's attempts
+   stop counting when their lapsed leases are reclaimed: no slot leaks), and refill the
    token buckets from the Postgres clock;
 4. admit jobs in delivery order while every limit they fall under has room, claim those, and
    spend the tokens;
@@ -49,13 +49,18 @@ SELECT scope, name, tokens, extract(epoch FROM clock_timestamp() - refilled_at):
 FROM flow_controls WHERE (scope, name) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 ORDER BY scope, name FOR UPDATE
 """
-# ix_jobs_lease holds the running rows by lease expiry: only live leases are walked.
+# Every running attempt counts, until its outcome is written or, for a worker that died, until
+# its lapsed lease is reclaimed (XAUTOCLAIM or reconcile, in any worker): a late heartbeat or
+# a slow report must not let a second job in while the first still runs. The running rows are
+# few, and ix_jobs_lease holds exactly them.
 _RUNNING = """
 SELECT 'type' AS scope, type AS name, count(*) AS n FROM jobs
-WHERE status = 'running' AND lease_expires_at > now() AND type = ANY($1::text[]) GROUP BY type
+WHERE status = 'running' AND lease_expires_at > '-infinity' AND type = ANY($1::text[])
+GROUP BY type
 UNION ALL
 SELECT 'queue', queue, count(*) FROM jobs
-WHERE status = 'running' AND lease_expires_at > now() AND queue = ANY($2::text[]) GROUP BY queue
+WHERE status = 'running' AND lease_expires_at > '-infinity' AND queue = ANY($2::text[])
+GROUP BY queue
 """
 _SPEND = """
 UPDATE flow_controls f SET tokens = v.tokens, refilled_at = v.at

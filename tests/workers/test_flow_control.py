@@ -7,6 +7,7 @@ declared in code) on top of the usual test types.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
@@ -243,3 +244,27 @@ async def test_limit_changes_over_http_take_effect_without_restart(
     await asyncio.sleep(1.0)
     third = await _batch(client, [nap] * 12)
     assert await _peak_running(db, third, until_done=third, timeout=60) > 3
+
+
+async def test_a_killed_worker_does_not_keep_its_slots(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, db: Any
+) -> None:
+    """Both slots of test.limited (concurrency=2) held by a worker that is SIGKILLed: once
+    its leases lapse and are reclaimed, another worker runs those jobs and new ones."""
+    first = spawn.worker([queue], concurrency=4)
+    slow = await _batch(
+        client, [{"type": "test.limited", "queue": queue, "payload": {"seconds": 30}}] * 2
+    )
+
+    async def both_running() -> bool:
+        return await _statuses(db, slow) == {"running": 2}
+
+    await wait_until(both_running, timeout=60)
+    first.signal(signal.SIGKILL)
+    spawn.worker([queue], concurrency=4)
+    quick = await _batch(
+        client, [{"type": "test.limited", "queue": queue, "payload": {"seconds": 0.1}}] * 3
+    )
+    await _all_succeeded(db, quick, timeout=90)
+    errors = await db.fetch("SELECT errors->0->>'error' FROM jobs WHERE id = ANY($1::uuid[])", slow)
+    assert {r[0] for r in errors} == {"worker lost"}  # reclaimed: their slots were freed
