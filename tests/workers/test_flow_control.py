@@ -77,7 +77,7 @@ async def _workers_logged(spawn: Spawner, text: str) -> None:
     async def seen() -> bool:
         return all(text in p.output() for p in spawn.procs)
 
-    await wait_until(seen, timeout=30)
+    await wait_until(seen, timeout=90)
 
 
 async def _peak_running(
@@ -103,7 +103,7 @@ async def test_pause_stops_starts_and_resume_restarts_them(
 ) -> None:
     await _start_workers(client, spawn, queue)
     warm = await _batch(client, [{"type": "demo.echo", "queue": queue}] * 6)
-    await _all_succeeded(db, warm, timeout=30)
+    await _all_succeeded(db, warm, timeout=90)
     # A job running when the pause lands finishes.
     running = (
         await submit(client, {"type": "test.nap", "queue": queue, "payload": {"seconds": 2}})
@@ -116,7 +116,7 @@ async def test_pause_stops_starts_and_resume_restarts_them(
             )
         )
 
-    await wait_until(started, timeout=30)
+    await wait_until(started, timeout=90)
     response = await client.post(f"/v1/queues/{queue}/pause")
     assert response.status_code == 200
     assert response.json() == {"queue": queue, "paused": True}
@@ -135,8 +135,8 @@ async def test_pause_stops_starts_and_resume_restarts_them(
             await db.fetchval("SELECT status = 'queued' FROM jobs WHERE id = $1::uuid", delayed)
         )
 
-    await wait_until(delayed_queued, timeout=30)
-    await _all_succeeded(db, [running], timeout=30)
+    await wait_until(delayed_queued, timeout=90)
+    await _all_succeeded(db, [running], timeout=90)
     # Watch for 3 s: no job of the queue starts after one poll interval past the pause.
     grace = timedelta(seconds=settings.promote_interval_seconds)
     watch_until = time.monotonic() + 3
