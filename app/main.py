@@ -19,7 +19,7 @@ from app.api.deps import AppState
 from app.api.gate import Gate, HostAllowList
 from app.api.limits import BodyLimits
 from app.api.ratelimit import RateLimiter
-from app.api.routes import dlq, jobs, ops, schedules
+from app.api.routes import dlq, flow, jobs, ops, schedules
 from app.db.engine import create_engine, create_session_factory
 from app.db.pool import create_pool
 from app.jobs import layout
@@ -146,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dlq.router)
     app.include_router(ops.router)
     app.include_router(schedules.router)
+    app.include_router(flow.router)
     app.include_router(ops.public)
     app.add_middleware(BodyLimits, max_bytes=settings.max_payload_bytes)
     app.add_middleware(  # outermost: 400/401/415/422/429 before any body is read

@@ -16,6 +16,10 @@ Also printed: the workers' peak RSS. ``--profile DIR`` runs each worker under ``
 record`` and writes collapsed stacks there. Uses CONVEYOR_TEST_DATABASE_URL and
 CONVEYOR_TEST_REDIS_URL (a throwaway database is created and dropped; keys get a unique
 prefix and are deleted).
+
+``--limit concurrency=N`` / ``--limit rate=N/s`` (repeatable) sets limits on ``demo.echo``
+before the rounds, as ``PUT /v1/job-types/demo.echo/limits`` would: the cost of the claim
+under limits (ADR 0014).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.db.engine import create_engine, create_session_factory
 from app.db.migrate import upgrade
+from app.flow.limits import parse_rate
 from app.jobs import repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.newjob import NewJob, dump_json
@@ -292,6 +297,18 @@ async def drain_round(
     return Round(n / float(span), wall, rss, cpu * 1e6 / n)
 
 
+async def _set_limits(conn: asyncpg.Connection, limits: dict[str, str]) -> None:
+    count, period = parse_rate(limits["rate"]) if "rate" in limits else (None, None)
+    concurrency = int(limits["concurrency"]) if "concurrency" in limits else None
+    await conn.execute(
+        "INSERT INTO flow_controls (scope, name, limits_set, concurrency, rate_count, rate_period)"
+        " VALUES ('type', 'demo.echo', true, $1, $2, $3)",
+        concurrency,
+        count,
+        period,
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--jobs", type=int, default=20000)
@@ -299,7 +316,11 @@ async def main() -> None:
     parser.add_argument("--processes", default="1", help="comma-separated, e.g. 1,2")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument(
+        "--limit", action="append", default=[], help="concurrency=N or rate=N/s on demo.echo"
+    )
     args = parser.parse_args()
+    limits = dict(item.split("=", 1) for item in args.limit)
     server = os.environ.get(
         "CONVEYOR_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
     )
@@ -328,6 +349,8 @@ async def main() -> None:
         for p in first:
             p.send_signal(signal.SIGTERM)
             p.wait(60)
+        if limits:
+            await _set_limits(conn, limits)
         results: dict[int, list[Round]] = {}
         floors: list[float] = []
         for r in range(args.repeat):
@@ -354,6 +377,8 @@ async def main() -> None:
         await redis.aclose()
     floor = statistics.median(floors)
     print(f"\n{args.jobs} demo.echo jobs, --concurrency {args.concurrency}, {args.repeat} rounds")
+    if limits:
+        print(f"limits on demo.echo: {limits}")
     print(f"bare stream (no Postgres)   : {floor:8.0f} entries/s (median; baseline)")
     one = 0.0
     for procs, got in results.items():

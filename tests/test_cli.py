@@ -134,6 +134,19 @@ def test_dead_job_in_queues_dlq_ls_replay_and_rm(api_url: str, spawn: Spawner, q
     assert out(conveyor("status", job["id"], CONVEYOR_URL=api_url))["status"] == "dead"
 
 
+def test_queue_pause_and_resume(api_url: str, queue: str) -> None:
+    paused = conveyor("queue", "pause", queue, CONVEYOR_URL=api_url)
+    assert paused.returncode == 0 and out(paused) == {"queue": queue, "paused": True}
+    [stats] = [
+        q for q in out(conveyor("queues", CONVEYOR_URL=api_url))["items"] if q["queue"] == queue
+    ]
+    assert stats["paused"] is True
+    resumed = conveyor("queue", "resume", queue, CONVEYOR_URL=api_url)
+    assert resumed.returncode == 0 and out(resumed) == {"queue": queue, "paused": False}
+    bad = conveyor("queue", "pause", "no spaces", CONVEYOR_URL=api_url)
+    assert bad.returncode == 1 and out(bad)["error"] == "invalid"
+
+
 def test_errors_exit_non_zero(api_url: str) -> None:
     missing = conveyor("status", str(uuid.uuid4()), CONVEYOR_URL=api_url)
     assert missing.returncode == 1 and out(missing)["error"] == "not_found"

@@ -18,6 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
+from app.flow import claim as flow
 from app.jobs import attempts, marks
 from app.jobs.attempts import Claim
 from app.jobs.registry import Registry
@@ -26,6 +27,7 @@ from app.jobs.status import JobStatus
 from app.streams.client import Delivery
 from workers.cancellation import report
 from workers.context import Attempt, Running, WorkerContext
+from workers.controls import Controls, Resender
 from workers.execution import cancelled, execute
 from workers.maintenance import Maintenance
 from workers.progress import ProgressWriter
@@ -42,6 +44,7 @@ class Batch:
     later: list[Delivery] = field(default_factory=list)  # no room now: held for later
     busy: list[tuple[Delivery, Attempt]] = field(default_factory=list)  # jobs we are running
     dropped: list[Delivery] = field(default_factory=list)  # to ack
+    paused: list[Delivery] = field(default_factory=list)  # of a paused queue: hold, then ack
 
 
 READ_COUNT = 500  # the most entries one read (and one claim statement) takes
@@ -59,8 +62,12 @@ class Reader:
         reporter: Reporter,
         maintenance: Maintenance,
         progress: ProgressWriter,
+        controls: Controls,
     ) -> None:
         self.ctx = ctx
+        self.controls = controls  # paused queues and limits, refreshed every poll interval
+        self.resender = Resender(ctx.dispatcher, ctx.settings.dispatch_grace_seconds)
+        self.queue_of = {s: q for q, p in ctx.partitions for s in ctx.keys.partition_streams(q, p)}
         self.registry = registry
         self.reporter = reporter
         self.progress = progress
@@ -71,16 +78,21 @@ class Reader:
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         loops = [self._read_loop(q, p) for q, p in self.ctx.partitions]
-        return [*loops, self._autoclaim_loop()]
+        return [*loops, self._autoclaim_loop(), self.resender.run()]
 
     # -- source 1: new entries ----------------------------------------------------------------
 
     async def _read_loop(self, queue: str, partition: int) -> None:
         streams = self.ctx.keys.partition_streams(queue, partition)
         running = self.ctx.running
+        controls = self.controls
+        interval = self.ctx.settings.promote_interval_seconds
         # Not ``while True``: redis-py can swallow the cancellation of a blocking XREADGROUP,
         # and the loop must still end with the worker.
         while not self.ctx.stopping.is_set():
+            if queue in controls.paused:  # entries wait in the stream, unread
+                await controls.until_changed(interval)
+                continue
             slots = await running.reserve(READ_COUNT)
             try:
                 batch = running.take_held(slots)
@@ -130,6 +142,8 @@ class Reader:
         ctx = self.ctx
         min_idle_ms = int(ctx.settings.claim_idle_seconds * 1000)
         for queue, partition in ctx.partitions:
+            if queue in self.controls.paused:
+                continue
             for stream in ctx.keys.partition_streams(queue, partition):
                 if ctx.stopping.is_set():
                     return
@@ -154,6 +168,7 @@ class Reader:
         ``slots`` (reserved by the caller). A job this worker is running is never claimed
         again here (see :meth:`_sort_busy`)."""
         running = self.ctx.running
+        paused = self.controls.paused
         batch = Batch()
         for d in deliveries:
             if d.job_id is None or d.job_id in batch.fresh:
@@ -161,6 +176,8 @@ class Reader:
             elif (current := running.get(d.job_id)) is not None:
                 if current.delivery != d:  # our own entry (XAUTOCLAIM) needs nothing
                     batch.busy.append((d, current.attempt))
+            elif paused and self.queue_of.get(d.stream) in paused:
+                batch.paused.append(d)
             elif len(batch.fresh) < slots:
                 batch.fresh[d.job_id] = d
             else:
@@ -183,10 +200,14 @@ class Reader:
         fresh = batch.fresh
         try:
             async with ctx.db.acquire() as conn:
-                claimed = await attempts.claim_many(conn, list(fresh), ctx.name, ctx.lease_seconds)
+                claimed = await self._claim(conn, list(fresh))
                 await self._sort_busy(conn, batch)
+                if batch.paused:  # the sweep sends them again; nobody reads them meanwhile
+                    await flow.hold(conn, [d.job_id for d in batch.paused if d.job_id])
+                    batch.dropped.extend(batch.paused)
         except Exception:
             running.held.extend([*fresh.values(), *batch.later, *(d for d, _ in batch.busy)])
+            running.held.extend(batch.paused)
             raise
         running.held.extend(batch.later)
         if claimed and ctx.stopping.is_set():
@@ -199,6 +220,25 @@ class Reader:
         await ctx.changes.publish((), [job.id for job in claimed])  # wakes SSE followers
         # The rest were taken, cancelled or finished: their entries are done with.
         await ctx.stream.ack([*fresh.values(), *batch.dropped])
+
+    async def _claim(self, conn: asyncpg.Connection, ids: list[UUID]) -> list[Claim]:
+        """The plain claim, or, while some limit is in force, the claim under limits; the
+        jobs a limit holds back are sent again later (their entries are acked with the rest
+        of the unclaimed)."""
+        ctx = self.ctx
+        if not self.controls.limits:
+            return await attempts.claim_many(conn, ids, ctx.name, ctx.lease_seconds)
+        claimed, held = await flow.claim_limited(
+            conn,
+            ids,
+            ctx.name,
+            ctx.lease_seconds,
+            self.controls.limits,
+            retry_seconds=ctx.settings.promote_interval_seconds,
+            dispatch_grace=ctx.settings.dispatch_grace_seconds,
+        )
+        self.resender.later(held)
+        return claimed
 
     async def _sort_busy(self, conn: asyncpg.Connection, batch: Batch) -> None:
         """Deliveries of jobs we are running: a duplicate entry of the attempt we run is

@@ -25,6 +25,7 @@ from app.streams.connection import create_redis
 from app.streams.keys import Keys
 from workers import shutdown
 from workers.context import RunningSet, WorkerConfig, WorkerContext
+from workers.controls import Controls
 from workers.maintenance import Maintenance
 from workers.progress import ProgressWriter
 from workers.reader import READ_BLOCK_MS, Reader
@@ -59,7 +60,10 @@ class Worker:
         self.maintenance = Maintenance(self.ctx, self.reporter)
         registry = load_handlers(settings.handler_module_list)
         self.progress = ProgressWriter(self.ctx)
-        self.reader = Reader(self.ctx, registry, self.reporter, self.maintenance, self.progress)
+        self.controls = Controls(registry, config.queues)
+        self.reader = Reader(
+            self.ctx, registry, self.reporter, self.maintenance, self.progress, self.controls
+        )
 
     async def run(self) -> None:
         """Work until :meth:`stop` is called, then drain and hand back what is unfinished."""
@@ -71,7 +75,12 @@ class Worker:
             ctx.config.concurrency,
         )
         await self._until_ready()
-        duties = [*self.reader.loops(), *self.maintenance.loops(), self.progress.run()]
+        duties = [
+            *self.reader.loops(),
+            *self.maintenance.loops(),
+            self.progress.run(),
+            self._controls_loop(),
+        ]
         loops = [asyncio.create_task(c) for c in duties]
         reporter = asyncio.create_task(self.reporter.run())
         # Until the hand-back is done: jobs finishing in the grace period keep their leases.
@@ -110,6 +119,7 @@ class Worker:
                 await layout.verify(ctx.sessions, Layout.of(ctx.settings))
                 await ctx.stream.ensure_groups(ctx.all_streams)
                 await self.maintenance.register()
+                await self._refresh_controls()  # before the first read: a paused queue waits
                 await ctx.stream.warn_unless_noeviction()
                 return
             except (NameInUse, LayoutMismatch):
@@ -117,6 +127,21 @@ class Worker:
             except Exception as exc:
                 log.warning("waiting for Postgres and Redis: %s", exc)
                 await asyncio.sleep(RETRY_PAUSE)
+
+    async def _refresh_controls(self) -> None:
+        async with self.ctx.db.acquire() as conn:
+            await self.controls.refresh(conn)
+
+    async def _controls_loop(self) -> None:
+        """Pauses and limits set over HTTP reach this worker within one poll interval."""
+        while not self.ctx.stopping.is_set():
+            await asyncio.sleep(self.ctx.settings.promote_interval_seconds)
+            try:
+                await self._refresh_controls()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the last known controls
+                log.warning("could not read the flow controls: %s", exc)
 
     async def _drain(self) -> None:
         """Let in-flight jobs finish for the grace period, then cancel the rest."""

@@ -1,4 +1,5 @@
-"""Operator commands over the HTTP API: submit, status, queues, workers, dlq."""
+"""Operator commands over the HTTP API: submit, status, queues, queue pause/resume, workers,
+dlq."""
 
 from __future__ import annotations
 
@@ -123,6 +124,12 @@ def _dlq(args: argparse.Namespace) -> int:
         return max(codes)
 
 
+def _queue(args: argparse.Namespace) -> int:
+    """POST /v1/queues/{name}/pause or /resume (admin key)."""
+    with _client(args) as client:
+        return _show(client.post(f"/v1/queues/{args.name}/{args.action}"))
+
+
 def add_operator_commands(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None, help="API URL (or CONVEYOR_URL)")
@@ -146,6 +153,11 @@ def add_operator_commands(sub: Any) -> None:
 
     p = sub.add_parser("queues", parents=[common], help="queue counts")
     p.set_defaults(func=_get("/v1/queues"))
+
+    p = sub.add_parser("queue", parents=[common], help="pause or resume a queue (admin key)")
+    p.add_argument("action", choices=["pause", "resume"])
+    p.add_argument("name")
+    p.set_defaults(func=_queue)
 
     p = sub.add_parser("workers", parents=[common], help="live workers")
     p.set_defaults(func=_get("/v1/workers"))

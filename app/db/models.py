@@ -301,3 +301,38 @@ class ScheduleRow(Base):
         CheckConstraint("enabled = (next_run_at IS NOT NULL)", name="next_run_iff_enabled"),
         Index("ix_schedules_due", "next_run_at", postgresql_where=text("enabled")),
     )
+
+
+class FlowControlRow(Base):
+    """Flow control of one queue or job type (``scope``): a queue's pause, limits set over
+    HTTP (``limits_set``; they replace a type's declared limits), and the state of the token
+    bucket of its rate limit, which the claims of every worker share."""
+
+    __tablename__ = "flow_controls"
+
+    scope: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    limits_set: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rate_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rate_period: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    burst: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens: Mapped[float | None] = mapped_column(Float, nullable=True)
+    refilled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        CheckConstraint("scope IN ('queue', 'type')", name="scope_valid"),
+        CheckConstraint("scope = 'queue' OR NOT paused", name="only_queues_pause"),
+        CheckConstraint("concurrency IS NULL OR concurrency >= 1", name="concurrency_valid"),
+        CheckConstraint(
+            "(rate_count IS NULL) = (rate_period IS NULL)"
+            " AND (rate_count IS NULL OR rate_count >= 1)"
+            " AND (rate_period IS NULL OR rate_period IN (1, 60, 3600))",
+            name="rate_valid",
+        ),
+        CheckConstraint(
+            "burst IS NULL OR (burst >= 1 AND rate_count IS NOT NULL)", name="burst_valid"
+        ),
+    )

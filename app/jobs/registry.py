@@ -19,6 +19,7 @@ from uuid import UUID
 from pydantic import BaseModel, ValidationError
 
 from app.errors import InvalidInput
+from app.flow.limits import NO_LIMITS, Limits
 from app.schedules.spec import Periodic
 
 Json = Any
@@ -82,6 +83,7 @@ class JobType:
     timeout_seconds: float | None
     description: str
     schedule: Periodic | None = None  # runs by itself; synced to `schedules` at worker start
+    limits: Limits = NO_LIMITS  # declared; an override over HTTP replaces them (app.flow)
 
     def validate(self, payload: Any) -> BaseModel:
         try:
@@ -117,6 +119,9 @@ class Registry:
     def find(self, name: str) -> JobType | None:
         return self._types.get(name)
 
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
     def all(self) -> list[JobType]:
         return [self._types[k] for k in sorted(self._types)]
 
@@ -129,12 +134,23 @@ def job_type(
     *,
     timeout_seconds: float | None = None,
     schedule: str | Periodic | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
+    burst: int | None = None,
 ) -> Callable[[Handler[PayloadT]], Handler[PayloadT]]:
     """Register an async handler whose first parameter is annotated with its payload model.
 
     ``schedule`` (a cron expression, or :class:`Periodic` for a payload, time zone, queue...)
     makes the type run by itself: a schedule named after the type, synced at worker start.
+
+    ``concurrency`` (at most N running at once) and ``rate`` (``"N/s"``, ``"N/m"``, ``"N/h"``,
+    with up to ``burst`` starts at once, default N) hold across all workers; an operator may
+    override them at run time (``PUT /v1/job-types/{type}/limits``).
     """
+    try:
+        limits = Limits.declare(concurrency=concurrency, rate=rate, burst=burst)
+    except ValueError as exc:
+        raise ValueError(f"limits of {name!r}: {exc}") from None
     periodic = Periodic(schedule) if isinstance(schedule, str) else schedule
     if periodic is not None:
         periodic.check(name)
@@ -154,6 +170,7 @@ def job_type(
             timeout_seconds=timeout_seconds,
             description=inspect.getdoc(fn) or "",
             schedule=periodic,
+            limits=limits,
         )
         if periodic is not None:
             try:

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.flow.schemas import LimitsOut
 from app.jobs.status import JobStatus
 
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -249,6 +250,8 @@ class QueueStats(BaseModel):
     retrying: int
     dead: int
     pending: int = Field(description="Stream entries delivered to a worker and not yet acked.")
+    paused: bool = Field(default=False, description="Workers start none of its jobs.")
+    limits: LimitsOut | None = Field(default=None, description="The queue's limits in force.")
 
 
 class QueueList(BaseModel):
@@ -279,6 +282,7 @@ class JobTypeOut(BaseModel):
     description: str
     timeout_seconds: float | None
     payload_schema: dict[str, Any]
+    limits: LimitsOut | None = Field(default=None, description="The type's limits in force.")
 
 
 class JobTypeList(BaseModel):

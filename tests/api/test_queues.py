@@ -18,6 +18,8 @@ from tests.support.processes import Spawner
 explain_db = test_listing.explain_db
 explain_engine = test_listing.explain_engine
 
+NO_LIMITS = {"concurrency": None, "rate": None, "burst": None, "source": "none"}
+
 
 async def stats_of(client: httpx.AsyncClient, queue: str) -> dict[str, Any] | None:
     response = await client.get("/v1/queues")
@@ -52,6 +54,8 @@ async def test_waiting_and_scheduled_before_any_worker(
         "retrying": 0,
         "dead": 0,
         "pending": 0,
+        "paused": False,
+        "limits": NO_LIMITS,
     }
 
 
@@ -88,6 +92,8 @@ async def test_running_retrying_dead_and_pending(
         "retrying": 1,
         "dead": 1,
         "pending": 2,  # the two sleepers' entries: delivered, not yet acknowledged
+        "paused": False,
+        "limits": NO_LIMITS,
     }
     for job_id in [*sleepers, retrying]:
         assert (await client.post(f"/v1/jobs/{job_id}/cancel")).status_code in (200, 409)

@@ -56,6 +56,14 @@ ENDPOINTS = [
     Endpoint("queues", "GET", "/v1/queues"),
     Endpoint("workers", "GET", "/v1/workers"),
     Endpoint("job_types", "GET", "/v1/job-types"),
+    Endpoint("pause", "POST", "/v1/queues/{queue}/pause", None, True, 403, 200),
+    Endpoint("resume", "POST", "/v1/queues/{queue}/resume", None, True, 403, 200),
+    Endpoint(
+        "queue_limits", "PUT", "/v1/queues/{queue}/limits", {"concurrency": 50}, True, 403, 200
+    ),
+    Endpoint("queue_limits_rm", "DELETE", "/v1/queues/{queue}/limits", None, True, 403, 200),
+    Endpoint("type_limits", "PUT", "/v1/job-types/demo.echo/limits", {}, True, 403, 200),
+    Endpoint("type_limits_rm", "DELETE", "/v1/job-types/demo.echo/limits", None, True, 403, 200),
 ]
 OPEN_PATHS = ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/ui"]
 

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from app.api.deps import PrincipalDep, SessionDep, StateDep
 from app.api.errors import ERRORS
 from app.db.engine import ping
+from app.flow import service as flow
 from app.jobs import queries
 from app.jobs.schemas import (
     Health,
@@ -30,11 +31,13 @@ READY_TIMEOUT = 1.5
 
 @router.get("/v1/queues", responses=ERRORS)
 async def queues(session: SessionDep, state: StateDep, principal: PrincipalDep) -> QueueList:
-    """Per queue (those with unfinished or dead jobs, or a live worker): waiting, running,
-    scheduled, retrying and dead (in the DLQ) counts, and entries pending in its streams."""
+    """Per queue (those with unfinished or dead jobs, a live worker, a pause or limits):
+    waiting, running, scheduled, retrying and dead (in the DLQ) counts, entries pending in
+    its streams, whether it is paused, and its limits."""
     counts = await queries.queue_counts(session)
     served = await queries.live_workers(session, state.settings.claim_idle_seconds)
-    names = sorted(set(counts).union(*(w.queues for w in served)))
+    controls = await flow.controls(session, "queue")
+    names = sorted(set(counts).union(controls, *(w.queues for w in served)))
     keys, partitions = state.stream.keys, state.settings.partitions
     pending = await state.stream.pending_counts(
         [s for q in names for s in keys.queue_streams(q, partitions)]
@@ -52,6 +55,8 @@ async def queues(session: SessionDep, state: StateDep, principal: PrincipalDep) 
                 retrying=c.get("retrying", 0),
                 dead=c.get("dead", 0),
                 pending=sum(pending[i * per_queue : (i + 1) * per_queue]),
+                paused=name in controls and controls[name].paused,
+                limits=flow.queue_limits(controls.get(name)),
             )
         )
     return QueueList(items=items)
@@ -65,8 +70,10 @@ async def workers(session: SessionDep, state: StateDep, principal: PrincipalDep)
 
 
 @router.get("/v1/job-types", responses=ERRORS)
-async def job_types(state: StateDep, principal: PrincipalDep) -> JobTypeList:
-    """Every registered job type with the JSON Schema its payload must match."""
+async def job_types(state: StateDep, session: SessionDep, principal: PrincipalDep) -> JobTypeList:
+    """Every registered job type with the JSON Schema its payload must match, and its limits
+    in force."""
+    controls = await flow.controls(session, "type")
     return JobTypeList(
         items=[
             JobTypeOut(
@@ -74,6 +81,7 @@ async def job_types(state: StateDep, principal: PrincipalDep) -> JobTypeList:
                 description=t.description,
                 timeout_seconds=t.timeout_seconds,
                 payload_schema=t.json_schema(),
+                limits=flow.type_limits(t, controls.get(t.name)),
             )
             for t in state.registry.all()
         ]
