@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     allowed_hosts: str = "localhost,127.0.0.1,[::1]"
     keepalive_seconds: int = Field(default=75, ge=1)
     http_signing_secret: str | None = None
+    # Finished jobs (with their events and idempotency keys) are deleted this long after they
+    # finished; 0 keeps them forever. A job type may override them (``@job_type(retention=)``).
+    retention_succeeded_seconds: float = Field(default=7 * 86400, ge=0)
+    retention_cancelled_seconds: float = Field(default=7 * 86400, ge=0)
+    retention_dead_seconds: float = Field(default=30 * 86400, ge=0)
+    # Completion callbacks: one POST's timeout, and how long failed deliveries are retried.
+    callback_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    callback_retry_seconds: float = Field(default=86400.0, ge=0)
     log_level: str = "INFO"
 
     @property

@@ -50,6 +50,11 @@ def job_document(answer: Submitted, view: Mapping[str, bool]) -> dict[str, Any]:
         "next_attempt_at": None,
         "schedule": None,
         "scheduled_for": None,
+        "callback_url": new.callback_url,
+        "callback": None
+        if new.callback_url is None
+        else {"status": "waiting", "attempts": 0, "last_error": None},
+        "result_expires_at": None,
     }
 
 

@@ -23,16 +23,17 @@ INSERT = """
 WITH ins AS (
     INSERT INTO jobs (id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
                       idempotency_key, idempotency_scope, request_hash, owner, run_at,
-                      enqueued_at)
+                      enqueued_at, callback_url)
     SELECT r.id, r.type, r.queue, r.status, r.priority, CAST(r.payload AS jsonb),
            r.max_attempts, r.timeout_seconds, r.idempotency_key, r.idempotency_scope,
            r.request_hash, r.owner, coalesce(r.run_at, now()),
-           CASE WHEN r.status = 'queued' THEN now() END
+           CASE WHEN r.status = 'queued' THEN now() END, r.callback_url
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
                 $7::int[], $8::float8[], $9::text[], $10::text[], $11::text[], $12::text[],
-                $13::timestamptz[]) WITH ORDINALITY
+                $13::timestamptz[], $14::text[]) WITH ORDINALITY
         AS r(id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
-             idempotency_key, idempotency_scope, request_hash, owner, run_at, ord)
+             idempotency_key, idempotency_scope, request_hash, owner, run_at, callback_url,
+             ord)
     ORDER BY r.ord
     ON CONFLICT (idempotency_scope, idempotency_key) WHERE idempotency_key IS NOT NULL
     DO NOTHING
@@ -50,7 +51,8 @@ JOB_COLUMNS = """
 j.id, j.type, j.queue, j.status, j.priority, CAST(j.payload AS text) AS payload,
 CAST(j.result AS text) AS result, j.attempts, j.max_attempts, CAST(j.errors AS text) AS errors,
 j.idempotency_key, j.idempotency_scope, j.request_hash, j.timeout_seconds, j.created_at,
-j.run_at, j.started_at, j.finished_at, j.next_attempt_at, j.schedule, j.scheduled_for
+j.run_at, j.started_at, j.finished_at, j.next_attempt_at, j.schedule, j.scheduled_for,
+j.callback_url, j.callback_status, j.callback_attempts, j.callback_last_error
 """
 
 _BY_KEYS = f"""
@@ -90,6 +92,7 @@ def columns(jobs: Sequence[NewJob]) -> list[list[Any]]:
         [j.request_hash for j in jobs],
         [j.owner for j in jobs],
         [j.run_at for j in jobs],
+        [j.callback_url for j in jobs],
     ]
 
 

@@ -19,6 +19,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.errors import InvalidInput
+from app.jobs import lifecycle
 from app.jobs.principal import Principal
 from app.jobs.registry import Registry
 from app.jobs.schemas import JobCreate
@@ -40,6 +41,7 @@ class NewJob:
     request_hash: str | None  # set when idempotency_key is: what makes two requests "the same"
     owner: str | None
     run_at: datetime | None  # None: now (Postgres clock)
+    callback_url: str | None = None
 
 
 def dump_json(value: Any) -> str:
@@ -74,7 +76,9 @@ def _non_finite(value: Any) -> bool:
 def request_hash(item: JobCreate, payload: Any) -> str:
     """Every field as given, with the payload as its type normalises it and ``run_at`` in UTC
     (``delay_seconds`` is hashed as given, not resolved)."""
-    body = item.model_dump(mode="json", exclude={"idempotency_key", "payload", "run_at"})
+    # fields added later are hashed only when given, so that earlier keys keep their hashes
+    later = {"callback_url"} - item.model_fields_set
+    body = item.model_dump(mode="json", exclude={"idempotency_key", "payload", "run_at", *later})
     body["payload"] = payload
     body["run_at"] = item.run_at.astimezone(UTC).isoformat() if item.run_at else None
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -94,6 +98,7 @@ def parse(item: object) -> JobCreate:
 def new_job(item: JobCreate, registry: Registry, principal: Principal, now: datetime) -> NewJob:
     """Validate the payload against its type and resolve the schedule; raises InvalidInput."""
     payload = registry.get(item.type).validate(item.payload).model_dump(mode="json")
+    lifecycle.current().check_callback(item.callback_url)
     run_at = item.run_at
     if item.delay_seconds is not None:
         run_at = now + timedelta(seconds=item.delay_seconds)
@@ -113,4 +118,5 @@ def new_job(item: JobCreate, registry: Registry, principal: Principal, now: date
         request_hash=request_hash(item, payload) if key is not None else None,
         owner=principal.name,
         run_at=run_at,
+        callback_url=item.callback_url,
     )

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, get_type_hints
 from uuid import UUID
 
 from pydantic import BaseModel, ValidationError
 
 from app.errors import InvalidInput
+from app.jobs.status import TERMINAL, JobStatus
 from app.schedules.spec import Periodic
 
 Json = Any
@@ -48,6 +49,9 @@ class JobType:
     timeout_seconds: float | None
     description: str
     schedule: Periodic | None = None  # runs by itself; synced to `schedules` at worker start
+    # Seconds a finished job of this type is kept, per terminal status (0: forever); the
+    # statuses not named here keep CONVEYOR_RETENTION_<STATUS>_SECONDS (app.jobs.retention).
+    retention: Mapping[JobStatus, float] = field(default_factory=dict)
 
     def validate(self, payload: Any) -> BaseModel:
         try:
@@ -95,15 +99,19 @@ def job_type(
     *,
     timeout_seconds: float | None = None,
     schedule: str | Periodic | None = None,
+    retention: Mapping[str, float] | None = None,
 ) -> Callable[[Handler[PayloadT]], Handler[PayloadT]]:
     """Register an async handler whose first parameter is annotated with its payload model.
 
     ``schedule`` (a cron expression, or :class:`Periodic` for a payload, time zone, queue...)
     makes the type run by itself: a schedule named after the type, synced at worker start.
+    ``retention`` (``{"succeeded": 3600, "dead": 0}``: seconds per terminal status, 0 keeps
+    forever) overrides the CONVEYOR_RETENTION_* settings for this type's finished jobs.
     """
     periodic = Periodic(schedule) if isinstance(schedule, str) else schedule
     if periodic is not None:
         periodic.check(name)
+    kept = _retention(name, retention or {})
 
     def decorate(fn: Handler[PayloadT]) -> Handler[PayloadT]:
         if not inspect.iscoroutinefunction(fn):
@@ -120,6 +128,7 @@ def job_type(
             timeout_seconds=timeout_seconds,
             description=inspect.getdoc(fn) or "",
             schedule=periodic,
+            retention=kept,
         )
         if periodic is not None:
             try:
@@ -130,6 +139,17 @@ def job_type(
         return fn
 
     return decorate
+
+
+def _retention(name: str, retention: Mapping[str, float]) -> dict[JobStatus, float]:
+    kept: dict[JobStatus, float] = {}
+    for status, seconds in retention.items():
+        if status not in {s.value for s in TERMINAL}:
+            raise ValueError(f"retention of {name!r}: {status!r} is not a terminal status")
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+            raise ValueError(f"retention of {name!r}: {status} needs seconds >= 0")
+        kept[JobStatus(status)] = float(seconds)
+    return kept
 
 
 def load_handlers(modules: Iterable[str]) -> Registry:
