@@ -1,4 +1,5 @@
-"""The completion-callback duty of every worker: deliver due callbacks, record the outcome.
+"""The completion-callback duty of every worker: deliver the due callbacks of the jobs of its
+queues, and record the outcome.
 
 Deliveries live in Postgres (app.jobs.callbacks), so they survive a worker crash: a delivery
 in flight on a dead worker is due again once its lease runs out. Each POST goes to an address
@@ -66,7 +67,9 @@ class CallbackDuty:
         """Deliver due callbacks until none is left (at most a few batches per call)."""
         for _ in range(5):
             async with self.ctx.db.acquire() as conn:
-                due = await callbacks.take_due(conn, BATCH, self.lease_seconds)
+                due = await callbacks.take_due(
+                    conn, self.ctx.config.queues, BATCH, self.lease_seconds
+                )
             if not due:
                 return
             timeout = self.ctx.settings.callback_timeout_seconds

@@ -13,6 +13,7 @@ outcome (ADR 0017).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,7 +27,7 @@ _TAKE = """
 WITH due AS (
     SELECT id FROM jobs
     WHERE callback_status = 'pending' AND callback_next_at <= now()
-      AND finished_at IS NOT NULL
+      AND finished_at IS NOT NULL AND queue = ANY($3::text[])
     ORDER BY callback_next_at LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
@@ -108,10 +109,12 @@ class Due:
         return json.dumps(document, separators=(",", ":")).encode()
 
 
-async def take_due(conn: asyncpg.Connection, limit: int, lease_seconds: float) -> list[Due]:
-    """Up to ``limit`` due deliveries, each counted as an attempt and leased for
-    ``lease_seconds`` (rows other workers hold are skipped)."""
-    rows = await conn.fetch(_TAKE, limit, lease_seconds)
+async def take_due(
+    conn: asyncpg.Connection, queues: Sequence[str], limit: int, lease_seconds: float
+) -> list[Due]:
+    """Up to ``limit`` due deliveries of jobs of these queues, each counted as an attempt and
+    leased for ``lease_seconds`` (rows other workers hold are skipped)."""
+    rows = await conn.fetch(_TAKE, limit, lease_seconds, list(queues))
     return [Due(*r) for r in rows]
 
 
