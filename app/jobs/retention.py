@@ -92,15 +92,14 @@ SELECT type FROM t WHERE type IS NOT NULL
 # The oldest expired rows of one (status, type), straight from ix_jobs_finished. A job whose
 # completion callback is still being delivered waits for it. Events go by ON DELETE CASCADE.
 _DELETE = """
-WITH doomed AS (
+DELETE FROM jobs WHERE id = ANY(ARRAY(
     SELECT id FROM jobs
     WHERE status = $1 AND type = $2 AND finished_at IS NOT NULL
       AND finished_at < statement_timestamp() - make_interval(secs => $3)
       AND callback_status IS DISTINCT FROM 'pending'
     ORDER BY finished_at LIMIT $4
     FOR UPDATE SKIP LOCKED
-)
-DELETE FROM jobs j USING doomed WHERE j.id = doomed.id
+))
 """
 
 
