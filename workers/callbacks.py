@@ -92,6 +92,9 @@ class CallbackDuty:
             error = f"no answer within {s.callback_timeout_seconds:g}s"
         except (HttpRequestFailed, httpx.HTTPError) as exc:
             error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # recorded like any failure: the retry window bounds it
+            log.warning("callback delivery failed unexpectedly", exc_info=True)
+            error = f"{type(exc).__name__}: {exc}"
         async with self.ctx.db.acquire() as conn:
             status = await callbacks.record(
                 conn,

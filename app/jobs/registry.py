@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from app.errors import InvalidInput
 from app.jobs.status import TERMINAL, JobStatus
 from app.schedules.spec import Periodic
+from app.settings import MAX_RETENTION_SECONDS
 
 Json = Any
 PayloadT = TypeVar("PayloadT", bound=BaseModel)
@@ -146,8 +147,12 @@ def _retention(name: str, retention: Mapping[str, float]) -> dict[JobStatus, flo
     for status, seconds in retention.items():
         if status not in {s.value for s in TERMINAL}:
             raise ValueError(f"retention of {name!r}: {status!r} is not a terminal status")
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
-            raise ValueError(f"retention of {name!r}: {status} needs seconds >= 0")
+        if (
+            not isinstance(seconds, int | float)
+            or isinstance(seconds, bool)
+            or not 0 <= seconds <= MAX_RETENTION_SECONDS
+        ):
+            raise ValueError(f"retention of {name!r}: {status} needs 0 to 100 years in seconds")
         kept[JobStatus(status)] = float(seconds)
     return kept
 
