@@ -76,8 +76,8 @@ def _non_finite(value: Any) -> bool:
 def request_hash(item: JobCreate, payload: Any) -> str:
     """Every field as given, with the payload as its type normalises it and ``run_at`` in UTC
     (``delay_seconds`` is hashed as given, not resolved)."""
-    # fields added later are hashed only when given, so that earlier keys keep their hashes
-    later = {"callback_url"} - item.model_fields_set
+    # fields added later are hashed only when set, so that earlier keys keep their hashes
+    later = {"callback_url"} if item.callback_url is None else set()
     body = item.model_dump(mode="json", exclude={"idempotency_key", "payload", "run_at", *later})
     body["payload"] = payload
     body["run_at"] = item.run_at.astimezone(UTC).isoformat() if item.run_at else None

@@ -305,3 +305,27 @@ async def test_replayed_job_gets_a_new_turn(
     ]
     assert [verified(first)["status"], verified(second)["status"]] == ["dead", "succeeded"]
     assert json.loads(second.body)["result"] == {"attempt": 1}
+
+
+async def test_the_callback_url_is_part_of_an_idempotent_request(
+    client: httpx.AsyncClient, queue: str, receiver: Receiver
+) -> None:
+    body = {
+        "type": "demo.echo",
+        "queue": queue,
+        "delay_seconds": 3600,
+        "idempotency_key": f"k-{queue}",
+        "callback_url": receiver.url("a"),
+    }
+    first = await client.post("/v1/jobs", json=body)
+    again = await client.post("/v1/jobs", json=body)
+    other = await client.post("/v1/jobs", json={**body, "callback_url": receiver.url("b")})
+    assert (first.status_code, again.status_code, other.status_code) == (202, 200, 409)
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["callback"] == {"status": "waiting", "attempts": 0, "last_error": None}
+    plain = {k: v for k, v in body.items() if k != "callback_url"} | {
+        "idempotency_key": f"p-{queue}"
+    }
+    assert (await client.post("/v1/jobs", json=plain)).status_code == 202
+    nulled = await client.post("/v1/jobs", json={**plain, "callback_url": None})
+    assert nulled.status_code == 200  # null is the same as no callback
