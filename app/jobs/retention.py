@@ -76,14 +76,16 @@ class Policy:
 
 
 # The types that have finished jobs of one status: a skip scan of ix_jobs_finished, one index
-# probe per type (a loose index scan), however many rows each has.
+# probe per type (a loose index scan), however many rows each has. "ORDER BY type,
+# finished_at" is an order only that index gives: with "ORDER BY type" alone, the planner
+# took ix_jobs_type_created on a large table and filtered its way to the status.
 _TYPES = """
 WITH RECURSIVE t(type) AS (
     (SELECT type FROM jobs WHERE status = $1 AND finished_at IS NOT NULL
-     ORDER BY type LIMIT 1)
+     ORDER BY type, finished_at LIMIT 1)
     UNION ALL
     SELECT (SELECT j.type FROM jobs j WHERE j.status = $1 AND j.finished_at IS NOT NULL
-            AND j.type > t.type ORDER BY j.type LIMIT 1)
+            AND j.type > t.type ORDER BY j.type, j.finished_at LIMIT 1)
     FROM t WHERE t.type IS NOT NULL
 )
 SELECT type FROM t WHERE type IS NOT NULL
