@@ -22,7 +22,7 @@ from app.api.ratelimit import RateLimiter
 from app.api.routes import dlq, flow, jobs, ops, schedules
 from app.db.engine import create_engine, create_session_factory
 from app.db.pool import create_pool
-from app.jobs import layout
+from app.jobs import layout, lifecycle
 from app.jobs.dispatch import Dispatcher
 from app.jobs.intake import Intake
 from app.jobs.layout import Layout
@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if server:
         configure_logging(settings.log_level)
     registry = load_handlers(settings.handler_module_list)
+    lifecycle.install(settings, registry)
     auth = Authenticator(parse_keys(settings.api_keys))
     lifespan = _lifespan(settings, registry, auth, server)
     app = FastAPI(

@@ -12,6 +12,7 @@ DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/conveyor"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # The built-in job types (demo.*, http.request): always loaded, whatever the setting lists.
 BUILTIN_HANDLER_MODULES = ("workers.handlers",)
+MAX_RETENTION_SECONDS = 100 * 366 * 86400  # longer is "forever": write 0
 
 
 class Settings(BaseSettings):
@@ -72,6 +73,14 @@ class Settings(BaseSettings):
     # How often an API process asks Postgres, in one statement, which of the jobs its
     # ``?wait=`` requests wait for are done (covers a lost notification or Redis down).
     wait_recheck_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Finished jobs (with their events and idempotency keys) are deleted this long after they
+    # finished; 0 keeps them forever. A job type may override them (``@job_type(retention=)``).
+    retention_succeeded_seconds: float = Field(default=7 * 86400, ge=0, le=MAX_RETENTION_SECONDS)
+    retention_cancelled_seconds: float = Field(default=7 * 86400, ge=0, le=MAX_RETENTION_SECONDS)
+    retention_dead_seconds: float = Field(default=30 * 86400, ge=0, le=MAX_RETENTION_SECONDS)
+    # Completion callbacks: one POST's timeout, and how long failed deliveries are retried.
+    callback_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    callback_retry_seconds: float = Field(default=86400.0, ge=0, le=MAX_RETENTION_SECONDS)
     log_level: str = "INFO"
 
     @property

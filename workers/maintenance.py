@@ -1,4 +1,5 @@
-"""Background duties of every worker: heartbeat, promote, dispatch sweep, reclaim, reconcile.
+"""Background duties of every worker: heartbeat, promote, dispatch sweep, reclaim, reconcile,
+retention (pruning finished jobs) and completion callbacks.
 
 Each is safe to run in many workers at once (guarded statements, SKIP LOCKED), logs its
 errors and goes on. Postgres decides; Redis is only told.
@@ -16,13 +17,14 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from app.jobs import attempts, workers_table
+from app.jobs import attempts, retention, workers_table
 from app.jobs.attempts import Dead
 from app.jobs.redispatch import Redispatcher
 from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
 from app.schedules.due import ScheduleDuty
 from workers import shutdown
+from workers.callbacks import CallbackDuty
 from workers.cancellation import Canceller
 from workers.context import Attempt, WorkerContext
 from workers.reporter import Reporter
@@ -30,6 +32,8 @@ from workers.reporter import Reporter
 log = logging.getLogger(__name__)
 
 RECLAIM_BATCH = 500
+PRUNE_EVERY_SECONDS = 1.0  # a pass that ran out of its budget comes back at once
+CALLBACK_EVERY_SECONDS = 0.5
 WORKER_ROW_TTL_SECONDS = 3600
 
 
@@ -45,6 +49,9 @@ class Maintenance:
         self.redispatch = Redispatcher(
             ctx.sessions, ctx.stream, ctx.dispatcher, ctx.config.queues, ctx.settings
         )
+        registry = load_handlers(ctx.settings.handler_module_list)  # imported already
+        self.retention = retention.Policy.of(ctx.settings, registry)
+        self.callbacks = CallbackDuty(ctx)
 
     def lease_loops(self) -> list[Coroutine[Any, Any, None]]:
         """Heartbeat and entry refresh: they run until the worker has handed back its jobs,
@@ -70,6 +77,8 @@ class Maintenance:
                 ).run_schedules,
             ),
             self._reconcile_loop(),
+            self._every(PRUNE_EVERY_SECONDS, self.prune_finished),
+            self._every(CALLBACK_EVERY_SECONDS, self.callbacks.deliver_callbacks),
         ]
 
     async def _every(
@@ -188,6 +197,19 @@ class Maintenance:
             )
             if ids is not None or len(rows) < RECLAIM_BATCH:
                 return total
+
+    # -- retention ----------------------------------------------------------------------------
+
+    async def prune_finished(self) -> None:
+        """Delete finished jobs past their retention, in small batches (app.jobs.retention);
+        one worker at a time, the others skip."""
+        while True:
+            async with self.ctx.db.acquire() as conn:
+                pruned = await retention.prune_pass(conn, self.retention)
+            if pruned.total:
+                log.info("pruned finished jobs", extra={"deleted": pruned.total})
+            if not pruned.more or self.ctx.stopping.is_set():
+                return
 
     # -- reconcile ----------------------------------------------------------------------------
 

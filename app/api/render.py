@@ -55,6 +55,11 @@ def job_document(answer: Submitted, view: Mapping[str, bool]) -> dict[str, Any]:
         "cancel_requested_at": None,
         "unique_key": new.unique_key,
         "progress": None,
+        "callback_url": new.callback_url,
+        "callback": None
+        if new.callback_url is None
+        else {"status": "waiting", "attempts": 0, "last_error": None},
+        "result_expires_at": None,
     }
 
 

@@ -62,6 +62,9 @@ TERMINAL_SQL = _sql_in(TERMINAL)
 OPEN_SQL = f"status NOT IN {_sql_in({JobStatus.SUCCEEDED, JobStatus.CANCELLED})}"
 
 
+CALLBACK_STATUS_SQL = "('pending', 'delivered', 'failed')"
+
+
 class StatusText(TypeDecorator[JobStatus]):
     """A :class:`JobStatus` stored as ``text`` (the CHECK constraint keeps it to the enum)."""
 
@@ -125,9 +128,18 @@ class JobRow(Base):
     unique_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The latest progress of the running attempt: {"value": 0..1, "message": str | None}.
     progress: Mapped[Json | None] = mapped_column(JSONB, nullable=True)
+    # Completion callback (app.jobs.callbacks): a trigger makes a delivery pending, turn + 1,
+    # whenever a job with a callback_url finishes; the workers deliver it (ADR 0017).
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_status: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    callback_last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_turn: Mapped[int] = mapped_column(Integer, server_default="0")
 
     __table_args__ = (
         CheckConstraint(f"status IN {ALL_SQL}", name="status_valid"),
+        CheckConstraint(f"callback_status IN {CALLBACK_STATUS_SQL}", name="callback_status_valid"),
         CheckConstraint(
             f"(finished_at IS NOT NULL) = (status IN {TERMINAL_SQL})", name="finished_iff_terminal"
         ),
@@ -219,6 +231,20 @@ class JobRow(Base):
             "unique_key",
             unique=True,
             postgresql_where=text("unique_until IS NOT NULL"),
+        ),
+        # Retention: the expired rows of each (status, type), oldest first, found directly.
+        Index(
+            "ix_jobs_finished",
+            "status",
+            "type",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
+        # Completion callbacks due for delivery.
+        Index(
+            "ix_jobs_callback_due",
+            "callback_next_at",
+            postgresql_where=text("callback_status = 'pending'"),
         ),
         # Queue stats: dead jobs taken out of the DLQ are subtracted from the dead count.
         Index(

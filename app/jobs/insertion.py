@@ -31,20 +31,21 @@ INSERT = """
 WITH ins AS (
     INSERT INTO jobs (id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
                       idempotency_key, idempotency_scope, request_hash, owner, run_at,
-                      enqueued_at, unique_key, unique_until)
+                      enqueued_at, unique_key, unique_until, callback_url)
     SELECT r.id, r.type, r.queue, r.status, r.priority, CAST(r.payload AS jsonb),
            r.max_attempts, r.timeout_seconds, r.idempotency_key, r.idempotency_scope,
            r.request_hash, r.owner, coalesce(r.run_at, now()),
            CASE WHEN r.status = 'queued' THEN now() END, r.unique_key,
            CASE WHEN r.unique_key IS NULL THEN NULL
                 WHEN r.unique_for IS NULL THEN CAST('infinity' AS timestamptz)
-                ELSE now() + make_interval(secs => r.unique_for) END
+                ELSE now() + make_interval(secs => r.unique_for) END,
+           r.callback_url
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
                 $7::int[], $8::float8[], $9::text[], $10::text[], $11::text[], $12::text[],
-                $13::timestamptz[], $14::text[], $15::float8[]) WITH ORDINALITY
+                $13::timestamptz[], $14::text[], $15::float8[], $16::text[]) WITH ORDINALITY
         AS r(id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
              idempotency_key, idempotency_scope, request_hash, owner, run_at, unique_key,
-             unique_for, ord)
+             unique_for, callback_url, ord)
     ORDER BY r.ord
     -- any unique index: the idempotency key (uq_jobs_idempotency) or the debounce key of a
     -- waiting job (uq_jobs_unique_waiting); resolve() tells which
@@ -64,7 +65,8 @@ j.id, j.type, j.queue, j.status, j.priority, CAST(j.payload AS text) AS payload,
 CAST(j.result AS text) AS result, j.attempts, j.max_attempts, CAST(j.errors AS text) AS errors,
 j.idempotency_key, j.idempotency_scope, j.request_hash, j.timeout_seconds, j.created_at,
 j.run_at, j.started_at, j.finished_at, j.next_attempt_at, j.schedule, j.scheduled_for,
-j.cancel_requested_at, j.unique_key
+j.cancel_requested_at, j.unique_key,
+j.callback_url, j.callback_status, j.callback_attempts, j.callback_last_error
 """
 
 _BY_KEYS = f"""
@@ -124,6 +126,7 @@ def columns(jobs: Sequence[NewJob]) -> list[list[Any]]:
         [j.run_at for j in jobs],
         [j.unique_key for j in jobs],
         [j.unique_for_seconds for j in jobs],
+        [j.callback_url for j in jobs],
     ]
 
 

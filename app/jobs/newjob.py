@@ -19,6 +19,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.errors import InvalidInput
+from app.jobs import lifecycle
 from app.jobs.principal import Principal
 from app.jobs.registry import Registry
 from app.jobs.schemas import JobCreate
@@ -42,6 +43,7 @@ class NewJob:
     run_at: datetime | None  # None: now (Postgres clock)
     unique_key: str | None = None  # debounce: one waiting job per (scope, type, unique_key)
     unique_for_seconds: float | None = None  # how long the key holds (None: until it starts)
+    callback_url: str | None = None
 
 
 def dump_json(value: Any) -> str:
@@ -76,7 +78,9 @@ def _non_finite(value: Any) -> bool:
 def request_hash(item: JobCreate, payload: Any) -> str:
     """Every field as given, with the payload as its type normalises it and ``run_at`` in UTC
     (``delay_seconds`` is hashed as given, not resolved)."""
-    body = item.model_dump(mode="json", exclude={"idempotency_key", "payload", "run_at"})
+    # fields added later are hashed only when set, so that earlier keys keep their hashes
+    later = {"callback_url"} if item.callback_url is None else set()
+    body = item.model_dump(mode="json", exclude={"idempotency_key", "payload", "run_at", *later})
     body["payload"] = payload
     body["run_at"] = item.run_at.astimezone(UTC).isoformat() if item.run_at else None
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -96,6 +100,7 @@ def parse(item: object) -> JobCreate:
 def new_job(item: JobCreate, registry: Registry, principal: Principal, now: datetime) -> NewJob:
     """Validate the payload against its type and resolve the schedule; raises InvalidInput."""
     payload = registry.get(item.type).validate(item.payload).model_dump(mode="json")
+    lifecycle.current().check_callback(item.callback_url)
     run_at = item.run_at
     if item.delay_seconds is not None:
         run_at = now + timedelta(seconds=item.delay_seconds)
@@ -117,4 +122,5 @@ def new_job(item: JobCreate, registry: Registry, principal: Principal, now: date
         run_at=run_at,
         unique_key=item.unique_key,
         unique_for_seconds=item.unique_for_seconds,
+        callback_url=item.callback_url,
     )

@@ -11,7 +11,7 @@ import asyncio
 import importlib
 import inspect
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, get_type_hints
 from uuid import UUID
@@ -20,7 +20,9 @@ from pydantic import BaseModel, ValidationError
 
 from app.errors import InvalidInput
 from app.flow.limits import NO_LIMITS, Limits
+from app.jobs.status import TERMINAL, JobStatus
 from app.schedules.spec import Periodic
+from app.settings import MAX_RETENTION_SECONDS
 
 Json = Any
 PayloadT = TypeVar("PayloadT", bound=BaseModel)
@@ -84,6 +86,9 @@ class JobType:
     description: str
     schedule: Periodic | None = None  # runs by itself; synced to `schedules` at worker start
     limits: Limits = NO_LIMITS  # declared; an override over HTTP replaces them (app.flow)
+    # Seconds a finished job of this type is kept, per terminal status (0: forever); the
+    # statuses not named here keep CONVEYOR_RETENTION_<STATUS>_SECONDS (app.jobs.retention).
+    retention: Mapping[JobStatus, float] = field(default_factory=dict)
 
     def validate(self, payload: Any) -> BaseModel:
         try:
@@ -137,6 +142,7 @@ def job_type(
     concurrency: int | None = None,
     rate: str | None = None,
     burst: int | None = None,
+    retention: Mapping[str, float] | None = None,
 ) -> Callable[[Handler[PayloadT]], Handler[PayloadT]]:
     """Register an async handler whose first parameter is annotated with its payload model.
 
@@ -146,6 +152,9 @@ def job_type(
     ``concurrency`` (at most N running at once) and ``rate`` (``"N/s"``, ``"N/m"``, ``"N/h"``,
     with up to ``burst`` starts at once, default N) hold across all workers; an operator may
     override them at run time (``PUT /v1/job-types/{type}/limits``).
+
+    ``retention`` (``{"succeeded": 3600, "dead": 0}``: seconds per terminal status, 0 keeps
+    forever) overrides the CONVEYOR_RETENTION_* settings for this type's finished jobs.
     """
     try:
         limits = Limits.declare(concurrency=concurrency, rate=rate, burst=burst)
@@ -154,6 +163,7 @@ def job_type(
     periodic = Periodic(schedule) if isinstance(schedule, str) else schedule
     if periodic is not None:
         periodic.check(name)
+    kept = _retention(name, retention or {})
 
     def decorate(fn: Handler[PayloadT]) -> Handler[PayloadT]:
         if not inspect.iscoroutinefunction(fn):
@@ -171,6 +181,7 @@ def job_type(
             description=inspect.getdoc(fn) or "",
             schedule=periodic,
             limits=limits,
+            retention=kept,
         )
         if periodic is not None:
             try:
@@ -181,6 +192,21 @@ def job_type(
         return fn
 
     return decorate
+
+
+def _retention(name: str, retention: Mapping[str, float]) -> dict[JobStatus, float]:
+    kept: dict[JobStatus, float] = {}
+    for status, seconds in retention.items():
+        if status not in {s.value for s in TERMINAL}:
+            raise ValueError(f"retention of {name!r}: {status!r} is not a terminal status")
+        if (
+            not isinstance(seconds, int | float)
+            or isinstance(seconds, bool)
+            or not 0 <= seconds <= MAX_RETENTION_SECONDS
+        ):
+            raise ValueError(f"retention of {name!r}: {status} needs 0 to 100 years in seconds")
+        kept[JobStatus(status)] = float(seconds)
+    return kept
 
 
 def load_handlers(modules: Iterable[str]) -> Registry:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -21,7 +22,9 @@ from pydantic import (
 )
 
 from app.flow.schemas import LimitsOut
+from app.jobs import lifecycle
 from app.jobs.status import JobStatus
+from app.outbound.destinations import http_url
 
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -102,6 +105,19 @@ class JobCreate(BaseModel):
         allow_inf_nan=False,
         description="How long the key holds after the first submission (default: until it starts).",
     )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description=(
+            "POSTed once the job is succeeded, dead or cancelled (Standard Webhooks signature)."
+            " Its host must be in CONVEYOR_HTTP_ALLOWED_HOSTS, as for http.request."
+        ),
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_http(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value)
 
     @model_validator(mode="after")
     def _one_schedule(self) -> JobCreate:
@@ -154,6 +170,25 @@ class JobProgress(BaseModel):
     message: str | None = None
 
 
+class CallbackState(BaseModel):
+    """Delivery of the completion callback: ``waiting`` until the job finishes, then
+    ``pending`` (being delivered, retried with backoff), ``delivered`` or ``failed``."""
+
+    status: Literal["waiting", "pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None
+
+
+def _callback(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    if values.get("callback_url") is None:
+        return None
+    return {
+        "status": values.get("callback_status") or "waiting",
+        "attempts": values.get("callback_attempts") or 0,
+        "last_error": values.get("callback_last_error"),
+    }
+
+
 class Job(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -188,6 +223,39 @@ class Job(BaseModel):
         default=None,
         description="The latest progress its handler reported (cleared when an attempt starts).",
     )
+    callback_url: str | None = None
+    callback: CallbackState | None = Field(
+        default=None, description="Delivery of the completion callback (null without one)."
+    )
+    result_expires_at: datetime | None = Field(
+        default=None,
+        description=(
+            "When the finished job, its result and its events will be deleted (retention);"
+            " null while it is unfinished or when it is kept forever."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, data: Any) -> Any:
+        """``callback`` and ``result_expires_at`` from the row's columns."""
+        if isinstance(data, Mapping):
+            values = dict(data)
+        else:
+            names = [*cls.model_fields, *_CALLBACK_COLUMNS]
+            values = {n: getattr(data, n) for n in names if hasattr(data, n)}
+        if "callback" not in values:
+            values["callback"] = _callback(values)
+        if "result_expires_at" not in values and values.get("status") is not None:
+            policy = lifecycle.current().retention
+            status = JobStatus(values["status"])
+            values["result_expires_at"] = policy.expires_at(
+                status, str(values.get("type")), values.get("finished_at")
+            )
+        return values
+
+
+_CALLBACK_COLUMNS = ("callback_status", "callback_attempts", "callback_last_error")
 
 
 class JobBatch(BaseModel):

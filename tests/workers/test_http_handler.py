@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import functools
 import gzip
-import hashlib
-import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from standardwebhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -189,15 +188,14 @@ async def run(
 
 
 def verify(seen: Seen, secret: str) -> bool:
-    """What a receiver does with the signature headers."""
-    ts, job_id, attempt = (
-        seen.headers["conveyor-timestamp"],
-        seen.headers["conveyor-job-id"],
-        seen.headers["conveyor-attempt"],
-    )
-    message = f"{ts}.{job_id}.{attempt}.".encode() + seen.body
-    expected = "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(seen.headers["conveyor-signature"], expected)
+    """What a receiver does: the Standard Webhooks library checks the signature headers (a
+    secret without the ``whsec_`` prefix is the key's UTF-8 bytes)."""
+    try:
+        Webhook(secret.encode()).verify(seen.body, seen.headers, json_parse=False)
+    except WebhookVerificationError:
+        return False
+    expected_id = f"{seen.headers['conveyor-job-id']}_{seen.headers['conveyor-attempt']}"
+    return seen.headers["webhook-id"] == expected_id
 
 
 async def test_success_carries_verifiable_signature(
@@ -409,8 +407,9 @@ async def test_cross_origin_redirects_drop_the_jobs_headers_and_the_signature(
     assert done["status"] == "succeeded"
     [away] = other.requests_to("/ok")
     assert verify(target.requests_to("/redirect")[-1], SECRET)
-    for name in ("x-api-key", "authorization", "x-custom", "conveyor-signature"):
+    for name in ("x-api-key", "authorization", "x-custom", "webhook-signature"):
         assert name not in away.headers, name
+    assert not verify(away, SECRET)
     assert away.body == b"kept" and away.headers["content-type"].startswith("text/plain")
     assert away.headers["conveyor-job-id"] == done["id"]
 
@@ -419,7 +418,7 @@ async def test_cross_origin_redirects_drop_the_jobs_headers_and_the_signature(
     done = await run(client, queue, {"url": redirect(target, back), "headers": headers})
     assert done["status"] == "succeeded"
     returned = target.requests_to("/ok")[-1]
-    assert "x-api-key" not in returned.headers and "conveyor-signature" not in returned.headers
+    assert "x-api-key" not in returned.headers and "webhook-signature" not in returned.headers
 
 
 async def test_responses_are_never_decompressed(
@@ -448,6 +447,7 @@ async def test_payload_is_validated_at_submit(client: httpx.AsyncClient, queue: 
         {"url": "http://127.0.0.1/", "timeout_seconds": 0},
         {"url": "http://127.0.0.1/", "headers": {"Host": "evil"}},
         {"url": "http://127.0.0.1/", "headers": {"Conveyor-Signature": "forged"}},
+        {"url": "http://127.0.0.1/", "headers": {"Webhook-Signature": "v1,forged"}},
         {"url": "http://127.0.0.1/", "headers": {"Accept-Encoding": "gzip"}},
         {"url": "http://127.0.0.1/", "headers": {"X-Split": "a\r\nInjected: 1"}},
         {"url": "http://127.0.0.1/", "body": ["a", "list"]},
@@ -476,7 +476,7 @@ async def test_payload_is_validated_at_submit(client: httpx.AsyncClient, queue: 
         "timeout_seconds": 30.0,
     }
     types = {t["name"]: t for t in (await client.get("/v1/job-types")).json()["items"]}
-    assert "Conveyor-Signature" in types["http.request"]["description"]
+    assert "webhook-signature" in types["http.request"]["description"]
     assert (
         types["http.request"]["payload_schema"]["properties"]["timeout_seconds"]["maximum"] == 300
     )

@@ -12,12 +12,13 @@ targets. Outcome of one attempt:
   timeout): the attempt fails and the job retries with backoff.
 - any other status (4xx, an unusable redirect): permanent failure, no further attempts.
 
-Every request carries ``Conveyor-Job-Id``, ``Conveyor-Attempt``, ``Conveyor-Timestamp`` (Unix
-seconds) and, when ``CONVEYOR_HTTP_SIGNING_SECRET`` is set, ``Conveyor-Signature:
-sha256=<hex>``: the HMAC-SHA256, keyed with the secret, of the UTF-8 string
-``"{timestamp}.{job_id}.{attempt}.{body}"`` where body is the request body exactly as sent
-(empty without one). Receivers recompute it, compare in constant time, and reject stale
-timestamps; the job id and attempt let them deduplicate at-least-once deliveries.
+Every request carries ``Conveyor-Job-Id`` and ``Conveyor-Attempt``, and the Standard Webhooks
+headers (app.outbound.signing): ``webhook-id`` = ``{job_id}_{attempt}``, ``webhook-timestamp``
+(Unix seconds) and, when ``CONVEYOR_HTTP_SIGNING_SECRET`` is set, ``webhook-signature:
+v1,<base64>``, the HMAC-SHA256 of ``"{webhook-id}.{webhook-timestamp}.{body}"`` where body is
+the request body exactly as sent (empty without one). Receivers verify it with any Standard
+Webhooks library (which also rejects stale timestamps); the id lets them deduplicate
+at-least-once deliveries.
 
 SSRF guard: nothing is called unless ``CONVEYOR_HTTP_ALLOWED_HOSTS`` (comma-separated) lists
 the host: ``host`` (any port), ``host:port``, ``[v6]:port``, ``*.domain`` (its subdomains) or
@@ -31,8 +32,9 @@ job permanently with ``blocked_destination``. Proxy variables of the environment
 
 Redirects to another origin (scheme, host or port): from the first such hop on, the request
 carries none of the headers the job set (only Conveyor's ``User-Agent``, the
-``Content-Type`` of a body that a 307/308 re-sends, and ``Conveyor-Job-Id``, ``-Attempt`` and
-``-Timestamp``) and no ``Conveyor-Signature``, so a redirect target elsewhere receives no
+``Content-Type`` of a body that a 307/308 re-sends, ``Conveyor-Job-Id``, ``-Attempt``,
+``webhook-id`` and ``webhook-timestamp``) and no ``webhook-signature``, so a redirect target
+elsewhere receives no
 credential or signature it could replay. Hops on the job's own origin keep both.
 
 Every request asks for ``Accept-Encoding: identity`` and the body is read as received, never
@@ -44,8 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
-import hmac
 import json
 import logging
 import re
@@ -59,14 +59,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.errors import PermanentError, RetryLater
 from app.jobs.registry import JobContext, job_type
-from app.settings import get_settings
-from workers.handlers.destinations import (
+from app.outbound import signing
+from app.outbound.destinations import (
     HttpRequestFailed,
     IPAddress,
     allowed_hosts,
     destination,
     host_of,
+    http_url,
 )
+from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ RESERVED_HEADERS = frozenset(
         "accept-encoding",
     }
 )
+SET_BY_US = ("conveyor-", "webhook-")  # header prefixes a job may not set
 USER_AGENT = "Conveyor (http.request)"
 TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
 
@@ -108,18 +111,7 @@ class HttpRequestPayload(BaseModel):
         default=30, gt=0, le=300, allow_inf_nan=False, description="For the whole exchange."
     )
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        try:
-            url = httpx.URL(value)
-        except httpx.InvalidURL as exc:
-            raise ValueError(f"not a valid URL: {exc}") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("the URL must be http:// or https:// with a host")
-        if url.userinfo:
-            raise ValueError("credentials in the URL are not allowed; send a header")
-        return value
+    _http_url = field_validator("url")(http_url)
 
     @field_validator("headers")
     @classmethod
@@ -130,7 +122,7 @@ class HttpRequestPayload(BaseModel):
         for name, text in value.items():
             if not TOKEN.match(name):
                 raise ValueError(f"invalid header name {name!r}")
-            if name.lower() in RESERVED_HEADERS or name.lower().startswith("conveyor-"):
+            if name.lower() in RESERVED_HEADERS or name.lower().startswith(SET_BY_US):
                 raise ValueError(f"header {name!r} is set by Conveyor")
             if len(text) > 8192 or any(c in text for c in "\r\n\x00"):
                 raise ValueError(f"invalid value for header {name!r}")
@@ -138,11 +130,6 @@ class HttpRequestPayload(BaseModel):
 
 
 # -- the exchange -------------------------------------------------------------------------------
-
-
-def signature(secret: str, timestamp: str, job_id: str, attempt: int, body: bytes) -> str:
-    message = f"{timestamp}.{job_id}.{attempt}.".encode() + body
-    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 def _encode(payload: HttpRequestPayload) -> tuple[bytes, str | None]:
@@ -170,19 +157,14 @@ class Request:
     trusted: bool = True
 
     def sign(self, ctx: JobContext, secret: str | None) -> dict[str, str]:
-        timestamp = str(int(time.time()))
-        headers = {
+        message_id = f"{ctx.job_id}_{ctx.attempt}"
+        return {
             **self.headers,
             "Accept-Encoding": "identity",
             "Conveyor-Job-Id": str(ctx.job_id),
             "Conveyor-Attempt": str(ctx.attempt),
-            "Conveyor-Timestamp": timestamp,
+            **signing.headers(message_id, self.body, secret, signed=self.trusted),
         }
-        if secret and self.trusted:
-            headers["Conveyor-Signature"] = signature(
-                secret, timestamp, str(ctx.job_id), ctx.attempt, self.body
-            )
-        return headers
 
     def redirected(self, status: int, location: str) -> Request:
         """The next hop. Leaving the job's origin drops every header the job set (and, for
@@ -208,7 +190,7 @@ class Reply:
     truncated: bool
 
 
-async def _exchange(
+async def exchange(
     client: httpx.AsyncClient, request: Request, ip: IPAddress, headers: dict[str, str]
 ) -> Reply:
     """Send to the checked address, with the URL's own Host header and TLS server name."""
@@ -287,9 +269,7 @@ async def _follow(client: httpx.AsyncClient, first: Request, ctx: JobContext) ->
     request = first
     for _ in range(MAX_REDIRECTS + 1):
         ip = await destination(request.url, allowed)
-        reply = await _exchange(
-            client, request, ip, request.sign(ctx, settings.http_signing_secret)
-        )
+        reply = await exchange(client, request, ip, request.sign(ctx, settings.http_signing_secret))
         location = reply.headers.get("location")
         if reply.status not in REDIRECTS or not location:
             return _outcome(reply, host_of(request.url))
@@ -305,9 +285,9 @@ async def http_request(payload: HttpRequestPayload, ctx: JobContext) -> dict[str
     """Calls `url`: 2xx succeeds; 429 or 503 with Retry-After waits as told without spending
     an attempt; 5xx, 408, 429 and network errors retry; other statuses fail permanently.
     Off unless CONVEYOR_HTTP_ALLOWED_HOSTS lists the host. Each request carries
-    Conveyor-Job-Id, Conveyor-Attempt, Conveyor-Timestamp and Conveyor-Signature: sha256=<hex
-    HMAC-SHA256 of "{timestamp}.{job_id}.{attempt}.{body}" keyed with
-    CONVEYOR_HTTP_SIGNING_SECRET>. A redirect to another origin gets neither the signature nor
+    Conveyor-Job-Id, Conveyor-Attempt and the Standard Webhooks headers webhook-id
+    ("{job_id}_{attempt}"), webhook-timestamp and webhook-signature (v1, keyed with
+    CONVEYOR_HTTP_SIGNING_SECRET). A redirect to another origin gets neither the signature nor
     the job's headers. Responses are not decompressed (Accept-Encoding: identity)."""
     body, content_type = _encode(payload)
     headers = {"User-Agent": USER_AGENT, **payload.headers}

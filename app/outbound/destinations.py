@@ -1,4 +1,5 @@
-"""Where ``http.request`` may connect: the allow-list and the address policy (SSRF guard).
+"""Where Conveyor may connect (``http.request`` and completion callbacks): the allow-list and
+the address policy (SSRF guard).
 
 A host must be listed in ``CONVEYOR_HTTP_ALLOWED_HOSTS``; a host matched only by a wildcard
 must resolve to public addresses only (IPv4-mapped, 6to4 and NAT64 wrappers are looked into).
@@ -117,6 +118,28 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
         raise HttpRequestFailed(f"cannot resolve {host}: {exc}") from exc
     found = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     return list(dict.fromkeys(found))
+
+
+def http_url(value: str) -> str:
+    """An http:// or https:// URL with a host and no credentials (a pydantic validator)."""
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("the URL must be http:// or https:// with a host")
+    if url.userinfo:
+        raise ValueError("credentials in the URL are not allowed; send a header")
+    return value
+
+
+def listed(url: httpx.URL, allowed: tuple[Allowed, ...]) -> bool:
+    """Whether the allow-list names the URL's host and port (no DNS: :func:`destination` also
+    checks the addresses when connecting)."""
+    if url.scheme not in ("http", "https") or not url.host or url.userinfo:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return any(a.matches(host_of(url), port) for a in allowed)
 
 
 async def destination(url: httpx.URL, allowed: tuple[Allowed, ...]) -> IPAddress:

@@ -1,0 +1,50 @@
+"""``scripts/bench_retention.py --smoke`` runs end to end and prints every figure, so the
+benchmark cannot rot. It checks that pruning deleted jobs and that the figures are there, not
+how fast anything is (the real run's figures are in docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from app.db.url import asyncpg_dsn
+from tests.conftest import Backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(120)
+async def test_bench_retention_smoke(backends: Backends, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env["CONVEYOR_TEST_DATABASE_URL"] = backends.database_url
+    out = tmp_path / "retention.json"
+    cmd = [sys.executable, "scripts/bench_retention.py", "--smoke", "--json", str(out)]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=110, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "prune rate:" in proc.stdout and "| p99 |" in proc.stdout
+    figures = json.loads(out.read_text())
+    assert figures["rows"] == 5_000 and figures["expired_at_start"] > 3_000
+    assert figures["deleted"] > 0 and figures["prune_rate_per_s"] > 0
+    for key in ("submit_p50_ms", "submit_p99_ms", "submit_p99_ms_pruning", "p99_ratio"):
+        assert figures[key] > 0, key
+    for plan in figures["plans"].values():  # rows are found through the index, never a scan
+        indexes = set(re.findall(r"Index (?:Only )?Scan (?:using|on) (\w+)", plan))
+        assert "ix_jobs_finished" in indexes and indexes <= {"ix_jobs_finished", "pk_jobs"}, plan
+        assert "Seq Scan" not in plan, plan
+    conn = await asyncpg.connect(asyncpg_dsn(backends.database_url))
+    try:
+        left = await conn.fetchval(
+            "SELECT count(*) FROM pg_database WHERE datname = $1", figures["database"]
+        )
+    finally:
+        await conn.close()
+    assert left == 0
