@@ -28,6 +28,10 @@ from app.jobs.layout import Layout
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.schemas import JobCreate
 from app.logs import configure as configure_logging
+from app.observe.alerts import Alerts
+from app.observe.http import HttpMetrics
+from app.observe.snapshot import Snapshots
+from app.observe.tally import TALLY
 from app.settings import Settings, get_settings
 from app.streams.client import StreamClient
 from app.streams.connection import create_redis
@@ -87,16 +91,22 @@ def _lifespan(
         pool = await create_pool(settings)
         intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
         auth.bind(sessions)
+        snapshots = Snapshots(sessions, stream, settings)
         app.state.conveyor = AppState(
-            settings, engine, sessions, stream, dispatcher, registry, auth, intake
+            settings, engine, sessions, stream, dispatcher, registry, auth, intake, snapshots
         )
+        TALLY.start(stream)
+        alerts = Alerts(sessions, settings)
+        alerting = alerts.start()
         if server:
             settle_gc()
         try:
             yield
         finally:
             await layout.stop(layout_check)
+            await alerts.stop(alerting)
             await intake.close()
+            await TALLY.stop()
             await dispatcher.stop()
             await stream.close()
             await pool.close()
@@ -109,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     server = not logging.getLogger().handlers  # a server process (`conveyor api`), not a test
     if server:
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format or "json")
     registry = load_handlers(settings.handler_module_list)
     auth = Authenticator(parse_keys(settings.api_keys))
     lifespan = _lifespan(settings, registry, auth, server)
@@ -133,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
         stream=lambda: app.state.conveyor.stream,
     )
+    app.add_middleware(HttpMetrics, routes=app.router.routes)  # outermost: counts refusals too
     app.openapi = lambda: _openapi(app, registry, auth.enabled)  # type: ignore[method-assign]
     return app
 

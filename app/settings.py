@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,6 +57,14 @@ class Settings(BaseSettings):
     keepalive_seconds: int = Field(default=75, ge=1)
     http_signing_secret: str | None = None
     log_level: str = "INFO"
+    # json (the default of `conveyor api` and `conveyor worker`) or console (`conveyor dev`)
+    log_format: Literal["json", "console"] | None = None
+    worker_metrics_host: str = "127.0.0.1"  # where `conveyor worker --metrics-port` listens
+    metrics_snapshot_seconds: float = Field(default=5.0, ge=0.5)
+    dlq_alert_threshold: int | None = Field(default=None, ge=1)
+    queue_age_alert_seconds: float | None = Field(default=None, gt=0)
+    alert_webhook: str | None = None
+    alert_interval_seconds: float = Field(default=5.0, gt=0)
 
     @property
     def handler_module_list(self) -> list[str]:

@@ -22,7 +22,7 @@ from app.jobs.redispatch import Redispatcher
 from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
 from app.schedules.due import ScheduleDuty
-from workers import shutdown
+from workers import shutdown, telemetry
 from workers.context import Attempt, WorkerContext
 from workers.reporter import Reporter
 
@@ -163,11 +163,7 @@ class Maintenance:
                     limit=RECLAIM_BATCH,
                 )
             total += len(rows)
-            for row in rows:
-                log.info(
-                    "reclaimed job from a lost worker",
-                    extra={"job_id": str(row.id), "status": row.status},
-                )
+            telemetry.reclaimed(rows, self.ctx.name)
             await self.reporter.dead_lettered(
                 [
                     Dead(r.id, r.type, r.queue, r.attempts, r.errors)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from uuid import UUID
 
 from app.db import errors as db_errors
 from app.jobs import attempts, unknown_type
 from app.jobs.attempts import Completion, Dead
+from workers import telemetry
 from workers.context import Running, WorkerContext
 from workers.execution import error_record, failed
 
@@ -109,17 +111,23 @@ class Reporter:
         ctx = self.ctx
         known = [c for c, _ in batch if not c.unknown_type]
         unknown = [c for c, _ in batch if c.unknown_type]
+        ages: dict[UUID, float] = {}  # end-to-end seconds of the jobs made terminal
         async with ctx.db.acquire() as conn:
             if not unknown:
-                moved, dead = await attempts.complete_many(conn, ctx.name, known, ctx.backoff)
+                moved, dead = await attempts.complete_many(
+                    conn, ctx.name, known, ctx.backoff, ages=ages
+                )
             else:  # one transaction: a retry of the batch never finds half of it written
                 async with conn.transaction():
-                    moved, dead = await attempts.complete_many(conn, ctx.name, known, ctx.backoff)
+                    moved, dead = await attempts.complete_many(
+                        conn, ctx.name, known, ctx.backoff, ages=ages
+                    )
                     handed, gone = await unknown_type.hand_back(
                         conn, ctx.name, unknown, ctx.settings.unknown_type_grace_seconds
                     )
                 moved |= handed
                 dead += gone
+        telemetry.reported(batch, moved, dead, ages, ctx.name)
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
         # (or to XAUTOCLAIM, whose claim then drops it).
         try:

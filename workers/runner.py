@@ -19,6 +19,8 @@ from app.jobs.layout import Layout, LayoutMismatch
 from app.jobs.registry import load_handlers
 from app.jobs.repository import Backoff
 from app.jobs.workers_table import NameInUse
+from app.observe.exposition import serve_process_metrics
+from app.observe.tally import TALLY
 from app.settings import Settings
 from app.streams.client import StreamClient
 from app.streams.connection import create_redis
@@ -69,6 +71,9 @@ class Worker:
             ctx.config.concurrency,
         )
         await self._until_ready()
+        TALLY.start(ctx.stream)
+        if ctx.config.metrics_port is not None:
+            serve_process_metrics(ctx.config.metrics_port, ctx.settings.worker_metrics_host)
         loops = [asyncio.create_task(c) for c in self.reader.loops() + self.maintenance.loops()]
         reporter = asyncio.create_task(self.reporter.run())
         # Until the hand-back is done: jobs finishing in the grace period keep their leases.
@@ -85,6 +90,7 @@ class Worker:
         await self.reader.hand_back()
         await shutdown.cancel_and_wait(leases)
         await self.maintenance.unregister()
+        await TALLY.stop()
         await ctx.stream.close()
         await ctx.close_db()
         await self._engine.dispose()

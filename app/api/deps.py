@@ -21,6 +21,7 @@ from app.jobs.dispatch import Dispatcher
 from app.jobs.intake import Intake
 from app.jobs.principal import Principal
 from app.jobs.registry import Registry
+from app.observe.snapshot import Snapshots
 from app.settings import Settings
 from app.streams.client import StreamClient
 
@@ -35,6 +36,7 @@ class AppState:
     registry: Registry
     auth: Authenticator
     intake: Intake
+    snapshots: Snapshots | None = None  # the metrics snapshot cache (set by the lifespan)
 
 
 def state_of(request: Request) -> AppState:

@@ -132,7 +132,8 @@ WITH v AS (
     FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
         AND j.worker = $6
     RETURNING j.id, j.status, j.attempts, j.type, j.queue,
-        CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors
+        CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors,
+        extract(epoch FROM now() - j.created_at)::float8 AS age
 ), ev AS (
     INSERT INTO job_events (job_id, event, attempt, worker)
     SELECT id, CASE WHEN status = 'retrying' THEN 'failed' ELSE status END, attempts, $6
@@ -145,12 +146,18 @@ SELECT * FROM done
 
 
 async def complete_many(
-    conn: asyncpg.Connection, worker: str, outcomes: Sequence[Completion], backoff: Backoff
+    conn: asyncpg.Connection,
+    worker: str,
+    outcomes: Sequence[Completion],
+    backoff: Backoff,
+    *,
+    ages: dict[UUID, float] | None = None,
 ) -> tuple[set[UUID], list[Dead]]:
     """running → succeeded, retrying (with backoff) or dead, fenced by the claim token.
 
     Returns the ids that moved (the others were fenced off: a newer attempt, a cancel or a
-    replay won) and the jobs that went dead.
+    replay won) and the jobs that went dead. ``ages`` (when given) receives, for each job that
+    became terminal, the seconds from its creation (the end-to-end histogram).
     """
     if not outcomes:
         return set(), []
@@ -167,6 +174,8 @@ async def complete_many(
     )
     moved = {r[0] for r in rows}
     dead = [Dead(r[0], r[3], r[4], r[2], r[5]) for r in rows if r[1] == "dead"]
+    if ages is not None:
+        ages.update((r[0], r[6]) for r in rows if r[1] != "retrying")
     return moved, dead
 
 
