@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
         stream=lambda: app.state.conveyor.stream,
     )
-    app.add_middleware(HttpMetrics, routes=app.router.routes)  # outermost: counts refusals too
+    app.add_middleware(HttpMetrics, templates=lambda: app.openapi().get("paths", {}))  # outermost
     app.openapi = lambda: _openapi(app, registry, auth.enabled)  # type: ignore[method-assign]
     return app
 

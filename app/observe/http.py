@@ -6,9 +6,10 @@ path), ``<unmatched>`` for a path no route serves, and ``other`` for an unusual 
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable, Iterable
 
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.observe import families as f
@@ -19,9 +20,10 @@ UNMATCHED = "<unmatched>"
 
 
 class HttpMetrics:
-    def __init__(self, app: ASGIApp, *, routes: list[BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, *, templates: Callable[[], Iterable[str]]) -> None:
         self.app = app
-        self.routes = routes
+        self.templates = templates  # the route templates (from the OpenAPI document)
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,11 +55,19 @@ class HttpMetrics:
 
     def _template(self, scope: Scope) -> str:
         route = scope.get("route")
-        if route is None:  # refused before routing (the gate): find the route it was for
-            for candidate in self.routes:
-                match, _ = candidate.matches(scope)
-                if match != Match.NONE:
-                    route = candidate
-                    break
         path = getattr(route, "path", None)
-        return path if isinstance(path, str) else UNMATCHED
+        if isinstance(path, str):
+            return path
+        # Refused before routing (the gate, the body limits): the template the path is for.
+        for pattern, template in self._compiled():
+            if pattern.fullmatch(scope["path"]):
+                return template
+        return UNMATCHED
+
+    def _compiled(self) -> list[tuple[re.Pattern[str], str]]:
+        if self._patterns is None:
+            templates = sorted(set(self.templates()), key=lambda t: (t.count("{"), t))
+            self._patterns = [
+                (re.compile(re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(t))), t) for t in templates
+            ]
+        return self._patterns
