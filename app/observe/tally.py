@@ -87,8 +87,9 @@ class Tally:
 
     async def stop(self) -> None:
         """Stop the background task and send what is left (once; failures are logged)."""
-        if self._task is not None:
-            self._task.cancel()
+        if self._task is not None and self._lock is not None:
+            async with self._lock:  # never cut a flush short: it may have been applied
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
