@@ -4,6 +4,8 @@ failed attempt with reason ``worker_lost``) and the hand-back, by their exact nu
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 
@@ -18,7 +20,7 @@ async def test_reclaims_and_hand_backs_are_counted(
     def job(**more: str) -> tuple[tuple[str, str], ...]:
         return tuple(sorted({"queue": queue, "type": "test.nap", **more}.items()))
 
-    async def counted(expected: dict[tuple[str, object], float]) -> bool:
+    async def counted(expected: Mapping[tuple[str, Any], float]) -> bool:
         return not mismatches(await scrape(client), expected)
 
     first = spawn.worker([queue], concurrency=2)
