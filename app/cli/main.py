@@ -30,6 +30,11 @@ def _api(args: argparse.Namespace) -> int:
     from uvicorn.config import LOGGING_CONFIG
 
     settings = get_settings()
+    json_logs = (settings.log_format or "json") == "json"
+    if json_logs and args.workers > 1:  # the supervising parent's own lines (children: create_app)
+        from app.logs import configure
+
+        configure(settings.log_level, "json")
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -42,7 +47,7 @@ def _api(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
         log_level=settings.log_level.lower(),
         # JSON logs: uvicorn's own loggers go through the root handler that create_app sets up
-        log_config=None if (settings.log_format or "json") == "json" else LOGGING_CONFIG,
+        log_config=None if json_logs else LOGGING_CONFIG,
         access_log=args.access_log,  # off: one INFO line per submission is the service's own
         server_header=False,
     )
