@@ -49,6 +49,7 @@ class Tally:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
+        self._users = 0  # owners that started it (the API lifespan, the worker)
 
     # -- recording (no I/O) ------------------------------------------------------------------
 
@@ -78,7 +79,11 @@ class Tally:
     # -- sending -----------------------------------------------------------------------------
 
     def start(self, stream: StreamClient) -> None:
-        """Send to ``stream``'s Redis from now on (counts made before are sent too)."""
+        """Send to ``stream``'s Redis from now on (counts made before are sent too). A
+        second owner in the same process (two apps in one test) shares the first's."""
+        self._users += 1
+        if self._users > 1:
+            return
         self._stream = stream
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -87,6 +92,9 @@ class Tally:
 
     async def stop(self) -> None:
         """Stop the background task and send what is left (once; failures are logged)."""
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
         if self._task is not None and self._lock is not None:
             async with self._lock:  # never cut a flush short: it may have been applied
                 self._task.cancel()
