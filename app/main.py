@@ -30,6 +30,10 @@ from app.jobs.registry import Registry, load_handlers
 from app.jobs.schemas import JobCreate
 from app.jobs.watch import Watch
 from app.logs import configure as configure_logging
+from app.observe.alerts import Alerts
+from app.observe.http import HttpMetrics
+from app.observe.snapshot import Snapshots
+from app.observe.tally import TALLY
 from app.settings import Settings, get_settings
 from app.streams.client import StreamClient
 from app.streams.connection import create_redis
@@ -92,9 +96,13 @@ def _lifespan(
         auth.bind(sessions)
         watch = _watch(settings, sessions, stream)
         watch.start()
+        snapshots = Snapshots(sessions, stream, settings)
         app.state.conveyor = AppState(
-            settings, engine, sessions, stream, dispatcher, registry, auth, intake, watch
+            settings, engine, sessions, stream, dispatcher, registry, auth, intake, watch, snapshots
         )
+        TALLY.start(stream)
+        alerts = Alerts(sessions, settings)
+        alerting = alerts.start()
         if server:
             settle_gc()
         try:
@@ -102,7 +110,9 @@ def _lifespan(
         finally:
             await watch.stop()
             await layout.stop(layout_check)
+            await alerts.stop(alerting)
             await intake.close()
+            await TALLY.stop()
             await dispatcher.stop()
             await stream.close()
             await pool.close()
@@ -131,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     server = not logging.getLogger().handlers  # a server process (`conveyor api`), not a test
     if server:
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format or "json")
     registry = load_handlers(settings.handler_module_list)
     lifecycle.install(settings, registry)
     auth = Authenticator(parse_keys(settings.api_keys))
@@ -157,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
         stream=lambda: app.state.conveyor.stream,
     )
+    app.add_middleware(HttpMetrics, templates=lambda: app.openapi().get("paths", {}))  # outermost
     app.openapi = lambda: _openapi(app, registry, auth.enabled)  # type: ignore[method-assign]
     return app
 

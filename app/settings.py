@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     callback_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     callback_retry_seconds: float = Field(default=86400.0, ge=0, le=MAX_RETENTION_SECONDS)
     log_level: str = "INFO"
+    # json (the default of `conveyor api` and `conveyor worker`) or console (`conveyor dev`)
+    log_format: Literal["json", "console"] | None = None
+    worker_metrics_host: str = "127.0.0.1"  # where `conveyor worker --metrics-port` listens
+    metrics_snapshot_seconds: float = Field(default=5.0, ge=0.5)
+    dlq_alert_threshold: int | None = Field(default=None, ge=1)
+    queue_age_alert_seconds: float | None = Field(default=None, gt=0)
+    alert_webhook: str | None = None
+    alert_interval_seconds: float = Field(default=5.0, gt=0)
 
     @property
     def db_statement_cache_enabled(self) -> bool:

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from app.cli.main import build_parser
-from app.metrics import render_metrics
+from app.observe.exposition import render
+from app.observe.snapshot import Snapshot
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +204,6 @@ def test_keda_scaled_object_scales_the_workers_on_a_served_metric(
     assert {"serverAddress", "query", "threshold"} <= set(meta)
     assert all(isinstance(v, str) for v in meta.values())  # KEDA's metadata is strings only
     float(meta["threshold"])
-    served, _ = render_metrics({"default": {"queued": 7}})
+    served, _ = render({}, Snapshot(counts={"default": {"queued": 7}}), 0.0)
     metric = meta["query"].split("(", 1)[1].split("{", 1)[0]
     assert f'{metric}{{queue="default",status="queued"}} 7.0' in served.decode()

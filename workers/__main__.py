@@ -29,6 +29,10 @@ async def _main(worker: Worker) -> int:
 
 
 MAX_NAME_CHARS = 200
+METRICS_PORT_HELP = (
+    "serve this process's own metrics (Prometheus) on this port; with --processes N,"
+    " process i uses port + i"
+)
 
 
 def name_problem(name: str) -> str | None:
@@ -49,9 +53,15 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_worker(queues: list[str], concurrency: int, name: str | None, processes: int = 1) -> int:
+def run_worker(
+    queues: list[str],
+    concurrency: int,
+    name: str | None,
+    processes: int = 1,
+    metrics_port: int | None = None,
+) -> int:
     settings = get_settings()
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format or "json")
     if concurrency < 1:
         print("--concurrency must be at least 1", file=sys.stderr)
         return shutdown.EXIT_USAGE
@@ -65,11 +75,12 @@ def run_worker(queues: list[str], concurrency: int, name: str | None, processes:
             if child is not None and (problem := name_problem(child)):
                 print(f"--name {problem} (with -{processes} appended)", file=sys.stderr)
                 return shutdown.EXIT_USAGE
-        return Processes(queues, concurrency, names).run()
+        return Processes(queues, concurrency, names, metrics_port).run()
     if name is not None and (problem := name_problem(name)):
         print(f"--name {problem}", file=sys.stderr)
         return shutdown.EXIT_USAGE
-    worker = Worker(settings, WorkerConfig(queues, concurrency, name or default_name()))
+    config = WorkerConfig(queues, concurrency, name or default_name(), metrics_port)
+    worker = Worker(settings, config)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_main(worker))
@@ -87,9 +98,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="per process")
     parser.add_argument("--name", default=None)
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--metrics-port", type=int, default=None, help=METRICS_PORT_HELP)
     args = parser.parse_args()
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    return run_worker(queues, args.concurrency, args.name, args.processes)
+    return run_worker(queues, args.concurrency, args.name, args.processes, args.metrics_port)
 
 
 if __name__ == "__main__":

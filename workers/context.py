@@ -37,6 +37,7 @@ class WorkerConfig:
     queues: list[str]
     concurrency: int = 16
     name: str = field(default_factory=default_name)
+    metrics_port: int | None = None  # serve this process's own metrics there
 
 
 @dataclass(slots=True)

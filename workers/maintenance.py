@@ -23,7 +23,7 @@ from app.jobs.redispatch import Redispatcher
 from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
 from app.schedules.due import ScheduleDuty
-from workers import shutdown
+from workers import shutdown, telemetry
 from workers.callbacks import CallbackDuty
 from workers.cancellation import Canceller
 from workers.context import Attempt, WorkerContext
@@ -183,11 +183,7 @@ class Maintenance:
             total += len(rows)
             dead = [r.id for r in rows if r.status == JobStatus.DEAD]
             await self.ctx.changes.publish(dead, [r.id for r in rows if r.status != JobStatus.DEAD])
-            for row in rows:
-                log.info(
-                    "reclaimed job from a lost worker",
-                    extra={"job_id": str(row.id), "status": row.status},
-                )
+            telemetry.reclaimed(rows, self.ctx.name)
             await self.reporter.dead_lettered(
                 [
                     Dead(r.id, r.type, r.queue, r.attempts, r.errors)

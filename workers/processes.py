@@ -47,8 +47,15 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 class Processes:
-    def __init__(self, queues: list[str], concurrency: int, names: list[str | None]) -> None:
+    def __init__(
+        self,
+        queues: list[str],
+        concurrency: int,
+        names: list[str | None],
+        metrics_port: int | None = None,
+    ) -> None:
         self.queues = queues
+        self.metrics_port = metrics_port
         self.concurrency = concurrency
         self.names = names
         self.children: dict[int, subprocess.Popen[bytes]] = {}
@@ -61,6 +68,8 @@ class Processes:
         name = self.names[i]
         if name is not None:
             argv += ["--name", name]
+        if self.metrics_port is not None:
+            argv += ["--metrics-port", str(self.metrics_port + i)]
         # Our own interpreter and arguments, no shell.
         return subprocess.Popen(argv, process_group=0, preexec_fn=_die_with_parent())  # noqa: S603
 

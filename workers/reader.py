@@ -25,6 +25,7 @@ from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
 from app.streams.client import Delivery
+from workers import telemetry
 from workers.cancellation import report
 from workers.context import Attempt, Running, WorkerContext
 from workers.controls import Controls, Resender
@@ -213,6 +214,7 @@ class Reader:
         if claimed and ctx.stopping.is_set():
             await self._release_late(claimed, [*fresh.values(), *batch.dropped])
             return
+        telemetry.started(claimed, fresh, ctx.name)
         for job in claimed:
             entry = Running(job, fresh.pop(job.id))
             running.add(entry)
@@ -306,6 +308,7 @@ class Reader:
                     conn, ctx.name, [r.attempt for r in unfinished]
                 )
                 targets = released + await self._orphan_targets(conn, stray)
+            telemetry.handed_back([r.job for r in unfinished], {t.id for t in released}, ctx.name)
             await ctx.dispatcher.send_committed(targets)
             await ctx.stream.ack([r.delivery for r in unfinished] + stray)
             if targets:

@@ -16,6 +16,7 @@ from uuid import UUID
 from app.db import errors as db_errors
 from app.jobs import attempts, unknown_type
 from app.jobs.attempts import Completion, Dead
+from workers import telemetry
 from workers.context import Running, WorkerContext
 from workers.execution import error_record, failed
 
@@ -110,10 +111,16 @@ class Reporter:
         ctx = self.ctx
         known = [c for c, _ in batch if not c.unknown_type]
         unknown = [c for c, _ in batch if c.unknown_type]
+        ages: dict[UUID, float] = {}  # end-to-end seconds of the jobs made terminal
         async with ctx.db.acquire() as conn:
             if not unknown:
                 moved, dead = await attempts.complete_many(
-                    conn, ctx.name, known, ctx.backoff, max_deferrals=ctx.settings.max_deferrals
+                    conn,
+                    ctx.name,
+                    known,
+                    ctx.backoff,
+                    max_deferrals=ctx.settings.max_deferrals,
+                    ages=ages,
                 )
             else:  # one transaction: a retry of the batch never finds half of it written
                 async with conn.transaction():
@@ -123,12 +130,14 @@ class Reporter:
                         known,
                         ctx.backoff,
                         max_deferrals=ctx.settings.max_deferrals,
+                        ages=ages,
                     )
                     handed, gone = await unknown_type.hand_back(
                         conn, ctx.name, unknown, ctx.settings.unknown_type_grace_seconds
                     )
                 moved |= handed
                 dead += gone
+        telemetry.reported(batch, moved, dead, ages, ctx.name)
         await self._announce(known, moved, dead)
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
         # (or to XAUTOCLAIM, whose claim then drops it).

@@ -19,6 +19,8 @@ from app.jobs.layout import Layout, LayoutMismatch
 from app.jobs.registry import load_handlers
 from app.jobs.repository import Backoff
 from app.jobs.workers_table import NameInUse
+from app.observe.exposition import serve_process_metrics
+from app.observe.tally import TALLY
 from app.settings import Settings
 from app.streams.client import StreamClient
 from app.streams.connection import create_redis
@@ -75,6 +77,9 @@ class Worker:
             ctx.config.concurrency,
         )
         await self._until_ready()
+        TALLY.start(ctx.stream)
+        if ctx.config.metrics_port is not None:
+            serve_process_metrics(ctx.config.metrics_port, ctx.settings.worker_metrics_host)
         duties = [
             *self.reader.loops(),
             *self.maintenance.loops(),
@@ -98,6 +103,7 @@ class Worker:
         await shutdown.cancel_and_wait(leases)
         await self.maintenance.canceller.close()
         await self.maintenance.unregister()
+        await TALLY.stop()
         await ctx.stream.close()
         await ctx.close_db()
         await self._engine.dispose()

@@ -22,6 +22,7 @@ from app.jobs.intake import Intake
 from app.jobs.principal import Principal
 from app.jobs.registry import Registry
 from app.jobs.watch import Watch
+from app.observe.snapshot import Snapshots
 from app.settings import Settings
 from app.streams.client import StreamClient
 
@@ -37,6 +38,7 @@ class AppState:
     auth: Authenticator
     intake: Intake
     watch: Watch
+    snapshots: Snapshots | None = None  # the metrics snapshot cache (set by the lifespan)
 
 
 def state_of(request: Request) -> AppState:

@@ -27,8 +27,14 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _api(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     settings = get_settings()
+    json_logs = (settings.log_format or "json") == "json"
+    if json_logs and args.workers > 1:  # the supervising parent's own lines (children: create_app)
+        from app.logs import configure
+
+        configure(settings.log_level, "json")
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -40,6 +46,8 @@ def _api(args: argparse.Namespace) -> int:
         timeout_keep_alive=args.keep_alive or settings.keepalive_seconds,
         timeout_graceful_shutdown=10,
         log_level=settings.log_level.lower(),
+        # JSON logs: uvicorn's own loggers go through the root handler that create_app sets up
+        log_config=None if json_logs else LOGGING_CONFIG,
         access_log=args.access_log,  # off: one INFO line per submission is the service's own
         server_header=False,
     )
@@ -57,7 +65,7 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.__main__ import run_worker
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    return run_worker(queues, args.concurrency, args.name, args.processes)
+    return run_worker(queues, args.concurrency, args.name, args.processes, args.metrics_port)
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -104,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="jobs at once, per process")
     p.add_argument("--name", default=None)
     p.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve each worker process's own metrics on this port (process i: port + i)",
+    )
     p.set_defaults(func=_worker)
 
     from app.cli.operator_commands import add_operator_commands

@@ -300,6 +300,19 @@ class StateRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class AlertStateRow(Base):
+    """Whether an alert (``kind`` for ``queue``) is firing: the one process whose statement
+    turns ``firing`` on sends the alert (app/observe/alerts.py)."""
+
+    __tablename__ = "alert_states"
+
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    queue: Mapped[str] = mapped_column(Text, primary_key=True)
+    firing: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    value: Mapped[float | None] = mapped_column(Float)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class ScheduleRow(Base):
     """A periodic job: every due slot of ``cron`` in ``timezone`` makes one job."""
 

@@ -13,6 +13,7 @@ Connections are opened lazily (``min_size=0``), so the API starts while Postgres
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,6 +26,8 @@ from app.db.url import (
     session_timeouts,
     statement_cache_args,
 )
+from app.observe.families import POOL_TIMEOUTS, POOL_WAIT
+from app.observe.tally import TALLY
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,13 @@ async def connection(
     and the pool drops the connection. That failure must not replace the statement's own
     result (a committed insert is still committed) or its own error.
     """
-    conn = await pool.acquire(timeout=acquire_timeout)
+    began = time.perf_counter()
+    try:
+        conn = await pool.acquire(timeout=acquire_timeout)
+    except TimeoutError:
+        TALLY.count(POOL_TIMEOUTS, ("submit",))
+        raise
+    TALLY.observe(POOL_WAIT, ("submit",), time.perf_counter() - began)
     try:
         yield conn
     finally:

@@ -149,6 +149,7 @@ class _Supervisor:
         env["CONVEYOR_DATABASE_URL"] = self.postgres.start()
         env["CONVEYOR_REDIS_URL"] = self.redis.start()
         env["CONVEYOR_ALLOWED_HOSTS"] = allowed_hosts(self.host, Settings())
+        env.setdefault("CONVEYOR_LOG_FORMAT", "console")  # readable lines on a terminal
         self._migrate(env)
         api = ["api", "--host", self.host, "--port", str(self.port)]
         self.children["API"] = self._spawn(api, env)

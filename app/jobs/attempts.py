@@ -160,7 +160,8 @@ WITH v AS (
     RETURNING j.id, j.status, j.attempts, j.type, j.queue,
         CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors,
         (j.status = 'retrying' AND v.defer IS NOT NULL AND j.deferrals <= $11::int) AS deferred,
-        j.cancel_requested_by
+        j.cancel_requested_by,
+        extract(epoch FROM now() - j.created_at)::float8 AS age
 ), ev AS (
     INSERT INTO job_events (job_id, event, attempt, worker, actor)
     SELECT id, CASE WHEN deferred THEN 'deferred' WHEN status = 'retrying' THEN 'failed'
@@ -169,7 +170,7 @@ WITH v AS (
         CASE WHEN status = 'cancelled' THEN cancel_requested_by END
     FROM done
 )
-SELECT id, status, attempts, type, queue, errors FROM done
+SELECT id, status, attempts, type, queue, errors, age FROM done
 """.replace("$MAXDEF", "$11"),
     7,
 )
@@ -182,12 +183,14 @@ async def complete_many(
     backoff: Backoff,
     *,
     max_deferrals: int = 50,
+    ages: dict[UUID, float] | None = None,
 ) -> tuple[set[UUID], list[Dead]]:
     """running → succeeded, retrying (with backoff, or deferred by RetryLater), dead or
     cancelled (a cancel was requested), fenced by the claim token.
 
     Returns the ids that moved (the others were fenced off: a newer attempt, a cancel or a
-    replay won) and the jobs that went dead.
+    replay won) and the jobs that went dead. ``ages`` (when given) receives, for each job that
+    became terminal, the seconds from its creation (the end-to-end histogram).
     """
     if not outcomes:
         return set(), []
@@ -207,6 +210,8 @@ async def complete_many(
     )
     moved = {r[0] for r in rows}
     dead = [Dead(r[0], r[3], r[4], r[2], r[5]) for r in rows if r[1] == "dead"]
+    if ages is not None:
+        ages.update((r[0], r[6]) for r in rows if r[1] != "retrying")
     return moved, dead
 
 

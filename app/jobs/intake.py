@@ -31,6 +31,8 @@ from app.jobs.insertion import Submitted
 from app.jobs.newjob import NewJob
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
+from app.observe.families import SUBMITTED
+from app.observe.tally import TALLY
 
 log = logging.getLogger(__name__)
 
@@ -161,4 +163,14 @@ class Intake:
             await self.dispatcher.send_after_commit(targets)
         for a in answers:
             if a.created and a.new is not None:
-                log.debug("job submitted", extra={"job_id": str(a.id), "job_type": a.new.type})
+                TALLY.count(SUBMITTED, (a.new.queue, a.new.type))
+                log.info(
+                    "job submitted",
+                    extra={
+                        "event": "submitted",
+                        "job_id": str(a.id),
+                        "type": a.new.type,
+                        "queue": a.new.queue,
+                        "status": a.new.status,
+                    },
+                )

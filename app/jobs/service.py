@@ -22,10 +22,16 @@ from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.schemas import JobCreate
 from app.jobs.status import CANCELLABLE, JobStatus
+from app.observe import families
+from app.observe.tally import TALLY
 
 log = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 500
+
+
+def _fields(job: JobRow, event: str) -> dict[str, object]:
+    return {"event": event, "job_id": str(job.id), "type": job.type, "queue": job.queue}
 
 
 def with_idempotency_header(item: JobCreate, header: str | None) -> JobCreate:
@@ -123,8 +129,11 @@ async def cancel(session: AsyncSession, job_id: UUID, principal: Principal) -> J
         job = await repository.request_cancel(session, job_id, principal.name)
     await session.commit()
     if job is not None:
-        event = "job cancelled" if job.status == JobStatus.CANCELLED else "job cancel requested"
-        log.info(event, extra={"job_id": str(job_id)})
+        if job.status == JobStatus.CANCELLED:
+            TALLY.count(families.CANCELLED, (job.queue, job.type))
+            log.info("job cancelled", extra=_fields(job, "cancelled"))
+        else:
+            log.info("job cancel requested", extra=_fields(job, "cancel_requested"))
         return job
     current = await get(session, job_id, principal)
     if current.status == JobStatus.RUNNING and current.cancel_requested_at is not None:
@@ -144,7 +153,8 @@ async def replay_one(
     if not rows:
         raise NotFound("job is not in the dead-letter queue")
     await dispatcher.send_after_commit([Target(r.id, r.queue, r.priority) for r in rows])
-    log.info("job replayed", extra={"job_id": str(job_id)})
+    TALLY.count(families.REPLAYED, (rows[0].queue, rows[0].type))
+    log.info("job replayed", extra=_fields(rows[0], "replayed"))
     return rows[0]
 
 
@@ -177,6 +187,9 @@ async def replay_many(
         )
         await session.commit()
         await dispatcher.send_after_commit([Target(r.id, r.queue, r.priority) for r in rows])
+        for r in rows:
+            TALLY.count(families.REPLAYED, (r.queue, r.type))
+            log.info("job replayed", extra=_fields(r, "replayed"))
         return len(rows)
 
     total = 0

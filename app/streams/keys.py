@@ -9,6 +9,7 @@ Layout (``P`` = ``CONVEYOR_REDIS_PREFIX``)::
     P:{queue:partition}:epoch  marker whose loss means that partition's node lost its data
     P:rl:<principal>           rate-limit bucket of one API key
     P:jobs-changed             pub/sub channel: ids of jobs that changed (app/streams/notify.py)
+    P:metrics                  hash of the counters and histogram buckets all processes add to
 
 The ``{queue:partition}`` hash tag puts the band streams of one partition in one Redis Cluster
 slot, so one XREADGROUP can read all bands of a partition, while partitions spread over slots.
@@ -62,6 +63,10 @@ class Keys:
     def epoch(self, queue: str, partition: int) -> str:
         """Lives in the partition's slot, so a Redis Cluster node's loss shows on its own."""
         return f"{self.prefix}:{{{queue}:{partition}}}:epoch"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}:metrics"
 
     def rate_limit(self, principal: str) -> str:
         return f"{self.prefix}:rl:{principal}"

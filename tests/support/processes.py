@@ -106,12 +106,16 @@ class Spawner:
             argv += ["--processes", str(processes)]
         return self._spawn(name, argv, env_for(settings or self.settings, **extra_env))
 
-    def api(self, *, settings: Settings | None = None, **extra_env: str) -> tuple[Proc, str]:
+    def api(
+        self, *, settings: Settings | None = None, workers: int = 1, **extra_env: str
+    ) -> tuple[Proc, str]:
         port = free_port()
         argv = [sys.executable, "-m", "app.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+        if workers != 1:
+            argv += ["--workers", str(workers)]
         proc = self._spawn("api", argv, env_for(settings or self.settings, **extra_env))
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30 * workers  # each process starts on its own
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:

@@ -22,7 +22,7 @@ from app.jobs.schemas import (
     WorkerList,
     WorkerOut,
 )
-from app.metrics import render_metrics
+from app.observe import exposition
 
 router = APIRouter(tags=["operations"])  # /v1: needs a key, rate limited
 public = APIRouter(tags=["operations"])  # health, readiness, metrics, dashboard: open
@@ -114,9 +114,11 @@ async def readyz(state: StateDep) -> Response:
 
 
 @public.get("/metrics", response_class=Response, responses={503: ERRORS[503]})
-async def metrics(session: SessionDep) -> Response:
-    """Prometheus text format."""
-    body, content_type = render_metrics(await queries.queue_counts(session))
+async def metrics(state: StateDep) -> Response:
+    """Prometheus text format: every process's counters and histograms (shared in Redis),
+    and gauges from a snapshot at most CONVEYOR_METRICS_SNAPSHOT_SECONDS old."""
+    assert state.snapshots is not None
+    body, content_type = await exposition.scrape(state.stream, state.snapshots)
     return Response(body, media_type=content_type)
 
 

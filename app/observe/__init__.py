@@ -1,0 +1,1 @@
+"""Observability: counters and histograms aggregated in Redis, the scrape, logs, alerts."""
