@@ -242,6 +242,11 @@ class JobTypeOut(BaseModel):
     description: str
     timeout_seconds: float | None
     payload_schema: dict[str, Any]
+    result_schema: dict[str, Any] = Field(
+        default_factory=dict,
+        description="JSON Schema of a succeeded job's `result`, from the handler's return"
+        " annotation (`{}`: any JSON).",
+    )
 
 
 class JobTypeList(BaseModel):

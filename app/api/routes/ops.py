@@ -12,6 +12,7 @@ from app.api.deps import PrincipalDep, SessionDep, StateDep
 from app.api.errors import ERRORS
 from app.db.engine import ping
 from app.jobs import queries
+from app.jobs.contracts import result_schema
 from app.jobs.schemas import (
     Health,
     JobTypeList,
@@ -66,7 +67,8 @@ async def workers(session: SessionDep, state: StateDep, principal: PrincipalDep)
 
 @router.get("/v1/job-types", responses=ERRORS)
 async def job_types(state: StateDep, principal: PrincipalDep) -> JobTypeList:
-    """Every registered job type with the JSON Schema its payload must match."""
+    """Every registered job type with the JSON Schema its payload must match and that of its
+    result."""
     return JobTypeList(
         items=[
             JobTypeOut(
@@ -74,6 +76,7 @@ async def job_types(state: StateDep, principal: PrincipalDep) -> JobTypeList:
                 description=t.description,
                 timeout_seconds=t.timeout_seconds,
                 payload_schema=t.json_schema(),
+                result_schema=result_schema(t),
             )
             for t in state.registry.all()
         ]

@@ -1,0 +1,181 @@
+"""Typed clients: the OpenAPI document is valid 3.1, describes ``JobCreate`` as a union
+discriminated by ``type`` and each type's result; a Python client generated from it (by
+openapi-python-client, here, into a temporary directory) submits a job and waits for it
+against a real API and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_until
+from tests.support.processes import Spawner
+
+TYPED = "tests.support.handlers,tests.support.typed_handlers"
+REF = "#/components/schemas/"
+
+
+@pytest.fixture
+def typed_settings(backends: Backends) -> Settings:
+    return make_settings(backends, handler_modules=TYPED)
+
+
+def _document(settings: Settings) -> dict[str, Any]:
+    document: dict[str, Any] = create_app(settings).openapi()
+    return document
+
+
+@pytest.mark.parametrize("keys", [None, "producer:ops:s3cr3t-producer-key-0123456789"])
+def test_the_document_validates_as_openapi_3_1(backends: Backends, keys: str | None) -> None:
+    document = _document(make_settings(backends, handler_modules=TYPED, api_keys=keys))
+    assert document["openapi"].startswith("3.1.")
+    validate(document)  # raises on any violation of the OpenAPI 3.1 schema
+
+
+def test_the_validator_rejects_a_broken_document(typed_settings: Settings) -> None:
+    """The check above can fail: a discriminator without its property name is reported."""
+    document = _document(typed_settings)
+    del document["components"]["schemas"]["JobCreate"]["discriminator"]["propertyName"]
+    with pytest.raises(OpenAPIValidationError):
+        validate(document)
+
+
+def test_jobcreate_is_a_union_discriminated_by_type(typed_settings: Settings) -> None:
+    schemas = _document(typed_settings)["components"]["schemas"]
+    union = schemas["JobCreate"]
+    mapping = union["discriminator"]["mapping"]
+    assert union["discriminator"]["propertyName"] == "type"
+    assert {"demo.echo", "demo.sleep", "test.resize", "test.nap"} <= set(mapping)
+    assert [o["$ref"] for o in union["oneOf"]] == list(mapping.values())
+    for name, ref in mapping.items():
+        variant = schemas[ref.removeprefix(REF)]
+        assert variant["properties"]["type"]["const"] == name
+        payload = variant["properties"]["payload"]["$ref"].removeprefix(REF)
+        assert schemas[payload]["title"] == payload  # unique class names, even for a shared model
+        assert variant["x-conveyor-result"].removeprefix(REF) in schemas
+    resize = schemas["JobCreate.test.resize"]
+    assert resize["required"] == ["type", "payload"]  # {} is not a valid test.resize payload
+    assert schemas["JobCreate.demo.echo"]["required"] == ["type"]
+    assert schemas[resize["properties"]["payload"]["$ref"].removeprefix(REF)]["required"] == [
+        "width",
+        "height",
+    ]
+    # the other fields are JobCreate's own, with their constraints and descriptions
+    assert resize["additionalProperties"] is False
+    assert "> 0 is high" in resize["properties"]["priority"]["description"]
+    assert resize["properties"]["max_attempts"]["maximum"] == 100
+    assert schemas["JobBatchCreate"]["properties"]["jobs"]["items"] == {"$ref": REF + "JobCreate"}
+
+
+def test_each_type_publishes_its_result_schema(typed_settings: Settings) -> None:
+    schemas = _document(typed_settings)["components"]["schemas"]
+    resize = schemas["JobResult.test.resize"]
+    assert resize["type"] == "object"
+    assert set(resize["required"]) == {"width", "height", "format"}
+    assert resize["properties"]["format"]["enum"] == ["png", "jpeg"]
+    assert schemas["JobResult.demo.sleep"]["additionalProperties"] == {"type": "number"}
+    assert schemas["JobResult.test.crash"]["type"] == "null"  # -> None
+    assert "type" not in schemas["JobResult.test.weird_result"]  # -> object: any JSON
+    assert "JobResult.<type>" in schemas["Job"]["properties"]["result"]["description"]
+
+
+async def test_job_types_list_the_result_schema(typed_settings: Settings) -> None:
+    app = create_app(typed_settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://conveyor"
+        ) as client,
+    ):
+        items = (await client.get("/v1/job-types")).json()["items"]
+    resize = next(t for t in items if t["name"] == "test.resize")
+    assert resize["result_schema"]["properties"]["format"]["enum"] == ["png", "jpeg"]
+
+
+def _generate(document_url: str, into: Path) -> str:
+    """Generate a client package from the running API's document; its import name."""
+    pytest.importorskip(
+        "openapi_python_client",
+        reason="openapi-python-client is not installed (pip install -e '.[dev]')",
+    )
+    spec = into / "openapi.json"
+    spec.write_bytes(httpx.get(document_url, timeout=10).content)
+    config = into / "config.yaml"
+    config.write_text("project_name_override: conveyor_generated\npost_hooks: []\n")
+    out = into / "conveyor_generated"
+    argv = [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec)]
+    argv += ["--output-path", str(out), "--meta", "none", "--config", str(config)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Warning" not in done.stdout, done.stdout  # every schema became a model
+    return "conveyor_generated"
+
+
+async def test_a_generated_python_client_submits_and_waits(
+    typed_settings: Settings, tmp_path: Path, queue: str
+) -> None:
+    spawn = Spawner(typed_settings, tmp_path)
+    try:
+        _, url = spawn.api()
+        spawn.worker([queue], concurrency=2)
+        started = time.monotonic()
+        package = await asyncio.to_thread(_generate, f"{url}/openapi.json", tmp_path)
+        generated_in = time.monotonic() - started
+        sys.path.insert(0, str(tmp_path))
+        try:
+            await _round_trip(package, url, queue)
+        finally:
+            sys.path.remove(str(tmp_path))
+            for name in [m for m in sys.modules if m.split(".")[0] == package]:
+                del sys.modules[name]
+        assert generated_in < 60, f"generation took {generated_in:.1f}s"
+    finally:
+        spawn.stop_all()
+
+
+async def _round_trip(package: str, url: str, queue: str) -> None:
+    client_mod = importlib.import_module(f"{package}.client")
+    models = importlib.import_module(f"{package}.models")
+    submit_job = importlib.import_module(f"{package}.api.jobs.submit_job")
+    get_job = importlib.import_module(f"{package}.api.jobs.get_job")
+
+    client = client_mod.Client(
+        base_url=url, headers=CLIENT_HEADERS, raise_on_unexpected_status=True
+    )
+    body = models.JobCreateTestResize(
+        type_="test.resize",
+        payload=models.PayloadTestResize(width=640, height=480),
+        queue=queue,
+        idempotency_key=f"typed-{uuid.uuid4().hex}",
+    )
+    submitted = await submit_job.asyncio(client=client, body=body)
+    assert isinstance(submitted, models.Job), submitted
+    assert submitted.type_ == "test.resize"
+    assert submitted.status == models.JobStatus.QUEUED
+
+    async def finished() -> Any:
+        job = await get_job.asyncio(job_id=submitted.id, client=client)
+        assert isinstance(job, models.Job), job
+        return job if job.status in (models.JobStatus.SUCCEEDED, models.JobStatus.DEAD) else None
+
+    job = await wait_until(finished, timeout=30, interval=0.1)
+    assert job.status == models.JobStatus.SUCCEEDED, job
+    result = models.JobResultTestResize.from_dict(job.result)
+    assert (result.width, result.height, result.format_.value) == (320, 240, "png")
+
+    unknown = await get_job.asyncio_detailed(job_id=uuid.uuid4(), client=client)
+    assert unknown.status_code == 404
+    assert isinstance(unknown.parsed, models.ErrorBody)  # errors are typed too
