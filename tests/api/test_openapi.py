@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import subprocess
 import sys
 import time
@@ -105,14 +106,10 @@ async def test_job_types_list_the_result_schema(typed_settings: Settings) -> Non
     assert resize["result_schema"]["properties"]["format"]["enum"] == ["png", "jpeg"]
 
 
-def _generate(document_url: str, into: Path) -> str:
-    """Generate a client package from the running API's document; its import name."""
-    pytest.importorskip(
-        "openapi_python_client",
-        reason="openapi-python-client is not installed (pip install -e '.[dev]')",
-    )
+def _generate(document: dict[str, Any], into: Path) -> str:
+    """Generate a client package from ``document``; its import name."""
     spec = into / "openapi.json"
-    spec.write_bytes(httpx.get(document_url, timeout=10).content)
+    spec.write_text(json.dumps(document))
     config = into / "config.yaml"
     config.write_text("project_name_override: conveyor_generated\npost_hooks: []\n")
     out = into / "conveyor_generated"
@@ -127,12 +124,22 @@ def _generate(document_url: str, into: Path) -> str:
 async def test_a_generated_python_client_submits_and_waits(
     typed_settings: Settings, tmp_path: Path, queue: str
 ) -> None:
+    """The client is generated while the API and the worker start (from the same document:
+    the one the started API serves is checked to be it)."""
+    pytest.importorskip(
+        "openapi_python_client",
+        reason="openapi-python-client is not installed (pip install -e '.[dev]')",
+    )
+    document = json.loads(json.dumps(_document(typed_settings)))
+    started = time.monotonic()
+    generating = asyncio.create_task(asyncio.to_thread(_generate, document, tmp_path))
     spawn = Spawner(typed_settings, tmp_path)
     try:
-        _, url = spawn.api()
+        _, url = await asyncio.to_thread(spawn.api)
         spawn.worker([queue], concurrency=2)
-        started = time.monotonic()
-        package = await asyncio.to_thread(_generate, f"{url}/openapi.json", tmp_path)
+        async with httpx.AsyncClient() as plain:
+            assert (await plain.get(f"{url}/openapi.json")).json() == document
+        package = await generating
         generated_in = time.monotonic() - started
         sys.path.insert(0, str(tmp_path))
         try:
@@ -143,6 +150,8 @@ async def test_a_generated_python_client_submits_and_waits(
                 del sys.modules[name]
         assert generated_in < 60, f"generation took {generated_in:.1f}s"
     finally:
+        if not generating.done():
+            await asyncio.wait([generating])
         spawn.stop_all()
 
 
