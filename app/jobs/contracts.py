@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, get_type_hints
 
-from pydantic import PydanticSchemaGenerationError, TypeAdapter
-from pydantic.errors import PydanticUserError
+from pydantic import TypeAdapter
 
 from app.jobs.registry import JobType
 
@@ -26,19 +25,20 @@ def result_annotation(job_type: JobType) -> Any:
     resolved."""
     try:
         return get_type_hints(job_type.handler).get("return", _MISSING)
-    except (NameError, TypeError) as exc:  # a forward reference the module cannot resolve
+    except Exception as exc:  # e.g. a forward reference the module cannot resolve
         log.warning("cannot read the return annotation of %r: %s", job_type.name, exc)
         return _MISSING
 
 
 def result_schema(job_type: JobType) -> dict[str, Any]:
-    """The JSON Schema of the handler's result, as stored in the job's ``result``."""
+    """The JSON Schema of the handler's result, as stored in the job's ``result``; never
+    raises (the document must always be served)."""
     annotation = result_annotation(job_type)
     if annotation is _MISSING:
         return {}
     try:
         schema = TypeAdapter(annotation).json_schema(mode="serialization")
-    except (PydanticSchemaGenerationError, PydanticUserError, TypeError) as exc:
+    except Exception as exc:  # arbitrary types, or types pydantic cannot describe
         log.warning("cannot describe the result of %r: %s", job_type.name, exc)
         return {}
     return schema

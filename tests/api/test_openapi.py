@@ -19,7 +19,11 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+from pydantic import BaseModel
 
+from app.api.openapi import component
+from app.jobs.contracts import result_schema
+from app.jobs.registry import JobContext, JobType
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_until
@@ -91,6 +95,35 @@ def test_each_type_publishes_its_result_schema(typed_settings: Settings) -> None
     assert schemas["JobResult.test.crash"]["type"] == "null"  # -> None
     assert "type" not in schemas["JobResult.test.weird_result"]  # -> object: any JSON
     assert "JobResult.<type>" in schemas["Job"]["properties"]["result"]["description"]
+
+
+class _Payload(BaseModel):
+    n: int
+
+
+async def _unannotated(payload: _Payload, ctx: JobContext):  # type: ignore[no-untyped-def]
+    return {}
+
+
+async def _unresolvable(payload: _Payload, ctx: JobContext) -> NoSuchType:  # type: ignore[name-defined]  # noqa: F821
+    return {}
+
+
+class _Opaque:
+    pass
+
+
+async def _opaque(payload: _Payload, ctx: JobContext) -> _Opaque:
+    return _Opaque()
+
+
+@pytest.mark.parametrize("handler", [_unannotated, _unresolvable, _opaque])
+def test_a_result_that_cannot_be_described_is_any_json(handler: Any) -> None:
+    """No annotation, one that does not resolve, or one pydantic cannot describe: ``{}``, and
+    the document is still served."""
+    job = JobType("x:odd", _Payload, handler, None, "")
+    assert result_schema(job) == {}
+    assert component("JobResult", job.name) == "JobResult.x_odd"
 
 
 async def test_job_types_list_the_result_schema(typed_settings: Settings) -> None:
