@@ -160,8 +160,8 @@ def _generate(document: dict[str, Any], into: Path) -> str:
 async def test_a_generated_python_client_submits_and_waits(
     typed_settings: Settings, tmp_path: Path, queue: str
 ) -> None:
-    """The client is generated while the API and the worker start (from the same document:
-    the one the started API serves is checked to be it)."""
+    """The client is generated while the API and then the worker start (from the same
+    document: the one the started API serves is checked to be it)."""
     pytest.importorskip(
         "openapi_python_client",
         reason="openapi-python-client is not installed (pip install -e '.[dev]')",
@@ -172,7 +172,7 @@ async def test_a_generated_python_client_submits_and_waits(
     spawn = Spawner(typed_settings, tmp_path)
     try:
         _, url = await asyncio.to_thread(spawn.api)
-        spawn.worker([queue], concurrency=2)
+        spawn.worker([queue], concurrency=2)  # starts while the generator runs
         async with httpx.AsyncClient() as plain:
             assert (await plain.get(f"{url}/openapi.json")).json() == document
         package = await generating
