@@ -173,9 +173,9 @@ def _discriminate(components: dict[str, Any], job_types: list[JobType]) -> None:
 def _point_to_results(components: dict[str, Any]) -> None:
     result = components.get("Job", {}).get("properties", {}).get("result")
     if result is not None:
+        said = result.get("description") or "What the handler returned (null until it succeeds)."
         result["description"] = (
-            "What the handler returned (null until the job succeeds); its schema is"
-            " `components/schemas/JobResult.<type>` of the job's type."
+            f"{said} Its schema is `components/schemas/JobResult.<type>` of the job's type."
         )
 
 
