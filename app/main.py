@@ -6,14 +6,11 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.api import errors
+from app.api import errors, openapi
 from app.api.auth import Authenticator, parse_keys
 from app.api.deps import AppState
 from app.api.gate import Gate, HostAllowList
@@ -27,7 +24,6 @@ from app.jobs.dispatch import Dispatcher
 from app.jobs.intake import Intake
 from app.jobs.layout import Layout
 from app.jobs.registry import Registry, load_handlers
-from app.jobs.schemas import JobCreate
 from app.jobs.watch import Watch
 from app.logs import configure as configure_logging
 from app.observe.alerts import Alerts
@@ -42,27 +38,15 @@ from app.streams.notify import Publisher
 
 log = logging.getLogger(__name__)
 
-SECURITY_SCHEMES: dict[str, Any] = {
-    "HTTPBearer": {
-        "type": "http",
-        "description": "`Authorization: Bearer <secret>`",
-        "scheme": "bearer",
-    },
-    "APIKeyHeader": {
-        "type": "apiKey",
-        "description": "`X-API-Key: <secret>`",
-        "in": "header",
-        "name": "X-API-Key",
-    },
-}
-
 DESCRIPTION = """
 Submit jobs over HTTP; Conveyor records them in PostgreSQL, delivers them through Redis
 Streams to worker processes, retries failures with backoff, and keeps jobs that exhaust
 their attempts in a dead-letter queue you can replay.
 
-Each registered job type's payload schema is under `components/schemas/Payload.<type>`
-and at `GET /v1/job-types`.
+Each registered job type's payload schema is under `components/schemas/Payload.<type>`,
+its result schema (from the handler's return annotation) under
+`components/schemas/JobResult.<type>`, and both at `GET /v1/job-types`. The body of
+`POST /v1/jobs` (`JobCreate`) is one of `JobCreate.<type>`, discriminated by `type`.
 """
 
 
@@ -168,74 +152,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stream=lambda: app.state.conveyor.stream,
     )
     app.add_middleware(HttpMetrics, templates=lambda: app.openapi().get("paths", {}))  # outermost
-    app.openapi = lambda: _openapi(app, registry, auth.enabled)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi.build(app, registry, auth.enabled)  # type: ignore[method-assign]
     return app
-
-
-def _openapi(app: FastAPI, registry: Registry, auth: bool) -> dict[str, Any]:
-    """The generated document, plus one component schema per job type's payload.
-
-    The security schemes (enforced by the gate, not by route dependencies) are declared on
-    every ``/v1`` operation when API keys are configured; without keys the document declares
-    none: it describes this server.
-    """
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(
-        title=app.title, version=app.version, description=app.description, routes=app.routes
-    )
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    _add_model(components, JobCreate)  # POST /v1/jobs declares its body by reference
-    for job_type in registry.all():
-        payload = job_type.json_schema()
-        for name, sub in payload.pop("$defs", {}).items():
-            components.setdefault(name, sub)
-        payload["description"] = job_type.description or f"Payload of {job_type.name}"
-        components[f"Payload.{job_type.name}"] = _rewrite_refs(payload)
-    job_create = components.get("JobCreate", {}).get("properties", {}).get("type")
-    if job_create is not None:  # the API accepts exactly the registered types
-        job_create["enum"] = [t.name for t in registry.all()]
-    if auth:
-        schema["components"]["securitySchemes"] = SECURITY_SCHEMES
-    for path, operations in schema.get("paths", {}).items():
-        for operation in operations.values():
-            if auth and path.startswith("/v1/"):
-                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
-            _tidy_operation(operation)
-    app.openapi_schema = schema
-    return schema
-
-
-def _add_model(components: dict[str, Any], model: type[BaseModel]) -> None:
-    """The component schemas FastAPI makes for ``model`` as a body, as a body parameter would
-    have added them."""
-    probe = FastAPI()
-
-    async def endpoint(body: Any) -> None: ...
-
-    endpoint.__annotations__ = {"body": model, "return": None}
-    probe.post("/", responses={422: {"description": "none"}})(endpoint)
-    for name, sub in probe.openapi()["components"]["schemas"].items():
-        components.setdefault(name, sub)
-
-
-def _tidy_operation(operation: dict[str, Any]) -> None:
-    """A query or header parameter cannot be JSON ``null`` (absent is the only way to omit
-    it), so ``anyOf: [X, null]`` becomes plain X."""
-    for parameter in operation.get("parameters", []):
-        schema = parameter.get("schema", {})
-        options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
-        if len(options) == 1 and len(schema["anyOf"]) == 2:
-            del schema["anyOf"]
-            schema.update(options[0])
-
-
-def _rewrite_refs(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {
-            k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" else _rewrite_refs(v))
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_rewrite_refs(v) for v in node]
-    return node

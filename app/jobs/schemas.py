@@ -351,6 +351,11 @@ class JobTypeOut(BaseModel):
     timeout_seconds: float | None
     payload_schema: dict[str, Any]
     limits: LimitsOut | None = Field(default=None, description="The type's limits in force.")
+    result_schema: dict[str, Any] = Field(
+        default_factory=dict,
+        description="JSON Schema of a succeeded job's `result`, from the handler's return"
+        " annotation (`{}`: any JSON).",
+    )
 
 
 class JobTypeList(BaseModel):

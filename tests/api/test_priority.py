@@ -77,6 +77,6 @@ async def test_a_flood_of_low_jobs_does_not_starve_a_high_one(
 
 async def test_openapi_documents_the_band_mapping(client: httpx.AsyncClient) -> None:
     schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
-    description = schemas["JobCreate"]["properties"]["priority"]["description"]
+    description = schemas["JobCreate.demo.echo"]["properties"]["priority"]["description"]
     assert "> 0 is high" in description and "< 0 low" in description
     assert "first in first out" in description

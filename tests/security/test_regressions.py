@@ -113,9 +113,10 @@ def test_openapi_declares_security_only_when_keys_are_configured(
 
 def test_openapi_lists_the_registered_job_types(settings: Settings) -> None:
     """Without the enum, schemathesis never produced a known type, so every positive submit was
-    a 422 and payload storage went unfuzzed."""
+    a 422 and payload storage went unfuzzed. The types are now the variants of the ``type``
+    discriminator, each with ``const``."""
     document = _document(settings)
-    types = document["components"]["schemas"]["JobCreate"]["properties"]["type"]["enum"]
+    types = document["components"]["schemas"]["JobCreate"]["discriminator"]["mapping"]
     assert {"demo.echo", "demo.sleep", "demo.fail"} <= set(types)
 
 

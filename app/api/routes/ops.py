@@ -13,6 +13,7 @@ from app.api.errors import ERRORS
 from app.db.engine import ping
 from app.flow import service as flow
 from app.jobs import queries
+from app.jobs.contracts import result_schema
 from app.jobs.schemas import (
     Health,
     JobTypeList,
@@ -71,8 +72,8 @@ async def workers(session: SessionDep, state: StateDep, principal: PrincipalDep)
 
 @router.get("/v1/job-types", responses=ERRORS)
 async def job_types(state: StateDep, session: SessionDep, principal: PrincipalDep) -> JobTypeList:
-    """Every registered job type with the JSON Schema its payload must match, and its limits
-    in force."""
+    """Every registered job type with the JSON Schema its payload must match, that of its
+    result, and its limits in force."""
     controls = await flow.controls(session, "type")
     return JobTypeList(
         items=[
@@ -82,6 +83,7 @@ async def job_types(state: StateDep, session: SessionDep, principal: PrincipalDe
                 timeout_seconds=t.timeout_seconds,
                 payload_schema=t.json_schema(),
                 limits=flow.type_limits(t, controls.get(t.name)),
+                result_schema=result_schema(t),
             )
             for t in state.registry.all()
         ]
