@@ -31,6 +31,9 @@ async def test_ui_is_html_that_calls_the_api(client: httpx.AsyncClient) -> None:
         "/replay",
         "/events",
         "/readyz",
+        "/v1/schedules",
+        '"trigger"',
+        "/cancel",
     ):
         assert endpoint in page, endpoint
     assert "X-API-Key" in page and "localStorage" in page
@@ -88,3 +91,28 @@ async def test_browser_renders_queues_and_a_hostile_error_as_text(
     assert "<img" not in dom  # and never parsed as markup
     assert job["id"] in dom  # the detail view of the job
     assert "claimed" in dom and "dead" in dom  # with its events
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium on this machine to render /ui")
+async def test_browser_shows_schedules_with_their_actions_and_a_cancel_button(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
+) -> None:
+    _, url = spawn.api()
+    name = f"nightly-{queue}"
+    created = await client.post(
+        "/v1/schedules",
+        json={"name": name, "cron": "0 3 * * *", "type": "demo.echo", "queue": queue},
+    )
+    assert created.status_code == 201, created.text
+    waiting = await client.post(
+        "/v1/jobs", json={"type": "demo.echo", "queue": queue, "delay_seconds": 3600}
+    )
+    job = waiting.json()
+
+    dom = _render(_browser() or "", f"{url}/ui#job={job['id']}", tmp_path / "profile")
+
+    schedules = dom[dom.index('id="schedules"') : dom.index('id="jobs"')]
+    assert f">{name}<" in schedules and ">0 3 * * *<" in schedules
+    assert ">pause</button>" in schedules and ">trigger</button>" in schedules
+    detail = dom[dom.index('id="detail"') :]
+    assert 'id="cancel-job"' in detail and ">Cancel</button>" in detail
