@@ -98,7 +98,12 @@ _ITEM_BYTES = (
     func.octet_length(cast(JobRow.payload, Text))
     + func.coalesce(func.octet_length(cast(JobRow.result, Text)), 0)
     + func.octet_length(cast(JobRow.errors, Text))
-    + 512
+    + func.coalesce(func.octet_length(cast(JobRow.progress, Text)), 0)
+    + func.coalesce(func.octet_length(JobRow.callback_url), 0)
+    + func.coalesce(func.octet_length(JobRow.callback_last_error), 0)
+    + func.coalesce(func.octet_length(JobRow.unique_key), 0)
+    + func.coalesce(func.octet_length(JobRow.idempotency_key), 0)
+    + 1024  # the fixed fields: ids, names, timestamps, counters and their keys
 )
 
 

@@ -38,7 +38,8 @@ POST_ATTEMPTS = 3
 POST_TIMEOUT = 10.0
 
 OLDEST_QUEUED = text(
-    "SELECT queue, extract(epoch FROM now() - min(enqueued_at))::float8 AS age"
+    "SELECT queue,"
+    " extract(epoch FROM now() - coalesce(min(enqueued_at), min(created_at)))::float8 AS age"
     " FROM jobs WHERE status = 'queued' GROUP BY queue"
 )
 FIRE = text(
