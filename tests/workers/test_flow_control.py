@@ -7,6 +7,7 @@ declared in code) on top of the usual test types.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -71,11 +72,13 @@ async def _all_succeeded(db: asyncpg.Connection, ids: Sequence[str], timeout: fl
     await wait_until(done, timeout=timeout, interval=0.2)
 
 
-async def _workers_logged(spawn: Spawner, text: str) -> None:
-    """Every worker has read the flow controls that ``text`` describes (its log says so)."""
+async def _workers_logged_paused(spawn: Spawner, queue: str) -> None:
+    """Every worker has read that ``queue`` is paused (its log lists it among the paused
+    queues, which may include other tests' queues of the same database)."""
+    listed = re.compile(r"paused=(?:[^ ,\"]+,)*" + re.escape(queue) + r"[ ,\"]")
 
     async def seen() -> bool:
-        return all(text in p.output() for p in spawn.procs)
+        return all(listed.search(p.output()) for p in spawn.procs)
 
     await wait_until(seen, timeout=90)
 
@@ -121,9 +124,9 @@ async def test_pause_stops_starts_and_resume_restarts_them(
     assert response.status_code == 200
     assert response.json() == {"queue": queue, "paused": True}
     paused_at: datetime = await db.fetchval("SELECT now()")
-    await _workers_logged(spawn, f"paused={queue}")
+    await _workers_logged_paused(spawn, queue)
     spawn.worker([queue], concurrency=4)  # started while paused: it reads the pause at start
-    await _workers_logged(spawn, f"paused={queue}")
+    await _workers_logged_paused(spawn, queue)
     # Submissions are accepted; a delayed job still becomes queued.
     held = await _batch(client, [{"type": "demo.echo", "queue": queue}] * 20)
     delayed = (await submit(client, {"type": "demo.echo", "queue": queue, "delay_seconds": 0.5}))[
