@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 
 from app.errors import InvalidInput
 from app.jobs import lifecycle
+from app.jobs.ids import new_job_id
 from app.jobs.principal import Principal
 from app.jobs.registry import Registry
 from app.jobs.schemas import JobCreate
@@ -107,7 +107,7 @@ def new_job(item: JobCreate, registry: Registry, principal: Principal, now: date
     scheduled = run_at is not None and run_at > now
     key = item.idempotency_key
     return NewJob(
-        id=uuid.uuid4(),
+        id=new_job_id(),
         type=item.type,
         queue=item.queue,
         status=JobStatus.SCHEDULED if scheduled else JobStatus.QUEUED,

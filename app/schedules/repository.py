@@ -7,7 +7,6 @@ partial unique index ``uq_jobs_schedule_slot``: whatever runs twice, a slot has 
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import JobRow, ScheduleRow
+from app.jobs.ids import new_job_id
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class NewJob:
     def of(cls, row: ScheduleRow, slot: datetime | None, actor: str | None) -> NewJob:
         """The job ``row`` makes for ``slot`` (``None``: triggered by hand)."""
         return cls(
-            str(uuid.uuid4()), row.name, slot, row.type, row.queue, row.priority, row.payload, actor
+            str(new_job_id()), row.name, slot, row.type, row.queue, row.priority, row.payload, actor
         )
 
 

@@ -83,3 +83,21 @@ async def test_job_types_and_openapi_publish_payload_schemas(client: httpx.Async
     schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
     assert "seconds" in schemas["Payload.demo.sleep"]["properties"]
     assert "fail_times" in schemas["Payload.demo.fail"]["properties"]
+
+
+async def test_job_ids_are_uuid7_in_submission_order(client: httpx.AsyncClient, queue: str) -> None:
+    """Ids are time-ordered (ADR 0024): singles and a batch, each later than the one before."""
+    singles = [
+        (await client.post("/v1/jobs", json={"type": "demo.echo", "queue": queue})).json()["id"]
+        for _ in range(3)
+    ]
+    batch = await client.post(
+        "/v1/jobs/batch",
+        json={
+            "jobs": [{"type": "demo.echo", "queue": queue, "payload": {"i": i}} for i in range(50)]
+        },
+    )
+    assert batch.status_code == 202, batch.text
+    ids = [uuid.UUID(i) for i in singles + [j["id"] for j in batch.json()["jobs"]]]
+    assert {i.version for i in ids} == {7}
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
