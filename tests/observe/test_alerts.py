@@ -14,7 +14,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-import uvicorn
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from standardwebhooks import Webhook
@@ -30,6 +29,7 @@ from app.observe.alerts import Alerts
 from app.settings import Settings
 from tests.conftest import Backends, make_settings
 from tests.jobs.factories import db_now, make_job
+from tests.support.http_server import serving
 
 SECRET = "alert-secret"
 
@@ -53,16 +53,8 @@ async def receiver() -> AsyncIterator[Receiver]:
         return Response(status_code=204)
 
     app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
-    config = uvicorn.Config(app, host="127.0.0.1", port=r.port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
+    async with serving(app, r.port):
         yield r
-    finally:
-        server.should_exit = True
-        await task
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from standardwebhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,6 +25,7 @@ from app.devserver import free_port
 from app.jobs import callbacks
 from app.settings import Settings
 from tests.conftest import Backends, make_settings, submit, wait_for_status, wait_until
+from tests.support.http_server import serving
 from tests.support.processes import Spawner
 
 SECRET = "whsec_" + base64.b64encode(b"callback-test-key-32-bytes-long!").decode()
@@ -62,18 +62,8 @@ async def serve() -> AsyncIterator[Receiver]:
         return Response(status_code=204)
 
     app = Starlette(routes=[Route("/hook/{name}", hook, methods=["POST"])])
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=receiver.port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
+    async with serving(app, receiver.port):
         yield receiver
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture

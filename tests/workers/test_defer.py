@@ -3,8 +3,6 @@ spending an attempt; real workers, and a local HTTP server for http.request."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import email.utils
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -24,6 +21,7 @@ from app.devserver import free_port
 from app.errors import MAX_RETRY_LATER_SECONDS, RetryLater
 from app.settings import Settings
 from tests.conftest import submit, wait_for_status
+from tests.support.http_server import serving
 from tests.support.processes import Spawner
 from workers.handlers.http import retry_after
 
@@ -143,19 +141,8 @@ def build_app(target: Limited) -> Starlette:
 @pytest.fixture
 async def limited() -> AsyncIterator[Limited]:
     t = Limited(free_port())
-    config = uvicorn.Config(
-        build_app(t), host="127.0.0.1", port=t.port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
+    async with serving(build_app(t), t.port):
         yield t
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await task
 
 
 async def test_http_request_defers_on_429_and_503_with_retry_after(

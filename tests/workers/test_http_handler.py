@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from standardwebhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,6 +25,7 @@ from starlette.routing import Route
 from app.devserver import free_port
 from app.settings import Settings
 from tests.conftest import wait_for_status
+from tests.support.http_server import serving
 from tests.support.processes import Spawner
 
 SECRET = "test-signing-secret"
@@ -119,18 +119,8 @@ def gzip_bomb() -> bytes:
 @contextlib.asynccontextmanager
 async def serve() -> AsyncIterator[Target]:
     t = Target(free_port())
-    config = uvicorn.Config(
-        build_app(t), host="127.0.0.1", port=t.port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
+    async with serving(build_app(t), t.port):
         yield t
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture
