@@ -82,9 +82,14 @@ if _CLAIM_AT.count("$4::timestamptz") != 2:  # pragma: no cover - the claim's te
 # entry just deleted cannot mark it (app.jobs.marks), and the sweep re-sends it only
 # ``later`` seconds after the dispatch grace, if the worker that held it did not first.
 _HOLD = """
-UPDATE jobs j SET dispatched_at = NULL, enqueued_at = now() + make_interval(secs => v.later)
-FROM unnest($1::uuid[], $2::float8[]) AS v(id, later)
-WHERE j.id = v.id AND j.status = 'queued'
+WITH v AS (
+    SELECT * FROM unnest($1::uuid[], $2::float8[]) AS v(id, later)
+), mine AS (  -- locked in id order, like the claim (app.jobs.marks._CONFIRM says why)
+    SELECT j.id, v.later FROM jobs j JOIN v ON j.id = v.id
+    WHERE j.status = 'queued' ORDER BY j.id FOR UPDATE OF j
+)
+UPDATE jobs j SET dispatched_at = NULL, enqueued_at = now() + make_interval(secs => mine.later)
+FROM mine WHERE j.id = mine.id
 """
 
 

@@ -26,15 +26,25 @@ from app.streams.keys import DEFAULT_BAND, HIGH_BAND, LOW_BAND
 EPOCH_KEY_PREFIX = "redis-epoch:"  # conveyor_state keys of the Redis data epochs
 
 _EPOCHS_SHARED = "SELECT FROM conveyor_state WHERE starts_with(key, :epochs) FOR SHARE"
+# Rows are locked in id order, as every statement that locks many queued jobs does (the claim,
+# forget_dispatches): two such statements never wait on each other in a cycle (deadlock). A row
+# locked by someone else is skipped: a claim is taking it (no mark needed), and anything else
+# leaves it to the sweep, whose duplicate send is harmless.
 _CONFIRM = """
-UPDATE jobs j SET dispatched_at = now(), dispatch_entry = v.entry
-FROM unnest(CAST(:ids AS uuid[]), CAST(:ages AS float8[]), CAST(:entries AS text[]))
-    AS v(id, age, entry)
-WHERE j.id = v.id AND j.status = 'queued' AND j.dispatched_at IS NULL
-  AND j.enqueued_at <= statement_timestamp() - make_interval(secs => v.age)
-  AND NOT EXISTS (
-      SELECT FROM conveyor_state s WHERE starts_with(s.key, :epochs)
-      AND s.updated_at > statement_timestamp() - make_interval(secs => v.age))
+WITH v AS (
+    SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:ages AS float8[]), CAST(:entries AS text[]))
+        AS v(id, age, entry)
+), mine AS (
+    SELECT j.id, v.entry FROM jobs j JOIN v ON j.id = v.id
+    WHERE j.status = 'queued' AND j.dispatched_at IS NULL
+      AND j.enqueued_at <= statement_timestamp() - make_interval(secs => v.age)
+      AND NOT EXISTS (
+          SELECT FROM conveyor_state s WHERE starts_with(s.key, :epochs)
+          AND s.updated_at > statement_timestamp() - make_interval(secs => v.age))
+    ORDER BY j.id FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE jobs j SET dispatched_at = now(), dispatch_entry = mine.entry
+FROM mine WHERE j.id = mine.id
 """
 
 
@@ -259,6 +269,19 @@ async def record_loss(session: AsyncSession, keys: Sequence[str]) -> None:
         )
 
 
+# Locks in id order (see _CONFIRM): with claims running on a backlog, an UPDATE in the order
+# of some index deadlocked with them.
+_FORGET = """
+UPDATE jobs j SET dispatched_at = NULL
+FROM (
+    SELECT id FROM jobs WHERE status = 'queued' AND dispatched_at IS NOT NULL
+      AND queue = ANY(CAST(:queues AS text[]))
+    ORDER BY id FOR UPDATE
+) mine
+WHERE j.id = mine.id AND j.status = 'queued'
+"""
+
+
 async def forget_dispatches(session: AsyncSession, queues: Sequence[str]) -> int:
     """After Redis lost data: every queued job of these queues must be sent again.
 
@@ -266,11 +289,5 @@ async def forget_dispatches(session: AsyncSession, queues: Sequence[str]) -> int
     confirmations in flight (which share-lock the epoch rows) have committed by then, so
     their marks are cleared too.
     """
-    result = await session.execute(
-        text(
-            "UPDATE jobs SET dispatched_at = NULL WHERE status = 'queued'"
-            " AND dispatched_at IS NOT NULL AND queue = ANY(CAST(:queues AS text[]))"
-        ),
-        {"queues": list(queues)},
-    )
+    result = await session.execute(text(_FORGET), {"queues": list(queues)})
     return int(getattr(result, "rowcount", 0) or 0)
