@@ -50,6 +50,8 @@ from app.db.migrate import upgrade
 from app.flow.limits import parse_rate
 from app.jobs import repository
 from app.jobs.dispatch import Dispatcher
+from app.jobs.ids import new_job_id
+from app.jobs.marks import EPOCH_KEY_PREFIX
 from app.jobs.newjob import NewJob, dump_json
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
@@ -102,7 +104,7 @@ async def bare_stream(redis_url: str, n: int, count: int = 500) -> float:
 
 def _row(n: int) -> NewJob:
     return NewJob(
-        id=uuid.uuid4(),
+        id=new_job_id(),
         type="demo.echo",
         queue=QUEUE,
         status=JobStatus.QUEUED,
@@ -208,9 +210,14 @@ def _peak_rss_mb(pids: list[int]) -> float:
 
 
 async def _wait_epoch(conn: asyncpg.Connection, timeout: float = 60) -> None:
+    """Until a worker recorded the queue's Redis data epoch (not merely the stream layout,
+    which is recorded first: stopping the warm-up worker then made the measured worker's
+    first start re-send the whole backlog)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if await conn.fetchval("SELECT count(*) FROM conveyor_state"):
+        if await conn.fetchval(
+            "SELECT count(*) FROM conveyor_state WHERE starts_with(key, $1)", EPOCH_KEY_PREFIX
+        ):
             return
         await asyncio.sleep(0.1)
     raise RuntimeError("no worker recorded the Redis epoch")
