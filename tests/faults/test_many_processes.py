@@ -97,7 +97,9 @@ async def test_two_apis_and_five_worker_processes_finish_every_job_once(
     terminal_events = Counter(
         job_id for job_id, events in history.items() for e in events if e.event in TERMINAL
     )
-    claims = Counter(e.worker for events in history.values() for e in events if e.event == "claimed")
+    claims = Counter(
+        e.worker for events in history.values() for e in events if e.event == "claimed"
+    )
     report.extra.update(
         drain_s=f"{drained:.1f}",
         apis=len(urls),
