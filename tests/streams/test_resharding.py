@@ -7,9 +7,11 @@ ends twice, and delivery of the moved partition stalls for a few seconds at most
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 from app.settings import Settings
 from app.streams.keys import Keys, partition_for
@@ -41,7 +43,21 @@ def max_gap(times: list[float], start: float, end: float) -> float:
     """The longest time between consecutive ``times`` within [start, end], edges included."""
     inside = sorted(t for t in times if start <= t <= end)
     points = [start, *inside, end]
-    return max(b - a for a, b in zip(points, points[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(points))
+
+
+async def _move_under_load(
+    gen: LoadGenerator, bodies: list[dict[str, Any]], cluster: Cluster, slot: int, target: int
+) -> tuple[float, float, int]:
+    """Submit ``bodies``; once 30 % have gone, move ``slot`` to ``target`` (key by key, half a
+    second apart). Returns when the move began and ended, and how many keys it moved."""
+    load = asyncio.create_task(gen.run(bodies, RATE))
+    await gen.reached(len(bodies) * 0.3)
+    began = time.time()
+    moved = await asyncio.to_thread(cluster.move_slot, slot, target, pause=0.5)
+    ended = time.time()
+    await load
+    return began, ended, moved
 
 
 async def test_moving_a_partition_slot_loses_no_job_and_stalls_briefly(
@@ -66,12 +82,8 @@ async def test_moving_a_partition_slot_loses_no_job_and_stalls_briefly(
         ledger = Ledger()
         gen = LoadGenerator(ledger, url)
         rng = random.Random(23)
-        load = asyncio.create_task(gen.run([effect_body(queue, rng) for _ in range(JOBS)], RATE))
-        await gen.reached(JOBS * 0.3)
-        began = time.time()
-        keys_moved = await asyncio.to_thread(cluster.move_slot, slot, target, pause=0.5)
-        ended = time.time()
-        await load
+        bodies = [effect_body(queue, rng) for _ in range(JOBS)]
+        began, ended, keys_moved = await _move_under_load(gen, bodies, cluster, slot, target)
         drained = await drain(settings.database_url, queue, timeout=60.0)
         report = await check(
             "redis_reshard", settings.database_url, queue, ledger, [Fault(began, "reshard")]
