@@ -47,7 +47,7 @@ pytestmark = pytest.mark.skipif(
     " pg_basebackup, postgres) under /usr/lib/postgresql/*/bin (Debian's postgresql package)",
 )
 
-JOBS = 420
+JOBS = 360
 RATE = 30.0
 CUT_SECONDS = 1.5  # the primary accepts jobs the replica never sees for this long
 PARTITIONS = 2
@@ -79,11 +79,13 @@ def settings(pair: Replicated, fault_redis: EmbeddedRedis) -> Settings:
     )
 
 
-async def _workers(spawn: Spawner, settings: Settings, queue: str, tag: str) -> list[Proc]:
-    procs = [spawn.worker([queue], name=f"{queue}-{tag}{i}", settings=settings) for i in range(2)]
+def _spawn_workers(spawn: Spawner, settings: Settings, queue: str, tag: str) -> list[Proc]:
+    return [spawn.worker([queue], name=f"{queue}-{tag}{i}", settings=settings) for i in range(2)]
+
+
+async def _registered(settings: Settings, prefix: str) -> None:
     sql = "SELECT count(*) FROM workers WHERE starts_with(name, $1)"
-    await db.wait_for_value(settings.database_url, sql, f"{queue}-{tag}", expected=2, timeout=60.0)
-    return procs
+    await db.wait_for_value(settings.database_url, sql, prefix, expected=2, timeout=60.0)
 
 
 async def _marked_queued(url: str, queue: str) -> set[UUID]:
@@ -133,7 +135,8 @@ async def test_promoting_the_replica_while_jobs_flow(
     spawn: Spawner, settings: Settings, pair: Replicated, queue: str, results: Path
 ) -> None:
     _, url = spawn.api()
-    old = await _workers(spawn, settings, queue, "old")
+    old = _spawn_workers(spawn, settings, queue, "old")
+    await _registered(settings, f"{queue}-old")
     ledger = Ledger()
     gen = LoadGenerator(ledger, url, deadline=90.0)
     load = asyncio.create_task(gen.run(_bodies(queue), RATE))
@@ -160,10 +163,14 @@ async def test_promoting_the_replica_while_jobs_flow(
     await asyncio.to_thread(pair.replica.promote)
     promoted_at = time.time()
 
+    # The old processes are stopped while the new ones, pointed at the replica, start.
     new = settings.model_copy(update={"database_url": replica_url})
-    await asyncio.gather(*(asyncio.to_thread(p.stop, 5) for p in list(spawn.procs)))
-    _, gen.base_url = spawn.api(settings=new)  # retries go to the new API from now on
-    workers = await _workers(spawn, new, queue, "new")
+    stopping = [asyncio.to_thread(p.stop, 5) for p in list(spawn.procs)]
+    workers = _spawn_workers(spawn, new, queue, "new")
+    (_, gen.base_url), *_ = await asyncio.gather(  # retries go to the new API from now on
+        asyncio.to_thread(spawn.api, settings=new), *stopping
+    )
+    await _registered(new, f"{queue}-new")
     serving_at = time.time()
     await load
     drained = await drain(replica_url, queue, timeout=60.0)
