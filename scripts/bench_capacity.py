@@ -1,24 +1,26 @@
 #!/usr/bin/env python
 """The inputs of the capacity model (docs/scaling.md), measured on this machine.
 
-    .venv/bin/python scripts/bench_capacity.py [--jobs 5000] [--concurrency 64] \
+    .venv/bin/python scripts/bench_capacity.py [--seconds 8] [--concurrency 64] \
         [--rounds 1x1,2x1,2x4]
 
 Starts a PostgreSQL and a Redis-compatible server of its own (the embedded wheels of
 ``conveyor dev``, in a temporary directory), so that the WAL position, the table statistics and
 Redis' command counts and CPU time are this run's alone. Each round (``PxQ``: P worker
-processes, Q partitions) runs the whole life of ``--jobs`` no-op ``demo.echo`` jobs:
+processes, Q partitions) runs the whole life of the no-op jobs it submits:
 
-1. **submit**: one ``conveyor api`` process; the jobs are POSTed one per request from
-   ``--concurrency`` connections (no worker runs): jobs/s and the API's CPU per job;
+1. **submit**: one ``conveyor api`` process; ``demo.echo`` jobs are POSTed one per request
+   for ``--seconds`` by ``wrk`` over ``--concurrency`` connections (a Python loop when wrk is
+   missing; no worker runs): accepted jobs/s and the API's CPU per job;
 2. **run**: ``conveyor worker --processes P --concurrency 64`` drains them: jobs/s from the
    first start to the last finish (Postgres' ``started_at``/``finished_at``), and the
    workers' CPU per job;
 3. with every process stopped (their statistics flushed): Postgres' WAL bytes per job
    (``pg_current_wal_lsn()`` before and after each phase), rows inserted/updated per job
-   (``pg_stat_user_tables``), index entries written per job (at most: every index of a table
-   per insert or non-HOT update), table+index bytes per job, server CPU per job; Redis'
-   commands per job (``INFO commandstats``) and its CPU per job (``used_cpu_*``).
+   (``pg_stat_user_tables``), heap and B-tree index entries written per job (WAL records
+   counted with ``pg_walinspect``: every table, the maintenance loops' writes included),
+   table+index bytes per job, server CPU per job; Redis' commands per job
+   (``INFO commandstats``) and its CPU per job (``used_cpu_*``).
 
 Plus a ceiling: entries/s through a bare Redis Stream consumer group on one node (XADD,
 XREADGROUP of 500, XACK + XDEL; no Postgres). The client, the servers and the processes all
@@ -47,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench_drain import bare_stream
+from benchmark.load import have_wrk, wrk_post
 
 from app.db.migrate import upgrade
 from app.db.url import asyncpg_dsn
@@ -99,30 +102,36 @@ async def pg_state(url: str, postmaster: int) -> PgState:
         )
     finally:
         await conn.close()
-    stats = {r["relname"]: {k: int(r[k]) for k in r.keys() if k != "relname"} for r in rows}
+    stats = {r["relname"]: {k: int(v) for k, v in r.items() if k != "relname"} for r in rows}
     return PgState(lsn, stats, int(size), cpu_seconds(postmaster))
 
 
 async def wal_bytes(url: str, before: str, after: str) -> int:
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        diff = await conn.fetchval("SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", after, before)
+        diff = await conn.fetchval(
+            "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", after, before
+        )
         return int(diff)
     finally:
         await conn.close()
 
 
-async def index_counts(url: str) -> dict[str, int]:
+async def wal_records(url: str, before: str, after: str) -> dict[str, tuple[int, int]]:
+    """WAL records between two positions by ``resource manager/record type``: (count,
+    full-page-image bytes), read with pg_walinspect."""
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
         rows = await conn.fetch(
-            "SELECT tablename, count(*) AS n FROM pg_indexes"
-            " WHERE tablename = ANY($1::text[]) GROUP BY tablename",
-            list(TABLES),
+            'SELECT "resource_manager/record_type" AS kind, count, fpi_size'
+            " FROM pg_get_wal_stats($1::text::pg_lsn, $2::text::pg_lsn, true)",
+            before,
+            after,
         )
     finally:
         await conn.close()
-    return {r["tablename"]: int(r["n"]) for r in rows}
+    return {r["kind"]: (int(r["count"]), int(r["fpi_size"])) for r in rows}
 
 
 async def redis_state(url: str) -> tuple[int, float]:
@@ -134,23 +143,35 @@ async def redis_state(url: str) -> tuple[int, float]:
     return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-async def submit_singly(url: str, queue: str, jobs: int, concurrency: int) -> float:
-    """POST ``jobs`` one per request from ``concurrency`` connections; returns jobs/s."""
-    left = list(range(jobs))
-    limits = httpx.Limits(max_connections=concurrency)
+async def submit_singly(url: str, queue: str, seconds: float, concurrency: int) -> float:
+    """POST one job per request for ``seconds`` from ``concurrency`` connections; returns the
+    accepted requests per second."""
+    body = {"type": "demo.echo", "queue": queue, "payload": {"n": 1}}
+    if have_wrk():
+        result = await asyncio.to_thread(wrk_post, f"{url}/v1/jobs", body, seconds, concurrency)
+        return result.rate
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    accepted = 0
     async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+        end = time.perf_counter() + seconds
 
         async def lane() -> None:
-            while left:
-                i = left.pop()
-                body = {"type": "demo.echo", "queue": queue, "payload": {"i": i}}
-                response = await client.post("/v1/jobs", json=body)
-                if response.status_code != 202:
-                    raise RuntimeError(f"submit answered {response.status_code}")
+            nonlocal accepted
+            while time.perf_counter() < end:
+                if (await client.post("/v1/jobs", json=body)).status_code == 202:
+                    accepted += 1
 
         began = time.perf_counter()
         await asyncio.gather(*(lane() for _ in range(concurrency)))
-        return jobs / (time.perf_counter() - began)
+        return accepted / (time.perf_counter() - began)
+
+
+async def count_jobs(url: str, queue: str) -> int:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM jobs WHERE queue = $1", queue))
+    finally:
+        await conn.close()
 
 
 async def drained(url: str, queue: str, jobs: int, timeout: float = 600.0) -> float:
@@ -203,7 +224,7 @@ class Bench:
         await asyncio.sleep(1.0)  # let the server count the ended backends' statistics
 
     async def round(self, processes: int, partitions: int) -> Round:
-        jobs, url, postmaster = self.args.jobs, self.database_url, self.pg.pid or 0
+        url, postmaster = self.database_url, self.pg.pid or 0
         conn = await asyncpg.connect(asyncpg_dsn(url))
         await conn.execute("DELETE FROM conveyor_state WHERE key = 'stream-layout'")
         await conn.close()
@@ -213,8 +234,9 @@ class Bench:
         api, api_url = spawn.api()
         r0, pg0 = await redis_state(self.redis.url), await pg_state(url, postmaster)
         api_cpu = cpu_seconds(api.pid)
-        submit_rate = await submit_singly(api_url, queue, jobs, self.args.concurrency)
+        submit_rate = await submit_singly(api_url, queue, self.args.seconds, self.args.concurrency)
         api_cpu = cpu_seconds(api.pid) - api_cpu
+        jobs = await count_jobs(url, queue)
         pg1 = await pg_state(url, postmaster)
         await self._stop([api])
         worker = spawn.worker([queue], concurrency=64, processes=processes)
@@ -223,7 +245,11 @@ class Bench:
         pg2_lsn = (await pg_state(url, postmaster)).lsn
         await self._stop([worker])
         r2, pg2 = await redis_state(self.redis.url), await pg_state(url, postmaster)
-        indexes = await index_counts(url)
+        records = await wal_records(url, pg0.lsn, pg2.lsn)
+
+        def count(prefix: str) -> float:
+            return sum(n for kind, (n, _) in records.items() if kind.startswith(prefix)) / jobs
+
         per = {
             "submit_jobs_s_one_api_process": submit_rate,
             "api_cpu_ms_per_job": api_cpu / jobs * 1000,
@@ -242,8 +268,11 @@ class Bench:
             per[f"{table}_rows_inserted_per_job"] = delta["n_tup_ins"] / jobs
             per[f"{table}_rows_updated_per_job"] = delta["n_tup_upd"] / jobs
             per[f"{table}_hot_updates_per_job"] = delta["n_tup_hot_upd"] / jobs
-            written = delta["n_tup_ins"] + delta["n_tup_upd"] - delta["n_tup_hot_upd"]
-            per[f"{table}_index_entries_per_job_at_most"] = written * indexes[table] / jobs
+        per["wal_heap_inserts_per_job"] = count("Heap/INSERT") + count("Heap2/MULTI_INSERT")
+        per["wal_heap_updates_per_job"] = count("Heap/UPDATE") + count("Heap/HOT_UPDATE")
+        per["wal_btree_entries_per_job"] = count("Btree/INSERT") + count("Btree/SPLIT")
+        per["wal_full_page_image_bytes_per_job"] = sum(f for _, f in records.values()) / jobs
+        per["jobs"] = jobs
         return Round(processes, partitions, per)
 
 
@@ -252,9 +281,9 @@ def _rounds(text: str) -> list[tuple[int, int]]:
     return [(int(p), int(q)) for p, q in pairs]
 
 
-def _report(rounds: list[Round], bare: float, version: str, jobs: int) -> None:
+def _report(rounds: list[Round], bare: float, version: str, seconds: float) -> None:
     print(f"# {version}; {psutil.cpu_count()} cores; load average {psutil.getloadavg()}")
-    print(f"# {jobs} demo.echo jobs per round; rounds: worker processes x partitions")
+    print(f"# {seconds:g} s of single POSTs per round; rounds: worker processes x partitions")
     print(f"bare_stream_entries_s_one_redis_node: {bare:,.0f}")
     names = list(rounds[0].figures)
     header = "figure".ljust(44) + "".join(f"{r.processes}x{r.partitions}".rjust(12) for r in rounds)
@@ -283,7 +312,7 @@ async def main(args: argparse.Namespace) -> None:
         bench = Bench(pg, redis, args)
         rounds = [await bench.round(p, q) for p, q in _rounds(args.rounds)]
         bare = await bare_stream(redis.url, args.bare)
-        _report(rounds, bare, version, args.jobs)
+        _report(rounds, bare, version, args.seconds)
     finally:
         redis.stop()
         pg.stop()
@@ -291,7 +320,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=8.0, help="of single POSTs a round")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", default="1x1,2x1,2x4", help="PxQ,...: processes x partitions")
     parser.add_argument("--bare", type=int, default=100000, help="entries of the bare ceiling")
