@@ -10,6 +10,8 @@ SKIP LOCKED before they are sent, and a duplicate entry is dropped by the guarde
 - **repair**: when Redis may have lost entries (a new data epoch, or a consumer group found
   missing: the stream was deleted, evicted or lost) the queue's marks are forgotten in the
   same transaction as a loss record, and the sweep re-sends them all.
+- **failover**: when the record moved to another PostgreSQL server (a promoted replica, a
+  restore: ``app.jobs.failover``), every queued job's mark is forgotten and the sweep re-sends.
 - **entry check**: the backstop for any loss nothing else noticed. A queued job whose mark is
   older than ``CONVEYOR_DISPATCH_CHECK_SECONDS`` has its recorded stream entry looked up
   (``XRANGE id id``, O(log n)); if the entry is gone it is sent again.
@@ -23,7 +25,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.jobs import marks, repository
+from app.jobs import failover, marks, repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.marks import Marked
 from app.settings import Settings
@@ -135,9 +137,29 @@ class Redispatcher:
 
     # -- repair after a loss ----------------------------------------------------------------------
 
+    async def follow_postgres(self) -> None:
+        """Compare the PostgreSQL server's identity with the recorded one; after a switch
+        (failover, promotion, restore) re-send every queued job."""
+        async with self.sessions() as session:  # a failed read leaves nothing to commit
+            identity = await failover.server_identity(session)
+        if identity is None:
+            return
+        async with self.sessions.begin() as session:
+            switch = await failover.record_identity(session, identity)
+        if switch is not None:
+            log.warning(
+                "PostgreSQL server changed (%s -> %s: failover, promotion or restore; commits"
+                " the old server had not replicated are gone): re-dispatching %d queued job(s)",
+                switch.before,
+                switch.after,
+                switch.forgotten,
+            )
+            await self.sweep(0.0)
+
     async def repair(self) -> None:
         """Recreate missing consumer groups, compare the data epochs with Postgres, and re-send
-        every queued job of a queue that lost entries."""
+        every queued job of a queue that lost entries; re-send all after a Postgres switch."""
+        await self.follow_postgres()
         await self.stream.ensure_groups(self.streams, force=True)
         missing = set(self.stream.lost)
         epochs = await self.stream.epochs(self.partitions)

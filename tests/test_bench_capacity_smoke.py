@@ -1,0 +1,44 @@
+"""``scripts/bench_capacity.py`` runs end to end on servers of its own and prints every input
+of the capacity model (docs/scaling.md), so the benchmark cannot rot. It checks that the
+figures are there and plausible (a job writes its row and its three events), not how fast
+anything is."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(150)
+def test_bench_capacity_smoke() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    cmd = [sys.executable, "scripts/bench_capacity.py", "--seconds", "1", "--rounds", "1x1"]
+    proc = subprocess.run(
+        [*cmd, "--bare", "1000"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=140,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    figures = {
+        m.group(1): float(m.group(2).replace(",", ""))
+        for m in re.finditer(r"^(\w+)\s+([\d,.]+)$", proc.stdout, re.MULTILINE)
+    }
+    assert figures["jobs"] > 0, proc.stdout
+    for name in ("submit_jobs_s_one_api_process", "run_jobs_s", "api_cpu_ms_per_job"):
+        assert figures[name] > 0, name
+    assert figures["wal_bytes_per_job_run"] > 0 and figures["redis_commands_per_job"] > 0
+    assert figures["jobs_rows_inserted_per_job"] == pytest.approx(1.0, abs=0.1)
+    assert figures["job_events_rows_inserted_per_job"] == pytest.approx(3.0, abs=0.3)
+    assert figures["wal_btree_entries_per_job"] > 4
+    assert "bare_stream_entries_s_one_redis_node:" in proc.stdout
