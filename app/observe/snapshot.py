@@ -10,10 +10,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db.models import WorkerRow
 from app.jobs import queries
+from app.observe import history
+from app.observe.history import Point
 from app.settings import Settings
 from app.streams.client import StreamClient
 from app.streams.gauges import StreamStats, stream_stats
@@ -29,6 +32,13 @@ QUEUED_AGES = text(
 )
 
 
+RUNNING = text(
+    "SELECT id, type, queue, worker, owner, started_at FROM jobs WHERE status = 'running'"
+    " ORDER BY started_at LIMIT :limit"
+)
+RUNNING_SHOWN = 500  # the dashboard's workers page lists at most this many running jobs
+
+
 @dataclass
 class Snapshot:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # queue -> status -> n
@@ -37,6 +47,9 @@ class Snapshot:
     streams: dict[tuple[str, int], StreamStats] = field(default_factory=dict)  # (queue, band)
     workers: int = 0
     free_slots: int = 0
+    live: list[WorkerRow] = field(default_factory=list)  # the live workers, by name
+    running: list[Row[tuple[object, ...]]] = field(default_factory=list)  # oldest first
+    history: list[Point] = field(default_factory=list)  # the last hour (the dashboard)
     taken_at: float = 0.0  # monotonic
 
     @property
@@ -90,10 +103,13 @@ class Snapshots:
                     max(0.0, row.oldest_undispatched or 0.0),
                 )
             live = await queries.live_workers(session, self.settings.claim_idle_seconds)
+            snap.running = list(await session.execute(RUNNING, {"limit": RUNNING_SHOWN}))
+        snap.live = live
         snap.workers = len(live)
         snap.free_slots = sum(max(0, w.concurrency - w.in_flight) for w in live)
         served = {q for w in live for q in w.queues}
         await self._streams(snap, sorted({*snap.counts, *served}))
+        snap.history = await history.record_and_read(self.stream, time.time())
         snap.taken_at = time.monotonic()
         return snap
 
