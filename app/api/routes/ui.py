@@ -15,14 +15,15 @@ import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import parse_qsl, urlencode
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import (
     AdminDep,
@@ -310,9 +311,17 @@ async def schedule_list(
 # -- parts: actions (POST; admin, except cancel, which a producer may do to its own jobs) ------
 
 
-async def _form(request: Request) -> list[tuple[str, str]]:
-    body = (await request.body()).decode("utf-8", errors="replace")
-    return parse_qsl(body, keep_blank_values=False)
+class ReplayForm(BaseModel):
+    """The selected jobs (``ids``), or ``all: "matching"`` and the filter of the jobs page."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[UUID] | None = Field(default=None, max_length=5000)
+    all: Literal["matching"] | None = None
+    queue: str | None = Field(default=None, max_length=200)
+    type: str | None = Field(default=None, max_length=200)
+    after: str | None = Field(default=None, max_length=200)
+    before: str | None = Field(default=None, max_length=200)
 
 
 @parts.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
@@ -343,25 +352,17 @@ async def remove(job_id: UUID, session: SessionDep, principal: AdminDep) -> HTML
 
 @parts.post("/dlq/replay", response_class=HTMLResponse)
 async def replay_many(
-    request: Request, session: SessionDep, dispatcher: DispatcherDep, principal: AdminDep
+    body: ReplayForm, session: SessionDep, dispatcher: DispatcherDep, principal: AdminDep
 ) -> HTMLResponse:
-    """``ids`` (repeated): those jobs; otherwise every dead job matching the filter fields."""
-    form = await _form(request)
-    ids = [v for k, v in form if k == "ids"]
-    if ids:
-        try:
-            chosen = [UUID(v) for v in ids]
-        except ValueError as exc:
-            raise InvalidInput("ids: not job ids") from exc
+    """The selected jobs, or every dead job matching the filter (as ``POST /v1/dlq/replay``)."""
+    if body.ids:
         n = await service.replay_many(
-            session, dispatcher, principal, ids=chosen, type=None, queue=None
+            session, dispatcher, principal, ids=body.ids, type=None, queue=None
         )
-        return _done(f"Replayed {n} of {len(chosen)} selected jobs.")
-    fields = dict(form)
-    if fields.get("all") != "matching":
-        raise InvalidInput("select jobs, or replay all matching the filter")
-    f = _filter(None, fields.get("type"), fields.get("queue"), fields.get("after"), None)
-    f = JobFilter(None, f.type, f.queue, f.created_after, _time(fields.get("before"), "before"))
+        return _done(f"Replayed {n} of {len(body.ids)} selected jobs.")
+    if body.all != "matching":
+        raise InvalidInput("select jobs, or replay all that match the filter")
+    f = _filter(None, body.type, body.queue, body.after, body.before)
     n = await service.replay_many(
         session,
         dispatcher,

@@ -1,5 +1,5 @@
 // The dashboard's only script besides htmx: the API key (kept in this tab's sessionStorage,
-// never in localStorage or a cookie), the headers every request carries, the message bar,
+// not kept beyond the tab nor in a cookie), the headers every request carries, the message bar,
 // and the confirmation of a replay of the selected jobs. Data is rendered by the server and
 // escaped there; this file writes text only (textContent).
 "use strict";
@@ -13,6 +13,23 @@
     line.textContent = text;
     box.replaceChildren(line);
   }
+
+  // Request bodies are JSON, as everywhere in the API (a form body is refused with 415);
+  // "ids" (the selected jobs' checkboxes) is always a list.
+  htmx.defineExtension("json-enc", {
+    onEvent: function (name, ev) {
+      if (name === "htmx:configRequest") ev.detail.headers["Content-Type"] = "application/json";
+    },
+    encodeParameters: function (xhr, parameters) {
+      xhr.overrideMimeType("text/json");
+      const body = {};
+      parameters.forEach(function (value, key) {
+        if (key === "ids") (body.ids = body.ids || []).push(value);
+        else body[key] = value;
+      });
+      return JSON.stringify(body);
+    },
+  });
 
   document.addEventListener("htmx:configRequest", function (ev) {
     // X-Requested-With: the gate's cross-site check when auth is off (a JSON body or this)
