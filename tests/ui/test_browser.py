@@ -19,7 +19,6 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import CLIENT_HEADERS
@@ -43,7 +42,7 @@ pytestmark = pytest.mark.skipif(
 class Page:
     """One browser tab on the dashboard of the API at ``base``."""
 
-    def __init__(self, driver: WebDriver, base: str, name: str) -> None:
+    def __init__(self, driver: webdriver.Chrome, base: str, name: str) -> None:
         self.driver = driver
         self.base = base
         self.name = name
@@ -130,7 +129,7 @@ def _status(api: httpx.Client, job_id: str, wanted: set[str], timeout: float = 6
     deadline = time.monotonic() + timeout
     status = ""
     while time.monotonic() < deadline:
-        status = api.get(f"/v1/jobs/{job_id}").json()["status"]
+        status = str(api.get(f"/v1/jobs/{job_id}").json()["status"])
         if status in wanted:
             return status
         time.sleep(0.1)
