@@ -85,7 +85,8 @@ class Page:
 
     def console_errors(self) -> list[str]:
         """The console's errors since the last call (reading the log empties it)."""
-        return [e["message"] for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+        entries: list[dict[str, Any]] = self.driver.get_log("browser")  # type: ignore[no-untyped-call]
+        return [str(e["message"]) for e in entries if e["level"] == "SEVERE"]
 
 
 @pytest.fixture
