@@ -206,6 +206,42 @@ async def test_job_part_shows_a_hostile_error_as_text(
     assert 'hx-trigger="every' not in part  # a finished job is not polled
 
 
+async def test_dlq_actions_take_json_and_refuse_what_selects_nothing(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
+) -> None:
+    spawn.worker([queue])
+    gate = tmp_path / "gate"
+    body = {"type": "test.gate", "queue": queue, "max_attempts": 1}
+    jobs = [await submit(client, {**body, "payload": {"path": str(gate)}}) for _ in range(3)]
+    for job in jobs:
+        await wait_for_status(client, job["id"], {"dead"}, timeout=60)
+    listed = (await client.get(f"/ui/part/jobs?queue={queue}&status=dead")).text
+    assert 'hx-confirm="Replay all 3 dead jobs matching this filter?"' in listed
+
+    replay = "/ui/part/dlq/replay"
+    form = await client.post(
+        replay,
+        content=f"ids={jobs[0]['id']}".encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert form.status_code == 415  # bodies are JSON, as on /v1
+    for bad in ({}, {"ids": ["nope"]}, {"all": "everything"}, {"all": "matching", "after": "x"}):
+        assert (await client.post(replay, json=bad)).status_code == 422, bad
+
+    removed = await client.post(f"/ui/part/dlq/{jobs[0]['id']}/remove", json={})
+    assert removed.status_code == 200 and "Removed job" in removed.text
+    again = await client.post(f"/ui/part/dlq/{jobs[0]['id']}/remove", json={})
+    assert again.status_code == 404
+    gate.touch()
+    picked = await client.post(replay, json={"ids": [jobs[0]["id"], jobs[1]["id"]]})
+    assert "Replayed 1 of 2 selected jobs." in picked.text  # the removed one is not in the DLQ
+    rest = await client.post(replay, json={"all": "matching", "queue": queue})
+    assert "Replayed 1 dead job matching the filter." in rest.text
+    for job in jobs[1:]:
+        await wait_for_status(client, job["id"], {"succeeded"}, timeout=60)
+    assert (await client.get(f"/v1/jobs/{jobs[0]['id']}")).json()["status"] == "dead"
+
+
 async def test_live_parts_share_one_snapshot(backends: Backends) -> None:
     settings = make_settings(backends, metrics_snapshot_seconds=60)
     async with served(settings) as (app, client):

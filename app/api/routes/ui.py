@@ -133,7 +133,7 @@ def _filter(
 
 
 def _matches(pattern: str, value: str) -> bool:
-    return re.fullmatch(pattern.strip("^$"), value) is not None
+    return re.fullmatch(pattern, value) is not None
 
 
 # -- pages ------------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ async def replay_many(
         created_after=f.created_after,
         created_before=f.created_before,
     )
-    return _done(f"Replayed {n} dead jobs matching the filter.")
+    return _done(f"Replayed {n} dead job{'' if n == 1 else 's'} matching the filter.")
 
 
 @parts.post("/queues/{queue}/{action}", response_class=HTMLResponse)
