@@ -14,6 +14,7 @@ from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.models import WorkerRow
+from app.flow import service as flow
 from app.jobs import queries
 from app.observe import history
 from app.observe.history import Point
@@ -50,6 +51,8 @@ class Snapshot:
     live: list[WorkerRow] = field(default_factory=list)  # the live workers, by name
     running: list[Row[tuple[object, ...]]] = field(default_factory=list)  # oldest first
     history: list[Point] = field(default_factory=list)  # the last hour (the dashboard)
+    paused: set[str] = field(default_factory=set)  # paused queues
+    controlled: set[str] = field(default_factory=set)  # queues with a pause or limits
     taken_at: float = 0.0  # monotonic
 
     @property
@@ -86,6 +89,10 @@ class Snapshots:
             self.refreshes += 1
             return self._current
 
+    def invalidate(self) -> None:
+        """The next :meth:`get` takes a new snapshot (after a change the dashboard made)."""
+        self._current = None
+
     def _fresh(self) -> Snapshot | None:
         current = self._current
         if current is not None and time.monotonic() - current.taken_at < self.max_age:
@@ -104,6 +111,9 @@ class Snapshots:
                 )
             live = await queries.live_workers(session, self.settings.claim_idle_seconds)
             snap.running = list(await session.execute(RUNNING, {"limit": RUNNING_SHOWN}))
+            controls = await flow.controls(session, "queue")
+        snap.controlled = set(controls)
+        snap.paused = {q for q, c in controls.items() if c.paused}
         snap.live = live
         snap.workers = len(live)
         snap.free_slots = sum(max(0, w.concurrency - w.in_flight) for w in live)

@@ -194,20 +194,16 @@ async def schedules_page(request: Request) -> HTMLResponse:
 
 
 @parts.get("/overview", response_class=HTMLResponse)
-async def overview(
-    request: Request, session: SessionDep, state: StateDep, _: PrincipalDep
-) -> HTMLResponse:
-    """From the cached snapshot (the one ``/metrics`` uses): no count query per tab."""
+async def overview(request: Request, state: StateDep, _: PrincipalDep) -> HTMLResponse:
+    """From the cached snapshot (the one ``/metrics`` uses): no query per tab."""
     assert state.snapshots is not None
     snap = await state.snapshots.get()
-    controls = await flow.controls(session, "queue")
-    queues = sorted({*snap.queues, *controls, *(q for w in snap.live for q in w.queues)})
+    queues = sorted({*snap.queues, *snap.controlled, *(q for w in snap.live for q in w.queues)})
     return _page(
         request,
         "part_overview.html",
         snap=snap,
         queues=queues,
-        paused={q for q, c in controls.items() if c.paused},
         age=state.snapshots.age() or 0.0,
         throughput=charts.chart(
             [(p.at, p.succeeded) for p in snap.history],
@@ -381,9 +377,12 @@ async def pause_queue(
     queue: QueueName,
     action: Annotated[str, PathParam(pattern="^(pause|resume)$")],
     session: SessionDep,
+    state: StateDep,
     _: AdminDep,
 ) -> HTMLResponse:
     await flow.set_paused(session, queue, action == "pause")
+    if state.snapshots is not None:  # this process's overview shows it at once
+        state.snapshots.invalidate()
     return _done(f"Queue {queue} {'paused' if action == 'pause' else 'resumed'}.")
 
 
