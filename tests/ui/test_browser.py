@@ -16,7 +16,11 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException, WebDriverException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -52,15 +56,33 @@ class Page:
         self.driver.get(self.base + path)
 
     def wait(self, what: Callable[[], Any], timeout: float = 60) -> Any:
-        """Poll ``what`` until it returns something truthy (a page part loads every few s)."""
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(lambda _: what())
+        """Poll ``what`` until it returns something truthy (a page part loads every few s;
+        an element that a refresh replaced meanwhile is looked up again)."""
+        return WebDriverWait(
+            self.driver,
+            timeout,
+            poll_frequency=0.2,
+            ignored_exceptions=(StaleElementReferenceException,),
+        ).until(lambda _: what())
 
     def text(self, css: str) -> str:
-        found = self.driver.find_elements(By.CSS_SELECTOR, css)
-        return found[0].text if found else ""
+        """The element's text, read again if a refresh replaced it while it was read."""
+        for _ in range(10):
+            try:
+                found = self.driver.find_elements(By.CSS_SELECTOR, css)
+                return found[0].text if found else ""
+            except StaleElementReferenceException:
+                continue
+        raise AssertionError(f"{css} kept being replaced")
 
-    def click(self, css: str) -> None:
-        self.wait(lambda: self.driver.find_elements(By.CSS_SELECTOR, css))[0].click()
+    def click(self, css: str, by: str = By.CSS_SELECTOR) -> None:
+        """Click it once found, again if a refresh replaced it before the click landed."""
+
+        def clicked() -> bool:
+            self.driver.find_element(by, css).click()
+            return True
+
+        self.wait(clicked)
 
     def confirm(self) -> str:
         """Accept the confirmation the click raised; its text."""
@@ -161,8 +183,8 @@ def test_find_a_job_by_id_and_open_a_dead_job(
     tab.open("/ui")
     tab.wait(lambda: queue in tab.text("#queues"))
     tab.wait(lambda: "1 workers live" in tab.text("#overview"))
-    row = tab.driver.find_element(By.XPATH, f"//table[@id='queues']//tr[td/a[text()='{queue}']]")
-    assert row.find_elements(By.TAG_NAME, "td")[5].text == "1"  # dead
+    dead_cell = f"//table[@id='queues']//tr[td/a[text()='{queue}']]/td[6]"
+    tab.wait(lambda: tab.driver.find_element(By.XPATH, dead_cell).text == "1")
     tab.shot("overview")
 
     # find the succeeded job by its id, from the search box of every page
@@ -263,7 +285,7 @@ def test_cancel_a_scheduled_job_and_pause_its_queue(
         tab.open("/ui")
         pause = f"//table[@id='queues']//tr[td/a[text()='{queue}']]//button"
         tab.wait(lambda: tab.driver.find_elements(By.XPATH, pause))
-        tab.driver.find_element(By.XPATH, pause).click()
+        tab.click(pause, By.XPATH)
         assert tab.confirm().startswith(f"Pause queue {queue}?")
         tab.wait(lambda: f"Queue {queue} paused" in tab.text("#message"))
         tab.wait(lambda: tab.driver.find_element(By.XPATH, pause).text == "Resume")
