@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.api import errors, openapi
@@ -16,7 +17,7 @@ from app.api.deps import AppState
 from app.api.gate import Gate, HostAllowList
 from app.api.limits import BodyLimits
 from app.api.ratelimit import RateLimiter
-from app.api.routes import dlq, flow, jobs, ops, schedules
+from app.api.routes import dlq, flow, jobs, ops, schedules, ui
 from app.db.engine import create_engine, create_session_factory
 from app.db.pool import create_pool
 from app.jobs import layout, lifecycle
@@ -143,6 +144,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(schedules.router)
     app.include_router(flow.router)
     app.include_router(ops.public)
+    app.include_router(ui.pages)
+    app.include_router(ui.parts)
+    app.mount("/ui/static", StaticFiles(directory=ui.STATIC), name="ui-static")
     app.add_middleware(BodyLimits, max_bytes=settings.max_payload_bytes)
     app.add_middleware(  # outermost: 400/401/415/422/429 before any body is read
         Gate,

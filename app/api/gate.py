@@ -3,14 +3,15 @@ before any route runs or any body is read. In order:
 
 1. ``Host`` must be one of ``CONVEYOR_ALLOWED_HOSTS`` (400; against DNS rebinding). The probes
    ``/healthz`` and ``/readyz`` are exempt: orchestrators call them by address.
-2. On ``/v1``: a missing or unknown API key is 401 (when keys are configured); the caller's
-   :class:`Principal` is left in the scope for the routes.
+2. On ``/v1`` and on the dashboard's data (``/ui/part/``; its pages and static files carry
+   no data and are open): a missing or unknown API key is 401 (when keys are configured);
+   the caller's :class:`Principal` is left in the scope for the routes.
 3. With auth off, a state-changing request (POST, PUT, PATCH, DELETE) must carry a JSON
    ``Content-Type`` or an ``X-Requested-With`` header (415): a cross-site page can send
    neither without a CORS preflight, which this API never grants, so it cannot cancel jobs or
    replay the DLQ through the browser of someone running Conveyor locally. (With auth on, the
    key header plays that part.)
-4. On ``/v1``: a query parameter given twice is 422; over the rate limit is 429.
+4. On those same paths: a query parameter given twice is 422; over the rate limit is 429.
 
 The body limits (:class:`app.api.limits.BodyLimits`) come next.
 """
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 PRINCIPAL = "conveyor.principal"  # the scope key of the caller's Principal
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PROBES = frozenset({"/healthz", "/readyz"})
+KEYED = ("/v1/", "/ui/part/")  # the paths that need a key (with ``/v1`` itself)
 _WANTED = frozenset({b"host", b"authorization", b"x-api-key", b"content-type", b"x-requested-with"})
 
 
@@ -130,7 +132,7 @@ class Gate:
                 " (CONVEYOR_ALLOWED_HOSTS lists them)",
                 code="bad_host",
             )
-        v1 = path == "/v1" or path.startswith("/v1/")
+        v1 = path == "/v1" or path.startswith(KEYED)
         if v1:
             scope[PRINCIPAL] = await self._principal(headers)
         if scope["method"] in STATE_CHANGING and not self.auth.enabled:

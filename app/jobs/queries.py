@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -173,6 +173,17 @@ async def list_dead(
     last = rows[-1] if rows else None
     nxt = Cursor(last.finished_at, last.id) if more and last and last.finished_at else None
     return rows, nxt
+
+
+async def count_dead(session: AsyncSession, f: JobFilter) -> int:
+    """How many jobs in the DLQ match the filter (its ``status`` is ignored)."""
+    stmt = _apply(
+        select(func.count()).where(
+            JobRow.status == JobStatus.DEAD.value, JobRow.dlq_removed_at.is_(None)
+        ),
+        replace(f, status=None),
+    )
+    return int(await session.scalar(stmt) or 0)
 
 
 async def in_dlq(session: AsyncSession, job_id: UUID) -> bool:

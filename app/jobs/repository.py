@@ -165,12 +165,15 @@ async def replay(
     ids: Sequence[UUID] | None = None,
     type: str | None = None,
     queue: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
     dead_before: datetime | None = None,
     limit: int = 500,
 ) -> list[JobRow]:
     """dead → queued with attempts reset and history kept. Two concurrent replays move it once.
 
     ``dead_before``: only jobs that went dead no later than this (Postgres clock).
+    ``created_after``/``created_before``: only jobs created in that range (bounds excluded).
     """
     where: list[str] = []
     params: dict[str, Any] = {"actor": actor, "limit": limit}
@@ -186,6 +189,12 @@ async def replay(
     if queue is not None:
         where.append("AND queue = :queue")
         params["queue"] = queue
+    if created_after is not None:
+        where.append("AND created_at > :created_after")
+        params["created_after"] = created_after
+    if created_before is not None:
+        where.append("AND created_at < :created_before")
+        params["created_before"] = created_before
     return await _jobs(session, _REPLAY.format(where=" ".join(where)), params)
 
 

@@ -298,11 +298,18 @@ class ReplayRequest(BaseModel):
     ids: list[UUID] | None = Field(default=None, max_length=5000)
     type: str | None = Field(default=None, pattern=TYPE_PATTERN)
     queue: str | None = Field(default=None, pattern=QUEUE_PATTERN)
+    created_after: UtcDatetime | None = Field(
+        default=None, description="Only jobs created after this (with a zone)."
+    )
+    created_before: UtcDatetime | None = Field(
+        default=None, description="Only jobs created before this (with a zone)."
+    )
 
     @model_validator(mode="after")
     def _some_selector(self) -> ReplayRequest:
-        if self.ids is None and self.type is None and self.queue is None:
-            raise ValueError("give ids, or a type and/or queue filter")
+        filters = (self.type, self.queue, self.created_after, self.created_before)
+        if self.ids is None and all(f is None for f in filters):
+            raise ValueError("give ids, or a filter: type, queue, created_after, created_before")
         return self
 
 

@@ -166,6 +166,8 @@ async def replay_many(
     ids: list[UUID] | None,
     type: str | None,
     queue: str | None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
 ) -> int:
     """Replay in chunks, each its own transaction, so a huge DLQ never holds one long lock.
 
@@ -182,6 +184,8 @@ async def replay_many(
             ids=chunk_ids,
             type=type,
             queue=queue,
+            created_after=created_after,
+            created_before=created_before,
             dead_before=dead_before,
             limit=REPLAY_CHUNK,
         )

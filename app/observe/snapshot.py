@@ -10,10 +10,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db.models import WorkerRow
+from app.flow import service as flow
 from app.jobs import queries
+from app.observe import history
+from app.observe.history import Point
 from app.settings import Settings
 from app.streams.client import StreamClient
 from app.streams.gauges import StreamStats, stream_stats
@@ -29,6 +33,13 @@ QUEUED_AGES = text(
 )
 
 
+RUNNING = text(
+    "SELECT id, type, queue, worker, owner, started_at FROM jobs WHERE status = 'running'"
+    " ORDER BY started_at LIMIT :limit"
+)
+RUNNING_SHOWN = 500  # the dashboard's workers page lists at most this many running jobs
+
+
 @dataclass
 class Snapshot:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # queue -> status -> n
@@ -37,6 +48,11 @@ class Snapshot:
     streams: dict[tuple[str, int], StreamStats] = field(default_factory=dict)  # (queue, band)
     workers: int = 0
     free_slots: int = 0
+    live: list[WorkerRow] = field(default_factory=list)  # the live workers, by name
+    running: list[Row[tuple[object, ...]]] = field(default_factory=list)  # oldest first
+    history: list[Point] = field(default_factory=list)  # the last hour (the dashboard)
+    paused: set[str] = field(default_factory=set)  # paused queues
+    controlled: set[str] = field(default_factory=set)  # queues with a pause or limits
     taken_at: float = 0.0  # monotonic
 
     @property
@@ -73,6 +89,10 @@ class Snapshots:
             self.refreshes += 1
             return self._current
 
+    def invalidate(self) -> None:
+        """The next :meth:`get` takes a new snapshot (after a change the dashboard made)."""
+        self._current = None
+
     def _fresh(self) -> Snapshot | None:
         current = self._current
         if current is not None and time.monotonic() - current.taken_at < self.max_age:
@@ -90,10 +110,16 @@ class Snapshots:
                     max(0.0, row.oldest_undispatched or 0.0),
                 )
             live = await queries.live_workers(session, self.settings.claim_idle_seconds)
+            snap.running = list(await session.execute(RUNNING, {"limit": RUNNING_SHOWN}))
+            controls = await flow.controls(session, "queue")
+        snap.controlled = set(controls)
+        snap.paused = {q for q, c in controls.items() if c.paused}
+        snap.live = live
         snap.workers = len(live)
         snap.free_slots = sum(max(0, w.concurrency - w.in_flight) for w in live)
         served = {q for w in live for q in w.queues}
         await self._streams(snap, sorted({*snap.counts, *served}))
+        snap.history = await history.record_and_read(self.stream, time.time())
         snap.taken_at = time.monotonic()
         return snap
 

@@ -68,6 +68,11 @@ class Keys:
     def metrics(self) -> str:
         return f"{self.prefix}:metrics"
 
+    def history(self, minute: int) -> str:
+        """The tallies' totals as first seen in one minute (since the epoch): the dashboard's
+        per-minute charts are their differences. One hash slot for all (one MGET on a cluster)."""
+        return f"{{{self.prefix}:history}}:{minute}"
+
     def rate_limit(self, principal: str) -> str:
         return f"{self.prefix}:rl:{principal}"
 

@@ -30,5 +30,17 @@ async def read(stream: StreamClient) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in raw.items()}
 
 
+async def mark_minute(stream: StreamClient, minute: int, value: str, ttl: int) -> None:
+    """Keep ``value`` as the minute's sample unless one is kept already (the first wins)."""
+    await stream.redis.set(stream.keys.history(minute), value, nx=True, ex=ttl)
+
+
+async def minutes(stream: StreamClient, first: int, last: int) -> dict[int, str]:
+    """The samples kept for the minutes ``first..last``, in one MGET."""
+    span = list(range(first, last + 1))
+    values = await stream.redis.mget([stream.keys.history(m) for m in span])
+    return {m: _text(v) for m, v in zip(span, values, strict=True) if v is not None}
+
+
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value

@@ -187,6 +187,42 @@ async def test_bulk_replay_by_ids_and_by_type(
     assert empty.status_code == 422
 
 
+async def test_bulk_replay_by_creation_time(
+    admin: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
+) -> None:
+    """`created_after` and `created_before` narrow a filter (bounds excluded), as in the
+    listing; they are what the dashboard's "replay all matching" sends for its time range."""
+    spawn.worker([queue], concurrency=4)
+    gate = tmp_path / "gate"
+    early = [await _dead_job(admin, queue, gate) for _ in range(2)]
+    late = [await _dead_job(admin, queue, gate) for _ in range(2)]
+    gate.touch()
+
+    after = await admin.post(
+        "/v1/dlq/replay", json={"queue": queue, "created_after": early[-1]["created_at"]}
+    )
+    assert after.status_code == 202, after.text
+    assert after.json() == {"replayed": 2}
+    for job in late:
+        await wait_for_status(admin, job["id"], {"succeeded"}, timeout=30)
+    assert await _dlq_ids(admin, queue) == {j["id"] for j in early}
+
+    none_before = await admin.post(
+        "/v1/dlq/replay", json={"queue": queue, "created_before": early[0]["created_at"]}
+    )
+    assert none_before.json() == {"replayed": 0}
+    before = await admin.post(
+        "/v1/dlq/replay", json={"created_before": late[0]["created_at"], "queue": queue}
+    )
+    assert before.json() == {"replayed": 2}
+    for job in early:
+        await wait_for_status(admin, job["id"], {"succeeded"}, timeout=30)
+
+    for bad in ("yesterday", "2026-01-01T00:00:00", 5):
+        refused = await admin.post("/v1/dlq/replay", json={"created_after": bad})
+        assert refused.status_code == 422, bad
+
+
 async def test_delete_takes_a_job_out_of_the_dlq_and_keeps_it_dead(
     admin: httpx.AsyncClient, spawn: Spawner, queue: str, tmp_path: Path
 ) -> None:

@@ -49,9 +49,18 @@ async def list_dead(
 async def replay_many(
     body: ReplayRequest, session: SessionDep, dispatcher: DispatcherDep, principal: AdminDep
 ) -> ReplayResult:
-    """Replay dead jobs by `ids`, or all matching `type` and/or `queue`."""
+    """Replay dead jobs by `ids`, or all matching a filter: `type`, `queue`, and a range of
+    creation times (`created_after`, `created_before`); the filters combine. Only jobs dead
+    when the request began are replayed. `replayed` counts those queued again."""
     n = await service.replay_many(
-        session, dispatcher, principal, ids=body.ids, type=body.type, queue=body.queue
+        session,
+        dispatcher,
+        principal,
+        ids=body.ids,
+        type=body.type,
+        queue=body.queue,
+        created_after=body.created_after,
+        created_before=body.created_before,
     )
     return ReplayResult(replayed=n)
 

@@ -1,12 +1,11 @@
-"""Operations: queues, workers, job types, health, readiness, metrics, dashboard."""
+"""Operations: queues, workers, job types, health, readiness, metrics."""
 
 from __future__ import annotations
 
 import asyncio
-from importlib import resources
 
 from fastapi import APIRouter, Response
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from app.api.deps import PrincipalDep, SessionDep, StateDep
 from app.api.errors import ERRORS
@@ -26,7 +25,7 @@ from app.jobs.schemas import (
 from app.observe import exposition
 
 router = APIRouter(tags=["operations"])  # /v1: needs a key, rate limited
-public = APIRouter(tags=["operations"])  # health, readiness, metrics, dashboard: open
+public = APIRouter(tags=["operations"])  # health, readiness, metrics: open
 READY_TIMEOUT = 1.5
 
 
@@ -122,9 +121,3 @@ async def metrics(state: StateDep) -> Response:
     assert state.snapshots is not None
     body, content_type = await exposition.scrape(state.stream, state.snapshots)
     return Response(body, media_type=content_type)
-
-
-@public.get("/ui", response_class=HTMLResponse, include_in_schema=False)
-async def dashboard() -> HTMLResponse:
-    page = resources.files("app").joinpath("ui", "index.html").read_text()
-    return HTMLResponse(page)
