@@ -26,6 +26,7 @@ from app.jobs.layout import Layout
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.watch import Watch
 from app.logs import configure as configure_logging
+from app.observe import tracing
 from app.observe.alerts import Alerts
 from app.observe.http import HttpMetrics
 from app.observe.snapshot import Snapshots
@@ -101,6 +102,7 @@ def _lifespan(
             await stream.close()
             await pool.close()
             await engine.dispose()
+            tracing.shutdown()
 
     return lifespan
 
@@ -126,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     server = not logging.getLogger().handlers  # a server process (`conveyor api`), not a test
     if server:
         configure_logging(settings.log_level, settings.log_format or "json")
+        tracing.setup("conveyor-api")  # off unless the OTEL_* variables ask for it
     registry = load_handlers(settings.handler_module_list)
     lifecycle.install(settings, registry)
     auth = Authenticator(parse_keys(settings.api_keys))
@@ -153,4 +156,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(HttpMetrics, templates=lambda: app.openapi().get("paths", {}))  # outermost
     app.openapi = lambda: openapi.build(app, registry, auth.enabled)  # type: ignore[method-assign]
+    tracing.instrument_api(app)  # when tracing is on: the request's span is outermost
     return app
