@@ -67,27 +67,38 @@ def _lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings, pre_ping=False)
-        sessions = create_session_factory(engine)
-        stream = StreamClient(
-            create_redis(settings), Keys(settings.redis_prefix), maxlen=settings.stream_maxlen
-        )
-        await stream.warn_unless_noeviction()
-        layout_check = await layout.guard(sessions, Layout.of(settings))
-        dispatcher = Dispatcher(stream, sessions, settings.partitions)
-        dispatcher.start()
-        pool = await create_pool(settings)
-        intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
-        auth.bind(sessions)
-        watch = _watch(settings, sessions, stream)
-        watch.start()
-        snapshots = Snapshots(sessions, stream, settings)
-        app.state.conveyor = AppState(
-            settings, engine, sessions, stream, dispatcher, registry, auth, intake, watch, snapshots
-        )
-        TALLY.start(stream)
-        alerts = Alerts(sessions, settings)
-        alerting = alerts.start()
+        # background loops (dispatch confirmations, counters, waits, alerts): untraced
+        with tracing.quiet():
+            engine = create_engine(settings, pre_ping=False)
+            sessions = create_session_factory(engine)
+            stream = StreamClient(
+                create_redis(settings), Keys(settings.redis_prefix), maxlen=settings.stream_maxlen
+            )
+            await stream.warn_unless_noeviction()
+            layout_check = await layout.guard(sessions, Layout.of(settings))
+            dispatcher = Dispatcher(stream, sessions, settings.partitions)
+            dispatcher.start()
+            pool = await create_pool(settings)
+            intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
+            auth.bind(sessions)
+            watch = _watch(settings, sessions, stream)
+            watch.start()
+            snapshots = Snapshots(sessions, stream, settings)
+            app.state.conveyor = AppState(
+                settings,
+                engine,
+                sessions,
+                stream,
+                dispatcher,
+                registry,
+                auth,
+                intake,
+                watch,
+                snapshots,
+            )
+            TALLY.start(stream)
+            alerts = Alerts(sessions, settings)
+            alerting = alerts.start()
         if server:
             settle_gc()
         try:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,19 @@ def _instrumentor(name: str) -> Any:
     except ImportError:
         return None
     raise ValueError(f"no instrumentation for {name!r}")
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Tasks started in this block trace nothing: the statements of background loops would
+    each be a root span with nothing to say."""
+    if _STATE.provider is None:
+        yield
+        return
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    with suppress_instrumentation():
+        yield
 
 
 # -- spans ----------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ spans of the API and a worker that run in this process."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +30,7 @@ from app.settings import Settings
 from app.streams.keys import Keys
 from tests.conftest import CLIENT_HEADERS, Backends, make_settings, wait_for_status
 from tests.support.db import fetch
+from tests.support.processes import Spawner
 from workers.context import WorkerConfig
 from workers.runner import Worker
 
@@ -258,3 +261,44 @@ def test_without_the_extra_tracing_stays_off_with_a_warning(
         assert tracing.setup("conveyor-test") is False
     assert not tracing.enabled()
     assert "pip install 'conveyor[otel]'" in caplog.text
+
+
+def _spans_in(text: str) -> list[dict[str, Any]]:
+    """The spans the console exporter printed (pretty JSON objects) among the log lines."""
+    decoder = json.JSONDecoder()
+    found = []
+    at = text.find('{\n    "name"')
+    while at != -1:
+        span, end = decoder.raw_decode(text, at)
+        found.append(span)
+        at = text.find('{\n    "name"', end)
+    return found
+
+
+def test_real_processes_export_one_trace(spawn: Spawner, settings: Settings, queue: str) -> None:
+    """``conveyor api`` and ``conveyor worker`` set tracing up from the standard variables
+    alone (the console exporter here) and flush at exit."""
+    api, url = spawn.api(OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="100")
+    worker = spawn.worker([queue], OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="100")
+    answer = httpx.post(f"{url}/v1/jobs", json={"type": "demo.echo", "queue": queue}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["status"] != "succeeded":
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.1)
+    api.stop()  # uvicorn ends by re-raising SIGTERM; the lifespan flushed the spans before
+    assert worker.stop() == 0
+    api_spans, worker_spans = _spans_in(api.output()), _spans_in(worker.output())
+    [submit] = [s for s in api_spans if s["name"] == "submit demo.echo"]
+    [attempt] = [s for s in worker_spans if s["name"] == "process demo.echo"]
+    assert submit["resource"]["attributes"]["service.name"] == "conveyor-api"
+    assert attempt["resource"]["attributes"]["service.name"] == "conveyor-worker"
+    assert attempt["context"]["trace_id"] == submit["context"]["trace_id"]
+    assert attempt["parent_id"] == submit["context"]["span_id"]
+    assert attempt["attributes"]["conveyor.job.id"] == job_id
+    assert any(s["kind"] == "SpanKind.SERVER" and s["name"] == "POST /v1/jobs" for s in api_spans)
+    # the background loops (counters, confirmations, waits) trace nothing: every span is of
+    # the request's trace or of a request the API excludes (/healthz: the spawner's readiness)
+    roots = [s["name"] for s in api_spans if s["parent_id"] is None]
+    assert set(roots) <= {"POST /v1/jobs", "GET /v1/jobs/{job_id}"}, roots
