@@ -277,7 +277,8 @@ class Reader:
             job.id, job.type, job.queue, job.attempt, self.ctx.name, job.traceparent
         ) as span:
             completion = await self._execute(entry)
-            span.outcome(*outcome_of(completion))
+            if span is not tracing.OFF:
+                span.outcome(*outcome_of(completion))
         report(self.reporter, entry, completion)
 
     async def _execute(self, entry: Running) -> Completion:
