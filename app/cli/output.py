@@ -30,6 +30,7 @@ from rich.table import Table
 
 Render = Callable[[Any], Table]
 MAX_CELL = 60  # characters of an error or result shown in a cell
+WIDE = 1000  # columns of a table that does not go to a terminal
 
 
 def add_output_option(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +49,10 @@ def wants_table(args: argparse.Namespace) -> bool:
 
 
 def stdout() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    """Standard output; a table written to a pipe or a file keeps its natural width (a
+    terminal's width bounds it)."""
+    width = None if sys.stdout.isatty() else WIDE
+    return Console(highlight=False, soft_wrap=False, width=width)
 
 
 def show(response: httpx.Response, args: argparse.Namespace, render: Render | None = None) -> int:
@@ -183,6 +187,8 @@ def jobs_table(body: Mapping[str, Any]) -> Table:
         )
     if body.get("next_cursor"):
         table.caption = "more: --cursor " + body["next_cursor"]
+    elif not body.get("items"):
+        table.caption = "none"
     return table
 
 
