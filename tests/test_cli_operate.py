@@ -65,6 +65,17 @@ def conveyor_tty(*args: str, timeout: float = 120, **env: str) -> tuple[int, str
     return code, ANSI.sub("", b"".join(chunks).decode(errors="replace"))
 
 
+def wait_worker(url: str, name: str) -> None:
+    """Until the worker is registered (on a busy machine its start can take a while)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        items = httpx.get(f"{url}/v1/workers", timeout=10).json()["items"]
+        if any(w["name"] == name for w in items):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"worker {name} never registered")
+
+
 def wait_counts(url: str, queue: str, **want: int) -> dict[str, Any]:
     deadline = time.monotonic() + 90
     stats: dict[str, Any] = {}
@@ -79,6 +90,7 @@ def wait_counts(url: str, queue: str, **want: int) -> dict[str, Any]:
 
 def test_tables_on_a_terminal_json_in_a_pipe(api_url: str, spawn: Spawner, queue: str) -> None:
     spawn.worker([queue], name=f"tables-{queue}")
+    wait_worker(api_url, f"tables-{queue}")
     code, screen = conveyor_tty(
         "submit", "demo.echo", "--payload", '{"n": 7}', "--queue", queue, "--wait",
         CONVEYOR_URL=api_url,
@@ -123,7 +135,8 @@ def _dead_batch(url: str, queue: str, n: int, until: datetime) -> list[str]:
 def test_dlq_replay_all_shows_progress_and_the_jobs_succeed(
     api_url: str, spawn: Spawner, queue: str
 ) -> None:
-    spawn.worker([queue], concurrency=16)
+    spawn.worker([queue], concurrency=16, name=f"replay-{queue}")
+    wait_worker(api_url, f"replay-{queue}")
     until = datetime.now(UTC) + timedelta(seconds=6)
     ids = _dead_batch(api_url, queue, 30, until)
     wait_counts(api_url, queue, dead=30)
@@ -151,7 +164,8 @@ def test_dlq_replay_all_shows_progress_and_the_jobs_succeed(
 
 
 def test_submit_many_and_wait_with_progress(api_url: str, spawn: Spawner, queue: str) -> None:
-    spawn.worker([queue], concurrency=16)
+    spawn.worker([queue], concurrency=16, name=f"many-{queue}")
+    wait_worker(api_url, f"many-{queue}")
     code, screen = conveyor_tty(
         "submit", "demo.echo", "--queue", queue, "--count", "40", "--wait", CONVEYOR_URL=api_url
     )
@@ -173,10 +187,13 @@ def test_submit_many_and_wait_with_progress(api_url: str, spawn: Spawner, queue:
 
 def test_top_shows_counts_and_rates(api_url: str, spawn: Spawner, queue: str) -> None:
     spawn.worker([queue], concurrency=8, name=f"top-{queue}")
+    wait_worker(api_url, f"top-{queue}")
     paused = f"{queue}-p"
-    httpx.post(f"{api_url}/v1/queues/{paused}/pause", headers={"X-Requested-With": "t"})
+    pause = httpx.post(f"{api_url}/v1/queues/{paused}/pause", headers={"X-Requested-With": "t"})
+    assert pause.status_code == 200, pause.text
     for _ in range(3):
-        httpx.post(f"{api_url}/v1/jobs", json={"type": "demo.echo", "queue": paused})
+        held = httpx.post(f"{api_url}/v1/jobs", json={"type": "demo.echo", "queue": paused})
+        assert held.status_code == 202, held.text
     stop = threading.Event()
 
     def produce() -> None:  # submissions all through top's two samples
