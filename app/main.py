@@ -104,15 +104,16 @@ def _lifespan(
         try:
             yield
         finally:
-            await watch.stop()
-            await layout.stop(layout_check)
-            await alerts.stop(alerting)
-            await intake.close()
-            await TALLY.stop()
-            await dispatcher.stop()
-            await stream.close()
-            await pool.close()
-            await engine.dispose()
+            with tracing.quiet():  # the last flushes of counters and confirmations
+                await watch.stop()
+                await layout.stop(layout_check)
+                await alerts.stop(alerting)
+                await intake.close()
+                await TALLY.stop()
+                await dispatcher.stop()
+                await stream.close()
+                await pool.close()
+                await engine.dispose()
             tracing.shutdown()
 
     return lifespan

@@ -109,13 +109,18 @@ def _exporters() -> list[SpanExporter]:
     found: list[SpanExporter] = []
     for raw in (os.environ.get("OTEL_TRACES_EXPORTER") or "otlp").split(","):
         name = raw.strip()
+        if name in ("", "none"):
+            continue
         if name == "otlp":
             name = _OTLP_BY_PROTOCOL.get(protocol, "otlp_proto_http")
         points = entry_points(group="opentelemetry_traces_exporter", name=name)
         if not points:
             log.warning("no trace exporter %r is installed; skipped", name)
             continue
-        found.append(next(iter(points)).load()())
+        try:
+            found.append(next(iter(points)).load()())
+        except Exception as exc:  # a bad OTEL_* value must not keep the service from starting
+            log.warning("trace exporter %r could not start: %s; skipped", name, exc)
     return found
 
 

@@ -252,6 +252,25 @@ def test_setup_follows_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -
     assert tracing.setup("conveyor-test") is False and not tracing.enabled()
 
 
+def test_an_unknown_exporter_is_skipped_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "no_such_exporter,console")
+    with caplog.at_level("WARNING", logger="app.observe.tracing"):
+        exporters = tracing._exporters()
+    assert [type(e).__name__ for e in exporters] == ["ConsoleSpanExporter"]
+    assert "no trace exporter 'no_such_exporter'" in caplog.text
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    assert [type(e).__module__ for e in tracing._exporters()] == [
+        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
+    ]
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+    assert [type(e).__module__ for e in tracing._exporters()] == [
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+    ]
+
+
 def test_without_the_extra_tracing_stays_off_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
