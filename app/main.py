@@ -27,6 +27,7 @@ from app.jobs.layout import Layout
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.watch import Watch
 from app.logs import configure as configure_logging
+from app.observe import tracing
 from app.observe.alerts import Alerts
 from app.observe.http import HttpMetrics
 from app.observe.snapshot import Snapshots
@@ -67,41 +68,54 @@ def _lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings, pre_ping=False)
-        sessions = create_session_factory(engine)
-        stream = StreamClient(
-            create_redis(settings), Keys(settings.redis_prefix), maxlen=settings.stream_maxlen
-        )
-        await stream.warn_unless_noeviction()
-        layout_check = await layout.guard(sessions, Layout.of(settings))
-        dispatcher = Dispatcher(stream, sessions, settings.partitions)
-        dispatcher.start()
-        pool = await create_pool(settings)
-        intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
-        auth.bind(sessions)
-        watch = _watch(settings, sessions, stream)
-        watch.start()
-        snapshots = Snapshots(sessions, stream, settings)
-        app.state.conveyor = AppState(
-            settings, engine, sessions, stream, dispatcher, registry, auth, intake, watch, snapshots
-        )
-        TALLY.start(stream)
-        alerts = Alerts(sessions, settings)
-        alerting = alerts.start()
+        # background loops (dispatch confirmations, counters, waits, alerts): untraced
+        with tracing.quiet():
+            engine = create_engine(settings, pre_ping=False)
+            sessions = create_session_factory(engine)
+            stream = StreamClient(
+                create_redis(settings), Keys(settings.redis_prefix), maxlen=settings.stream_maxlen
+            )
+            await stream.warn_unless_noeviction()
+            layout_check = await layout.guard(sessions, Layout.of(settings))
+            dispatcher = Dispatcher(stream, sessions, settings.partitions)
+            dispatcher.start()
+            pool = await create_pool(settings)
+            intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
+            auth.bind(sessions)
+            watch = _watch(settings, sessions, stream)
+            watch.start()
+            snapshots = Snapshots(sessions, stream, settings)
+            app.state.conveyor = AppState(
+                settings,
+                engine,
+                sessions,
+                stream,
+                dispatcher,
+                registry,
+                auth,
+                intake,
+                watch,
+                snapshots,
+            )
+            TALLY.start(stream)
+            alerts = Alerts(sessions, settings)
+            alerting = alerts.start()
         if server:
             settle_gc()
         try:
             yield
         finally:
-            await watch.stop()
-            await layout.stop(layout_check)
-            await alerts.stop(alerting)
-            await intake.close()
-            await TALLY.stop()
-            await dispatcher.stop()
-            await stream.close()
-            await pool.close()
-            await engine.dispose()
+            with tracing.quiet():  # the last flushes of counters and confirmations
+                await watch.stop()
+                await layout.stop(layout_check)
+                await alerts.stop(alerting)
+                await intake.close()
+                await TALLY.stop()
+                await dispatcher.stop()
+                await stream.close()
+                await pool.close()
+                await engine.dispose()
+            tracing.shutdown()
 
     return lifespan
 
@@ -127,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     server = not logging.getLogger().handlers  # a server process (`conveyor api`), not a test
     if server:
         configure_logging(settings.log_level, settings.log_format or "json")
+        tracing.setup("conveyor-api")  # off unless the OTEL_* variables ask for it
     registry = load_handlers(settings.handler_module_list)
     lifecycle.install(settings, registry)
     auth = Authenticator(parse_keys(settings.api_keys))
@@ -157,4 +172,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(HttpMetrics, templates=lambda: app.openapi().get("paths", {}))  # outermost
     app.openapi = lambda: openapi.build(app, registry, auth.enabled)  # type: ignore[method-assign]
+    tracing.instrument_api(app)  # when tracing is on: the request's span is outermost
     return app

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from app.jobs.layout import LayoutMismatch
 from app.jobs.workers_table import NameInUse
 from app.logs import configure
+from app.observe import tracing
 from app.settings import get_settings
 from workers import shutdown
 from workers.context import WorkerConfig, default_name
@@ -80,6 +81,8 @@ def run_worker(
         print(f"--name {problem}", file=sys.stderr)
         return shutdown.EXIT_USAGE
     config = WorkerConfig(queues, concurrency, name or default_name(), metrics_port)
+    if tracing.setup("conveyor-worker"):  # off unless the OTEL_* variables ask for it
+        tracing.instrument_libraries("httpx")  # handlers' calls; the worker's own SQL is not
     worker = Worker(settings, config)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -90,6 +93,8 @@ def run_worker(
     except LayoutMismatch as exc:
         print(f"conveyor worker: {exc}", file=sys.stderr)
         return shutdown.EXIT_USAGE
+    finally:
+        tracing.shutdown()
 
 
 def main() -> int:

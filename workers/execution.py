@@ -123,6 +123,22 @@ async def execute(
     return Completion(job.id, job.token, result)
 
 
+def outcome_of(completion: Completion) -> tuple[str, str | None]:
+    """How an attempt ended, as its span shows it: a name, and the error if it failed."""
+    error = completion.error
+    if completion.cancelled:
+        return "cancelled", None
+    if completion.unknown_type:
+        return "unknown_type", None
+    if completion.defer_seconds is not None:
+        return "deferred", None
+    if error is None:
+        return "succeeded", None
+    if error["type"] == "Timeout":
+        return "timeout", "timeout"
+    return "failed", error["error"]
+
+
 def _result(value: Any) -> str:
     """The handler's return value as storable JSON text; NaN, Infinity and non-JSON types
     fail."""

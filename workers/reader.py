@@ -20,16 +20,17 @@ import asyncpg
 
 from app.flow import claim as flow
 from app.jobs import attempts, marks
-from app.jobs.attempts import Claim
+from app.jobs.attempts import Claim, Completion
 from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
+from app.observe import tracing
 from app.streams.client import Delivery
 from workers import telemetry
 from workers.cancellation import report
 from workers.context import Attempt, Running, WorkerContext
 from workers.controls import Controls, Resender
-from workers.execution import cancelled, execute
+from workers.execution import cancelled, execute, outcome_of
 from workers.maintenance import Maintenance
 from workers.progress import ProgressWriter
 from workers.reporter import Reporter
@@ -271,6 +272,16 @@ class Reader:
         log.info("handed back %d job(s) claimed during shutdown", len(released))
 
     async def _run(self, entry: Running) -> None:
+        job = entry.job
+        with tracing.attempt(
+            job.id, job.type, job.queue, job.attempt, self.ctx.name, job.traceparent
+        ) as span:
+            completion = await self._execute(entry)
+            if span is not tracing.OFF:
+                span.outcome(*outcome_of(completion))
+        report(self.reporter, entry, completion)
+
+    async def _execute(self, entry: Running) -> Completion:
         try:
             completion = await execute(
                 entry.job,
@@ -284,13 +295,12 @@ class Reader:
             self.progress.discard(entry.attempt)
             if not entry.cancel.is_set():
                 raise  # shutdown: the attempt is handed back
-            completion = cancelled(entry.job)
-        else:
-            self.progress.discard(entry.attempt)
-            task = asyncio.current_task()
-            if entry.cancel.is_set() and task is not None and task.cancelling():
-                completion = cancelled(entry.job)  # it caught the cancellation and returned
-        report(self.reporter, entry, completion)
+            return cancelled(entry.job)
+        self.progress.discard(entry.attempt)
+        task = asyncio.current_task()
+        if entry.cancel.is_set() and task is not None and task.cancelling():
+            return cancelled(entry.job)  # it caught the cancellation and returned
+        return completion
 
     # -- handing back on shutdown ------------------------------------------------------------------
 

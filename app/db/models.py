@@ -136,6 +136,9 @@ class JobRow(Base):
     callback_last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     callback_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     callback_turn: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The W3C traceparent of the submission's span, when tracing is on (ADR 0022): every
+    # attempt's span is its child.
+    traceparent: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         CheckConstraint(f"status IN {ALL_SQL}", name="status_valid"),

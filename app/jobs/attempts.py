@@ -53,6 +53,7 @@ class Claim:
     max_attempts: int
     timeout_seconds: float | None
     payload: str  # JSON text
+    traceparent: str | None = None  # the submission's trace context (ADR 0022)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,7 @@ WITH locked AS (
         unique_until = NULL, progress = NULL
     FROM locked WHERE j.id = locked.id AND j.status = 'queued'
     RETURNING j.id, j.claim_token, j.attempts, j.type, j.queue, j.max_attempts,
-        j.timeout_seconds, j.payload::text AS payload
+        j.timeout_seconds, j.payload::text AS payload, j.traceparent
 ), ev AS (
     INSERT INTO job_events (job_id, event, attempt, worker)
     SELECT id, 'claimed', attempts, $2 FROM claimed

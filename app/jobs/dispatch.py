@@ -58,7 +58,10 @@ class Dispatcher:
         bound wait)."""
         if not targets:
             return {}
-        return await self.stream.dispatch([(self.stream_of(t), t.id) for t in targets])
+        traced = {t.id: t.traceparent for t in targets if t.traceparent}
+        return await self.stream.dispatch(
+            [(self.stream_of(t), t.id) for t in targets], traced or None
+        )
 
     async def send_and_confirm(self, session: AsyncSession, targets: Sequence[Target]) -> set[UUID]:
         """Send jobs that were already ``queued`` when the caller's transaction began (and that

@@ -31,7 +31,8 @@ INSERT = """
 WITH ins AS (
     INSERT INTO jobs (id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
                       idempotency_key, idempotency_scope, request_hash, owner, run_at,
-                      enqueued_at, unique_key, unique_until, callback_url)
+                      enqueued_at, unique_key, unique_until, callback_url,
+                      traceparent)
     SELECT r.id, r.type, r.queue, r.status, r.priority, CAST(r.payload AS jsonb),
            r.max_attempts, r.timeout_seconds, r.idempotency_key, r.idempotency_scope,
            r.request_hash, r.owner, coalesce(r.run_at, now()),
@@ -39,13 +40,14 @@ WITH ins AS (
            CASE WHEN r.unique_key IS NULL THEN NULL
                 WHEN r.unique_for IS NULL THEN CAST('infinity' AS timestamptz)
                 ELSE now() + make_interval(secs => r.unique_for) END,
-           r.callback_url
+           r.callback_url, r.traceparent
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
                 $7::int[], $8::float8[], $9::text[], $10::text[], $11::text[], $12::text[],
-                $13::timestamptz[], $14::text[], $15::float8[], $16::text[]) WITH ORDINALITY
+                $13::timestamptz[], $14::text[], $15::float8[], $16::text[],
+                $17::text[]) WITH ORDINALITY
         AS r(id, type, queue, status, priority, payload, max_attempts, timeout_seconds,
              idempotency_key, idempotency_scope, request_hash, owner, run_at, unique_key,
-             unique_for, callback_url, ord)
+             unique_for, callback_url, traceparent, ord)
     ORDER BY r.ord
     -- any unique index: the idempotency key (uq_jobs_idempotency) or the debounce key of a
     -- waiting job (uq_jobs_unique_waiting); resolve() tells which
@@ -127,6 +129,7 @@ def columns(jobs: Sequence[NewJob]) -> list[list[Any]]:
         [j.unique_key for j in jobs],
         [j.unique_for_seconds for j in jobs],
         [j.callback_url for j in jobs],
+        [j.traceparent for j in jobs],
     ]
 
 

@@ -155,7 +155,7 @@ class Intake:
     async def _dispatch(self, answers: Sequence[Submitted]) -> None:
         """XADD the queued jobs made now (scheduled ones are sent when due); never raises."""
         targets = [
-            Target(a.new.id, a.new.queue, a.new.priority)
+            Target(a.new.id, a.new.queue, a.new.priority, a.new.traceparent)
             for a in answers
             if a.created and a.new is not None and a.new.status == JobStatus.QUEUED
         ]

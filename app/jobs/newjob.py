@@ -44,6 +44,7 @@ class NewJob:
     unique_key: str | None = None  # debounce: one waiting job per (scope, type, unique_key)
     unique_for_seconds: float | None = None  # how long the key holds (None: until it starts)
     callback_url: str | None = None
+    traceparent: str | None = None  # the submission's span, when tracing is on (ADR 0022)
 
 
 def dump_json(value: Any) -> str:
@@ -97,7 +98,13 @@ def parse(item: object) -> JobCreate:
         raise InvalidInput("invalid job", details=details) from exc
 
 
-def new_job(item: JobCreate, registry: Registry, principal: Principal, now: datetime) -> NewJob:
+def new_job(
+    item: JobCreate,
+    registry: Registry,
+    principal: Principal,
+    now: datetime,
+    traceparent: str | None = None,
+) -> NewJob:
     """Validate the payload against its type and resolve the schedule; raises InvalidInput."""
     payload = registry.get(item.type).validate(item.payload).model_dump(mode="json")
     lifecycle.current().check_callback(item.callback_url)
@@ -123,4 +130,5 @@ def new_job(item: JobCreate, registry: Registry, principal: Principal, now: date
         unique_key=item.unique_key,
         unique_for_seconds=item.unique_for_seconds,
         callback_url=item.callback_url,
+        traceparent=traceparent,
     )

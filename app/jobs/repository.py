@@ -36,6 +36,7 @@ class Target:
     id: UUID
     queue: str
     priority: int
+    traceparent: str | None = None  # carried in the entry (field ``tp``) when tracing is on
 
 
 async def _jobs(session: AsyncSession, sql: str, params: dict[str, Any]) -> list[JobRow]:

@@ -22,7 +22,7 @@ from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.schemas import JobCreate
 from app.jobs.status import CANCELLABLE, JobStatus
-from app.observe import families
+from app.observe import families, tracing
 from app.observe.tally import TALLY
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,13 @@ async def submit(
     intake: Intake, registry: Registry, item: JobCreate, principal: Principal
 ) -> Submitted:
     """Validate one job, then insert it with whatever else is being submitted (group commit),
-    commit, and XADD it. Bad input is a 422 before the job joins a group."""
-    return await intake.submit(new_job(item, registry, principal, datetime.now(UTC)))
+    commit, and XADD it. Bad input is a 422 before the job joins a group. With tracing on, in
+    a span whose context the job keeps."""
+    with tracing.submitting(item.type, item.queue) as span:
+        job = new_job(item, registry, principal, datetime.now(UTC), span.traceparent)
+        answer = await intake.submit(job)
+        span.submitted([answer.id])
+    return answer
 
 
 async def submit_batch(
@@ -61,13 +66,15 @@ async def submit_batch(
     positions return it); with different requests, both indexes are named in the 422. The
     unique index on (scope, idempotency key) decides between concurrent repeats.
     """
-    jobs, positions = _new_jobs(items, registry, principal)
-    answers = await intake.submit_batch(jobs)  # one answer per distinct job, in order
+    with tracing.submitting(None, None, len(items)) as span:
+        jobs, positions = _new_jobs(items, registry, principal, span.traceparent)
+        answers = await intake.submit_batch(jobs)  # one answer per distinct job, in order
+        span.submitted([a.id for a in answers])
     return [answers[at] for at in positions]
 
 
 def _new_jobs(
-    items: Sequence[object], registry: Registry, principal: Principal
+    items: Sequence[object], registry: Registry, principal: Principal, traceparent: str | None
 ) -> tuple[list[NewJob], list[int]]:
     """The distinct jobs to insert, and for each item the index of its job among them."""
     now = datetime.now(UTC)
@@ -77,7 +84,7 @@ def _new_jobs(
     by_key: dict[str, tuple[int, int]] = {}  # key -> (first item index, job index)
     for index, item in enumerate(items):
         try:
-            job = new_job(parse(item), registry, principal, now)
+            job = new_job(parse(item), registry, principal, now, traceparent)
         except InvalidInput as exc:
             problems.append({"index": index, "message": exc.message, "details": exc.details})
             continue

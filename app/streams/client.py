@@ -1,7 +1,8 @@
 """Every Redis command Conveyor sends goes through :class:`StreamClient`.
 
-A stream entry only says "look at job X": ``{"job": "<uuid>"}``. Postgres decides whether the
-delivery starts an attempt, so duplicate entries are harmless.
+A stream entry only says "look at job X": ``{"job": "<uuid>"}``, with ``"tp": "<traceparent>"``
+when the API sent it with tracing on (ADR 0022). Postgres decides whether the delivery starts
+an attempt, so duplicate entries are harmless.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -36,6 +37,7 @@ class Delivery:
     stream: str
     entry_id: str
     job_id: UUID | None  # None when the entry's body is unreadable
+    traceparent: str | None = None  # the entry's ``tp`` field (tracing on at submission)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ def _parse_job(fields: dict[str, str] | None) -> UUID | None:
         return UUID((fields or {})["job"])
     except (KeyError, ValueError):
         return None
+
+
+def _delivery(stream: str, entry_id: str, fields: dict[str, str] | None) -> Delivery:
+    return Delivery(stream, entry_id, _parse_job(fields), (fields or {}).get("tp"))
 
 
 class StreamClient:
@@ -119,8 +125,13 @@ class StreamClient:
 
     # -- producing --------------------------------------------------------------------------
 
-    async def dispatch(self, targets: Sequence[tuple[str, UUID]]) -> dict[UUID, str]:
+    async def dispatch(
+        self,
+        targets: Sequence[tuple[str, UUID]],
+        traceparents: Mapping[UUID, str] | None = None,
+    ) -> dict[UUID, str]:
         """Add ``(stream, job_id)`` entries; returns the stream entry id of each job added.
+        A job in ``traceparents`` gets that value in its entry's ``tp`` field.
 
         Ids that do not fit under the stream bound are left out; the dispatcher sends them
         once the backlog shrinks.
@@ -129,7 +140,7 @@ class StreamClient:
         for stream, job_id in targets:
             by_stream[stream].append(job_id)
         calls: list[tuple[str, list[Any]]] = [
-            (stream, [self.maxlen, *map(str, ids)]) for stream, ids in by_stream.items()
+            (stream, [self.maxlen, *_args(ids, traceparents)]) for stream, ids in by_stream.items()
         ]
         if isinstance(self.redis, RedisCluster):  # cluster pipelines refuse EVALSHA
             added = await asyncio.gather(*(self._dispatch(keys=[k], args=a) for k, a in calls))
@@ -234,7 +245,7 @@ class StreamClient:
             await self._group_missing(streams)
             return []
         return [
-            Delivery(stream, entry_id, _parse_job(fields))
+            _delivery(stream, entry_id, fields)
             for stream, entries in _stream_items(reply)
             for entry_id, fields in entries
         ]
@@ -246,7 +257,7 @@ class StreamClient:
             GROUP, consumer, dict.fromkeys(streams, "0"), count=count
         )
         return [
-            Delivery(stream, entry_id, _parse_job(fields))
+            _delivery(stream, entry_id, fields)
             for stream, entries in _stream_items(reply)
             for entry_id, fields in entries
         ]
@@ -296,7 +307,7 @@ class StreamClient:
                 break
             cursor, entries = reply[0], reply[1]
             deleted.extend(reply[2] if len(reply) > 2 else [])
-            deliveries.extend(Delivery(stream, e, _parse_job(f)) for e, f in entries)
+            deliveries.extend(_delivery(stream, e, f) for e, f in entries)
             if cursor == "0-0" or len(deliveries) >= count:
                 break
         return Reclaimed(deliveries, deleted)
@@ -358,6 +369,13 @@ class StreamClient:
             keys=[self.keys.rate_limit(principal)], args=[rate, burst]
         )
         return 0.0 if int(allowed) else max(int(wait_ms), 1) / 1000
+
+
+def _args(ids: list[UUID], traceparents: Mapping[UUID, str] | None) -> list[str]:
+    """dispatch.lua's arguments: ``"<uuid>"``, or ``"<uuid> <traceparent>"``."""
+    if not traceparents:
+        return [str(i) for i in ids]
+    return [f"{i} {traceparents[i]}" if i in traceparents else str(i) for i in ids]
 
 
 def _entries_by_stream(deliveries: Iterable[Delivery]) -> dict[str, list[Any]]:
