@@ -96,12 +96,14 @@ class Reader:
                 await controls.until_changed(interval)
                 continue
             slots = await running.reserve(READ_COUNT)
+            batch: list[Delivery] = []  # ours until start() takes it
             try:
                 batch = running.take_held(slots)
                 if len(batch) < slots:
-                    batch += await self._read_by_band(streams, slots - len(batch))
+                    await self._read_by_band(streams, slots, batch)
                 if batch:
-                    await self.start(batch, slots)
+                    taken, batch = batch, []
+                    await self.start(taken, slots)
                     continue
                 running.unreserve(slots)
                 slots = 0
@@ -112,20 +114,22 @@ class Reader:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # What was taken from ``held`` or read before the error is held again, not
+                # left pending on us until XAUTOCLAIM finds it idle.
+                running.held.extend(batch)
                 log.warning("read loop error (%s); retrying", exc)
                 await asyncio.sleep(RETRY_PAUSE)
             finally:
                 running.unreserve(slots)
 
-    async def _read_by_band(self, streams: list[str], want: int) -> list[Delivery]:
-        """Highest band first, without blocking."""
-        got: list[Delivery] = []
+    async def _read_by_band(self, streams: list[str], want: int, into: list[Delivery]) -> None:
+        """Highest band first, without blocking, until ``into`` holds ``want`` deliveries
+        (appended as each read returns, so an error in a later read loses none)."""
         name = self.ctx.name
         for stream in streams:
-            if len(got) >= want:
+            if len(into) >= want:
                 break
-            got += await self.ctx.stream.read([stream], name, want - len(got), None)
-        return got
+            into += await self.ctx.stream.read([stream], name, want - len(into), None)
 
     # -- source 2: entries of dead consumers ------------------------------------------------------
 
