@@ -108,6 +108,10 @@ def make_settings(backends: Backends, **overrides: Any) -> Settings:
         "shutdown_grace_seconds": 5.0,
         "dispatch_grace_seconds": 1.0,
         "promote_interval_seconds": 0.1,
+        # Half the default pools: scripts/test runs two test processes against one Postgres
+        # (max_connections 100), and a test with an API and a few workers would take 60 alone.
+        "db_pool_size": 5,
+        "db_max_overflow": 5,
         "handler_modules": "tests.support.handlers",
         "api_keys": None,
         "allowed_hosts": "conveyor,testserver,localhost,127.0.0.1,[::1]",  # in-process clients
