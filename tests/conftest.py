@@ -25,13 +25,32 @@ from app.db.migrate import upgrade
 from app.devserver import EmbeddedPostgres, EmbeddedRedis
 from app.main import create_app
 from app.settings import Settings
-from tests.support import db
+from tests.support import alone, db
 from tests.support.db import scratch_database
 from tests.support.processes import Spawner
 
 # What Conveyor's own clients send: with auth off, a bodiless POST or DELETE needs it (or a
 # JSON content type) to pass the gate's cross-site check.
 CLIENT_HEADERS = {"X-Requested-With": "conveyor-tests"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{alone.MARK}: runs alone while the suite runs in parallel (asserts a timing, or "
+        "measures a load); see tests/support/alone.py",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Around the whole test (before pytest-timeout starts its clock): the run's test lock."""
+    directory = alone.lock_directory(item.config)
+    if directory is None:
+        yield
+        return
+    with alone.turn(directory, alone=item.get_closest_marker(alone.MARK) is not None):
+        yield
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,10 @@ def make_settings(backends: Backends, **overrides: Any) -> Settings:
         "shutdown_grace_seconds": 5.0,
         "dispatch_grace_seconds": 1.0,
         "promote_interval_seconds": 0.1,
+        # Half the default pools: scripts/test runs two test processes against one Postgres
+        # (max_connections 100), and a test with an API and a few workers would take 60 alone.
+        "db_pool_size": 5,
+        "db_max_overflow": 5,
         "handler_modules": "tests.support.handlers",
         "api_keys": None,
         "allowed_hosts": "conveyor,testserver,localhost,127.0.0.1,[::1]",  # in-process clients

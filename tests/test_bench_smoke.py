@@ -20,6 +20,7 @@ from tests.conftest import Backends
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.serial  # a load that would starve a test beside it
 @pytest.mark.timeout(280)
 async def test_bench_smoke_writes_every_figure(backends: Backends, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}

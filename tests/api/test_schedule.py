@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import wait_for_status
 from tests.support.processes import Spawner
@@ -27,6 +28,7 @@ async def events_of(client: httpx.AsyncClient, job_id: str) -> list[dict[str, An
     return events
 
 
+@pytest.mark.serial  # "promptly": within PROMPT_SECONDS of run_at
 async def test_delayed_job_waits_then_starts_promptly(
     client: httpx.AsyncClient, spawn: Spawner, queue: str
 ) -> None:
@@ -59,6 +61,7 @@ async def test_delayed_job_waits_then_starts_promptly(
     assert ts(events[2]["at"]) >= run_at
 
 
+@pytest.mark.serial  # "promptly": within PROMPT_SECONDS of run_at
 async def test_absolute_run_at_is_honoured(
     client: httpx.AsyncClient, spawn: Spawner, queue: str
 ) -> None:

@@ -170,6 +170,7 @@ async def test_redis_stopped_submissions_answer_202_and_run_later(
     await _outage(spawn, settings, fault_redis, queue, results, hang=False)
 
 
+@pytest.mark.serial  # times one socket timeout to within a second
 async def test_client_survives_restart_and_waits_one_timeout_on_a_hang(
     settings: Settings, fault_redis: EmbeddedRedis
 ) -> None:

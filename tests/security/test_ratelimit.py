@@ -80,6 +80,7 @@ async def test_over_the_limit_is_429_with_retry_after_and_other_keys_are_unaffec
         assert_429(await c.get("/v1/job-types", headers=a))
 
 
+@pytest.mark.serial  # the second request must come within the second of the first
 async def test_waiting_retry_after_lets_the_key_in_again(backends: Backends, keys: Keys) -> None:
     async with serve(limited(backends, keys, rate=1.0, burst=1)) as c:
         a = bearer(keys.producer_a)
