@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.serial  # a load that would starve a test beside it
 def test_bench_capacity_smoke() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     cmd = [sys.executable, "scripts/bench_capacity.py", "--seconds", "1", "--rounds", "1x1"]

@@ -131,6 +131,7 @@ def _bodies(queue: str) -> list[dict[str, Any]]:
     return bodies
 
 
+@pytest.mark.serial  # two Postgres servers and their processes; times a cut in seconds
 async def test_promoting_the_replica_while_jobs_flow(
     spawn: Spawner, settings: Settings, pair: Replicated, queue: str, results: Path
 ) -> None:

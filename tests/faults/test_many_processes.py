@@ -65,6 +65,7 @@ async def _wait_workers(settings: Settings, prefix: str, count: int) -> None:
     await db.wait_for_value(settings.database_url, sql, prefix, expected=count, timeout=90.0)
 
 
+@pytest.mark.serial  # seven processes of its own: it would starve a test beside it
 async def test_two_apis_and_five_worker_processes_finish_every_job_once(
     spawn: Spawner, settings: Settings, queue: str, results: Path
 ) -> None:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from app.settings import Settings
 from app.streams.keys import Keys, partition_for
 from tests.conftest import Backends, make_settings
@@ -60,6 +62,7 @@ async def _move_under_load(
     return began, ended, moved
 
 
+@pytest.mark.serial  # measures a stall in seconds
 async def test_moving_a_partition_slot_loses_no_job_and_stalls_briefly(
     backends: Backends, cluster: Cluster, tmp_path: Path, queue: str, results: Path
 ) -> None:
