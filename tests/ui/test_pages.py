@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from uuid import uuid4
 
 import httpx
 import pytest
@@ -33,7 +32,13 @@ from tests.conftest import (
 from tests.support.processes import Spawner
 
 UI = Path(__file__).resolve().parents[2] / "app" / "ui"
-PAGES = ["/ui", "/ui/jobs", "/ui/workers", "/ui/schedules", f"/ui/jobs/{uuid4()}"]
+PAGES = [
+    "/ui",
+    "/ui/jobs",
+    "/ui/workers",
+    "/ui/schedules",
+    "/ui/jobs/0193a6f2-7c1e-7b7a-9f00-3d2a1c5e8b40",
+]  # fixed: xdist workers must collect alike
 ADMIN, PRODUCER = "ad-dashboard-secret", "pr-dashboard-secret"
 
 
