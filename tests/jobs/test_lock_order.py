@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from app.db.url import asyncpg_dsn as dsn
 from app.flow import claim as flow
@@ -69,24 +70,28 @@ async def _race(
         await claimer.close()
 
 
-async def test_redispatch_after_a_loss_does_not_deadlock_with_claims(backends: Backends) -> None:
+@pytest.fixture
+async def sessions(backends: Backends) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     engine = create_async_engine(backends.database_url, pool_size=1)
-    sessions = async_sessionmaker(engine)
-
-    async def forget(_: list[uuid.UUID], queue: str) -> None:
-        async with sessions.begin() as session:
-            await marks.forget_dispatches(session, [queue])
-
     try:
-        await _race(backends, forget)
+        yield async_sessionmaker(engine)
     finally:
         await engine.dispose()
 
 
-async def test_dispatch_confirmation_does_not_deadlock_with_claims(backends: Backends) -> None:
-    engine = create_async_engine(backends.database_url, pool_size=1)
-    sessions = async_sessionmaker(engine)
+async def test_redispatch_after_a_loss_does_not_deadlock_with_claims(
+    backends: Backends, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    async def forget(_: list[uuid.UUID], queue: str) -> None:
+        async with sessions.begin() as session:
+            await marks.forget_dispatches(session, [queue])
 
+    await _race(backends, forget)
+
+
+async def test_dispatch_confirmation_does_not_deadlock_with_claims(
+    backends: Backends, sessions: async_sessionmaker[AsyncSession]
+) -> None:
     async def unmark_then_confirm(ids: list[uuid.UUID], queue: str) -> None:
         async with sessions.begin() as session:
             await marks.forget_dispatches(session, [queue])
@@ -94,10 +99,7 @@ async def test_dispatch_confirmation_does_not_deadlock_with_claims(backends: Bac
         async with sessions.begin() as session:
             await marks.confirm_dispatched(session, sent, "locks")
 
-    try:
-        await _race(backends, unmark_then_confirm)
-    finally:
-        await engine.dispose()
+    await _race(backends, unmark_then_confirm)
 
 
 async def test_holding_a_paused_queues_jobs_does_not_deadlock_with_claims(

@@ -5,6 +5,7 @@ error (except the 401s of a page opened before its key was typed, which are chec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -133,11 +134,9 @@ def page(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Page]]:
         for p in opened:
             assert p.console_errors() == [], "the page logged console errors"
     finally:
-        try:
+        with contextlib.suppress(WebDriverException):  # a dead browser has no last screen
             for p in opened:
                 p.shot("last")
-        except WebDriverException:
-            pass
         driver.quit()
 
 
