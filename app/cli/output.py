@@ -216,6 +216,39 @@ def job_table(job: Mapping[str, Any]) -> Table:
     return table
 
 
+def schedules_table(body: Mapping[str, Any]) -> Table:
+    table = _table(None, ("name", "cron", "type", "queue", "enabled", "next run"))
+    for s in body.get("items", []):
+        table.add_row(
+            s["name"],
+            f"{s['cron']} ({s['timezone']})" if s.get("timezone", "UTC") != "UTC" else s["cron"],
+            s["type"],
+            s["queue"],
+            "yes" if s.get("enabled") else "paused",
+            _cell(s.get("next_run_at")),
+        )
+    if not body.get("items"):
+        table.caption = "none"
+    return table
+
+
+SCHEDULE_FIELDS = ("name", "cron", "timezone", "type", "queue", "priority", "enabled", "missed")
+SCHEDULE_TIMES = ("next_run_at", "last_run_at", "created_at", "updated_at")
+
+
+def schedule_table(schedule: Mapping[str, Any]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name in SCHEDULE_FIELDS:
+        table.add_row(name, _cell(schedule.get(name)))
+    table.add_row("payload", _cell(schedule.get("payload")))
+    table.add_row("source", _cell(schedule.get("source")))
+    for name in SCHEDULE_TIMES:
+        table.add_row(name, _cell(schedule.get(name)))
+    return table
+
+
 def summary_table(title: str, counts: Mapping[str, int]) -> Table:
     table = _table(title, ("", "jobs"), ("jobs",))
     for name, n in counts.items():

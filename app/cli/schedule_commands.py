@@ -8,25 +8,28 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
+from app.cli import output
 from app.cli.operator_commands import _client, _show
 
 
 def _ls(args: argparse.Namespace) -> int:
+    """One schedule, or every page of them; a table or JSON as ``--output`` says."""
     with _client(args) as client:
         if args.name:
-            return _show(client.get(f"/v1/schedules/{quote(args.name, safe='')}"))
+            response = client.get(f"/v1/schedules/{quote(args.name, safe='')}")
+            return output.show(response, args, output.schedule_table)
         items: list[Any] = []
         params: dict[str, Any] = {"limit": 500}
         while True:
             response = client.get("/v1/schedules", params=params)
             if not response.is_success:
-                return _show(response)
+                return output.show(response, args)
             page = response.json()
             items += page["items"]
             if not page["next_cursor"]:
                 break
             params["cursor"] = page["next_cursor"]
-        print(json.dumps({"items": items}, indent=2))
+        output.emit({"items": items}, args, output.schedules_table)
         return 0
 
 
