@@ -3,6 +3,7 @@
 #   docker run conveyor                      # the API on port 8000
 #   docker run conveyor conveyor worker      # a worker
 #   docker run conveyor conveyor migrate     # apply migrations (idempotent)
+# With the `otel` extra: tracing is on once the OTEL_* variables ask for it (README, Tracing).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,7 +18,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
-RUN pip install . && rm -rf build
+RUN pip install ".[otel]" && rm -rf build
 
 USER conveyor
 EXPOSE 8000

@@ -1,7 +1,8 @@
 """The deployment files: docker-compose.yml (every profile) and the Kubernetes manifests in
 deploy/k8s run real ``conveyor`` commands with real settings, and the manifests pass the
 Kubernetes schemas (kubernetes-validate, strict: no unknown field). KEDA's ScaledObject is a
-CRD outside those schemas: its shape is checked here instead."""
+CRD outside those schemas: its shape is checked here instead. The Dockerfile's image installs
+the ``otel`` extra."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ def _setting_names(names: list[str]) -> None:
     known = {f"CONVEYOR_{name.upper()}" for name in Settings.model_fields}
     unknown = {n for n in names if n.startswith("CONVEYOR_")} - known - NOT_SETTINGS
     assert not unknown, f"not Conveyor settings: {sorted(unknown)}"
+
+
+# --- Dockerfile ------------------------------------------------------------------------------
+
+
+def test_image_installs_the_otel_extra() -> None:
+    """The image can trace: the ``OTEL_*`` variables alone turn it on (README, Tracing)."""
+    installs = re.findall(r"^RUN pip install (.+?) &&", (ROOT / "Dockerfile").read_text(), re.M)
+    assert installs == ['".[otel]"'], installs
 
 
 # --- docker-compose.yml ---------------------------------------------------------------------
