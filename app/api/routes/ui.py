@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -136,6 +137,28 @@ def _matches(pattern: str, value: str) -> bool:
     return re.fullmatch(pattern, value) is not None
 
 
+@dataclass(frozen=True)
+class JobsQuery:
+    """The query of the jobs page and of its list part: the filter form and a page's cursor."""
+
+    status: FilterQuery = None
+    type: FilterQuery = None
+    queue: FilterQuery = None
+    after: FilterQuery = None
+    before: FilterQuery = None
+    cursor: FilterQuery = None
+
+    def form(self) -> dict[str, str | None]:
+        """The filter form's fields, set or not (the cursor is not one)."""
+        return {k: v for k, v in asdict(self).items() if k != "cursor"}
+
+    def job_filter(self) -> JobFilter:
+        return _filter(self.status, self.type, self.queue, self.after, self.before)
+
+
+JobsQueryDep = Annotated[JobsQuery, Depends()]
+
+
 # -- pages ------------------------------------------------------------------------------------
 
 
@@ -148,16 +171,11 @@ async def overview_page(request: Request) -> HTMLResponse:
 async def jobs_page(
     request: Request,
     registry: RegistryDep,
+    params: JobsQueryDep,
     id: FilterQuery = None,
-    status: FilterQuery = None,
-    type: FilterQuery = None,
-    queue: FilterQuery = None,
-    after: FilterQuery = None,
-    before: FilterQuery = None,
-    cursor: FilterQuery = None,
 ) -> Response:
     """The filter form; the list is a part. An id goes straight to that job's page."""
-    form = {"status": status, "type": type, "queue": queue, "after": after, "before": before}
+    form = params.form()
     if id and id.strip():
         try:
             return RedirectResponse(f"/ui/jobs/{UUID(id.strip())}", status_code=303)
@@ -171,7 +189,7 @@ async def jobs_page(
                 error=f"not a job id: {id}",
                 types=registry.names(),
             )
-    query = urlencode({k: v for k, v in {**form, "cursor": cursor}.items() if v})
+    query = urlencode({k: v for k, v in {**form, "cursor": params.cursor}.items() if v})
     return _page(request, "jobs.html", nav="jobs", form=form, query=query, types=registry.names())
 
 
@@ -224,32 +242,26 @@ async def jobs(
     session: SessionDep,
     state: StateDep,
     principal: PrincipalDep,
-    status: FilterQuery = None,
-    type: FilterQuery = None,
-    queue: FilterQuery = None,
-    after: FilterQuery = None,
-    before: FilterQuery = None,
-    cursor: FilterQuery = None,
+    params: JobsQueryDep,
 ) -> HTMLResponse:
-    f = _filter(status, type, queue, after, before)
+    f = params.job_filter()
     owner = None if principal.admin else principal.name
     f = JobFilter(f.status, f.type, f.queue, f.created_after, f.created_before, owner)
     rows, nxt = await queries.list_jobs(
         session,
         f,
         PAGE_SIZE,
-        Cursor.decode(cursor) if cursor else None,
+        Cursor.decode(params.cursor) if params.cursor else None,
         state.settings.page_max_bytes,
     )
-    base = {"status": status, "type": type, "queue": queue, "after": after, "before": before}
-    base = {k: v for k, v in base.items() if v}
+    base = {k: v for k, v in params.form().items() if v}
     dead = f.status == JobStatus.DEAD and principal.admin
     return _page(
         request,
         "part_jobs.html",
         jobs=[Job.model_validate(r, context=principal.view) for r in rows],
         next_query=urlencode({**base, "cursor": nxt.encode()}) if nxt else None,
-        first_query=urlencode(base) if cursor else None,
+        first_query=urlencode(base) if params.cursor else None,
         dead=dead,
         dead_count=await queries.count_dead(session, f) if dead else 0,
         filter=base,
