@@ -133,7 +133,7 @@ class RunningSet:
                 taken.append(d)
             else:
                 kept.append(d)
-        self.held = kept
+        self.held[:] = kept  # the same list: a caller may hold it across an await
         return taken
 
 

@@ -108,9 +108,12 @@ class Reader:
                 running.unreserve(slots)
                 slots = 0
                 # Nothing anywhere: wait for an entry without holding room (it is held, and
-                # pending for us, until room frees up).
+                # pending for us, until room frees up). Not ``held += await ...``: that reads
+                # the list before the wait and stores it back after, so it would put back the
+                # list the other loops took from meanwhile and drop what they added.
                 name = self.ctx.name
-                running.held += await self.ctx.stream.read(streams, name, 1, READ_BLOCK_MS)
+                found = await self.ctx.stream.read(streams, name, 1, READ_BLOCK_MS)
+                running.held.extend(found)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

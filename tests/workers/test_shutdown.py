@@ -121,7 +121,7 @@ async def test_stop_signal_lets_in_flight_jobs_finish_and_takes_no_new_ones(
     assert await _exit_code(leaving, timeout=30) == 0
     for job_id in ids:
         job = (await client.get(f"/v1/jobs/{job_id}")).json()
-        assert job["status"] == "succeeded"
+        assert job["status"] == "succeeded", (job, leaving.output())
         assert job["result"] == {"worker": leaving.name, "attempt": 1}
         assert "released" not in [e["event"] for e in await _events(client, job_id)]
     assert (await client.get(f"/v1/jobs/{late}")).json()["status"] == "queued"

@@ -1,0 +1,51 @@
+"""Many read loops in one worker share its held deliveries; none may be dropped.
+
+A worker reads each (queue, partition) in a loop of its own, and an idle loop waits in a
+blocking XREADGROUP. What such a read returns joins the worker's held deliveries, which the
+other loops take from meanwhile. An entry delivered by Redis but dropped from that list stays
+pending on the worker, unstarted, until XAUTOCLAIM finds it idle (``claim_idle_seconds``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from app.settings import Settings
+from tests.conftest import submit, wait_for_status, wait_until
+from tests.support.processes import Spawner
+
+IDLE_QUEUES = 11
+JOBS = 150
+RATE = 40.0  # jobs/s: every one arrives while the idle loops are in their blocking reads
+
+
+async def test_a_trickle_beside_idle_read_loops_starts_every_job_at_once(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings
+) -> None:
+    """One busy queue and eleven idle ones: every job starts within seconds. With the lease
+    (and so XAUTOCLAIM's idle time) at 60 s, a dropped delivery would wait a minute."""
+    queues = [queue, *(f"{queue}-idle{i}" for i in range(IDLE_QUEUES))]
+    patient = settings.model_copy(update={"claim_idle_seconds": 60.0})
+    spawn.worker(queues, concurrency=64, name=f"loops-{queue}", settings=patient)
+    first = await submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": -1}})
+    await wait_for_status(client, str(first["id"]), {"succeeded"}, timeout=30)  # reading
+    ids = []
+    for n in range(JOBS):
+        body = {"type": "demo.echo", "queue": queue, "payload": {"n": n}}
+        ids.append(str((await submit(client, body))["id"]))
+        await asyncio.sleep(1 / RATE)
+    statuses: dict[str, str] = {}
+
+    async def all_finished() -> bool:
+        for job_id in ids:
+            if statuses.get(job_id) != "succeeded":
+                statuses[job_id] = (await client.get(f"/v1/jobs/{job_id}")).json()["status"]
+        return all(s == "succeeded" for s in statuses.values())
+
+    try:
+        await wait_until(all_finished, timeout=15, interval=0.5)
+    except AssertionError:
+        waiting = {i: s for i, s in statuses.items() if s != "succeeded"}
+        raise AssertionError(f"{len(waiting)} of {JOBS} jobs not run in 15 s: {waiting}") from None
