@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import asyncpg
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -24,6 +25,7 @@ from app.jobs import layout, lifecycle
 from app.jobs.dispatch import Dispatcher
 from app.jobs.intake import Intake
 from app.jobs.layout import Layout
+from app.jobs.lookup import Lookup
 from app.jobs.registry import Registry, load_handlers
 from app.jobs.watch import Watch
 from app.logs import configure as configure_logging
@@ -82,7 +84,7 @@ def _lifespan(
             pool = await create_pool(settings)
             intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
             auth.bind(sessions)
-            watch = _watch(settings, sessions, stream)
+            watch = _watch(settings, sessions, stream, pool)
             watch.start()
             snapshots = Snapshots(sessions, stream, settings)
             app.state.conveyor = AppState(
@@ -121,13 +123,17 @@ def _lifespan(
 
 
 def _watch(
-    settings: Settings, sessions: async_sessionmaker[AsyncSession], stream: StreamClient
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    stream: StreamClient,
+    pool: asyncpg.Pool,
 ) -> Watch:
     """This process's waiters, its subscription to job changes and its slow re-check."""
 
     channel = stream.keys.changes
     return Watch(
         sessions,
+        Lookup(pool, settings.db_pool_timeout_seconds),
         Publisher(stream.redis, channel),
         settings.redis_url,
         channel,

@@ -22,7 +22,7 @@ from app.jobs.newjob import dump_json
 from app.jobs.schemas import Job, JobEventOut
 from app.jobs.waiting import Waited
 
-_JSON_COLUMNS = ("payload", "result", "errors")
+_JSON_COLUMNS = ("payload", "result", "errors", "progress")
 
 
 def job_document(answer: Submitted, view: Mapping[str, bool]) -> dict[str, Any]:
@@ -74,6 +74,11 @@ def _stored(row: Mapping[str, Any], view: Mapping[str, bool]) -> dict[str, Any]:
     return document
 
 
+def stored_job(row: Mapping[str, Any], view: Mapping[str, bool]) -> Response:
+    """``GET /v1/jobs/{id}`` from :func:`app.jobs.reading.job`'s row."""
+    return Response(dumps(_stored(row, view)), media_type="application/json")
+
+
 def dumps(document: Any) -> bytes:
     """Like the API's other answers: compact, UTC written as ``Z``."""
     return orjson.dumps(document, option=orjson.OPT_UTC_Z)
@@ -98,11 +103,8 @@ def waited(waited: Waited, view: Mapping[str, bool]) -> Response:
     """``POST /v1/jobs?wait=``: 200 when the job finished in time (or the request was a
     repeat), else 202; the body is the job as it stands."""
     created = waited.answer.created
-    document = Job.model_validate(waited.job, context=view).model_dump(mode="json")
-    for column in ("payload", "result"):  # may hold integers beyond orjson's 64 bits
-        document[column] = orjson.Fragment(dump_json(document[column]))
     return Response(
-        dumps(document),
+        dumps(_stored(waited.job, view)),
         status_code=202 if created and not waited.finished else 200,
         headers={"Location": f"/v1/jobs/{waited.answer.id}"},
         media_type="application/json",

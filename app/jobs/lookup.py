@@ -6,7 +6,8 @@ statement of its own, and a burst of those would queue for the pool's connection
 time out into 503s). Instead, the reads that arrive while one is in flight wait for it to
 end and then share a single ``SELECT … WHERE id = ANY(…)`` (the group commit of
 :mod:`app.jobs.intake`, for reads): one statement and one connection per round, however
-many requests wait.
+many requests wait. The statement is :mod:`app.jobs.reading`'s, on the API's asyncpg pool,
+and its rows are rendered as they come (no ORM objects).
 """
 
 from __future__ import annotations
@@ -14,24 +15,25 @@ from __future__ import annotations
 import asyncio
 from uuid import UUID
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+import asyncpg
 
-from app.db.models import JobRow
+from app.db.pool import connection
+from app.jobs.reading import GET_JOBS, Row
 
 MAX_GROUP = 1000
 
 
 class Lookup:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
-        self._pending: dict[UUID, list[asyncio.Future[JobRow | None]]] = {}
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout
+        self._pending: dict[UUID, list[asyncio.Future[Row | None]]] = {}
         self._running: asyncio.Task[None] | None = None
         self.statements = 0  # rounds run (tests, metrics)
 
-    async def get(self, job_id: UUID) -> JobRow | None:
+    async def get(self, job_id: UUID) -> Row | None:
         """The job as it is now (read after this call began), or None if there is none."""
-        future: asyncio.Future[JobRow | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(job_id, []).append(future)
         if self._running is None or self._running.done():
             self._running = asyncio.create_task(self._rounds())
@@ -54,8 +56,7 @@ class Lookup:
                     if not f.done():
                         f.set_result(rows.get(job_id))
 
-    async def _read(self, ids: list[UUID]) -> dict[UUID, JobRow]:
+    async def _read(self, ids: list[UUID]) -> dict[UUID, Row]:
         self.statements += 1
-        async with self._sessions() as session:
-            stmt = select(JobRow).where(JobRow.id.in_(ids))
-            return {row.id: row for row in (await session.scalars(stmt)).all()}
+        async with connection(self._pool, self._acquire_timeout) as conn:
+            return {row["id"]: row for row in await conn.fetch(GET_JOBS, ids)}

@@ -15,11 +15,11 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.models import JobRow
-from app.jobs import service
+from app.jobs import reading, service
 from app.jobs.insertion import Submitted
 from app.jobs.intake import Intake
 from app.jobs.principal import Principal
+from app.jobs.reading import Row
 from app.jobs.registry import Registry
 from app.jobs.schemas import JobCreate
 from app.jobs.status import TERMINAL
@@ -30,19 +30,17 @@ MAX_WAIT_SECONDS = 60.0
 Sessions = async_sessionmaker[AsyncSession]
 
 
-async def _read(watch: Watch, job_id: UUID, principal: Principal) -> JobRow:
-    return service.shown(await watch.lookup.get(job_id), principal)
+async def _read(watch: Watch, job_id: UUID, principal: Principal) -> Row:
+    return reading.shown(await watch.lookup.get(job_id), principal)
 
 
-async def _until_terminal(
-    watch: Watch, job_id: UUID, principal: Principal, seconds: float
-) -> JobRow:
+async def _until_terminal(watch: Watch, job_id: UUID, principal: Principal, seconds: float) -> Row:
     """Call inside ``watch.waiter(job_id)``: the job now, or once terminal, or at the end."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     with watch.waiter(job_id) as waiter:
         job = await _read(watch, job_id, principal)
-        while job.status not in TERMINAL:
+        while job["status"] not in TERMINAL:
             left = deadline - loop.time()
             if left <= 0 or not await waiter.wait(left):
                 break
@@ -50,7 +48,7 @@ async def _until_terminal(
     return job
 
 
-async def wait_for_job(watch: Watch, job_id: UUID, principal: Principal, seconds: float) -> JobRow:
+async def wait_for_job(watch: Watch, job_id: UUID, principal: Principal, seconds: float) -> Row:
     """``GET /v1/jobs/{id}?wait=S``: 404 at once for a job the caller may not see."""
     return await _until_terminal(watch, job_id, principal, seconds)
 
@@ -58,11 +56,11 @@ async def wait_for_job(watch: Watch, job_id: UUID, principal: Principal, seconds
 @dataclass(frozen=True)
 class Waited:
     answer: Submitted
-    job: JobRow  # the job as it stands when the wait ended
+    job: Row  # the job as it stands when the wait ended
 
     @property
     def finished(self) -> bool:
-        return self.job.status in TERMINAL
+        return self.job["status"] in TERMINAL
 
 
 async def submit_and_wait(

@@ -56,6 +56,7 @@ class Watch:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
+        lookup: Lookup,
         publisher: Publisher | None,
         subscriber_url: str | None,
         channel: str,
@@ -63,7 +64,7 @@ class Watch:
         redis_timeout: float = 2.0,
     ) -> None:
         self._sessions = sessions
-        self.lookup = Lookup(sessions)  # the waiters' reads of their jobs, grouped
+        self.lookup = lookup  # the waiters' reads of their jobs, grouped
         self._publisher = publisher
         self.recheck_seconds = recheck_seconds
         self._waiters: dict[UUID, set[Waiter]] = {}

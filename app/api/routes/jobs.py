@@ -12,7 +12,7 @@ from app.api import render, sse
 from app.api.bodies import SUBMIT_OPENAPI, WAIT_DESCRIPTION, submission, wait_seconds
 from app.api.deps import PrincipalDep, SessionDep, StateDep, principal_of, state_of
 from app.api.errors import ERRORS
-from app.jobs import queries, service, waiting
+from app.jobs import queries, reading, service, waiting
 from app.jobs.follow import follow as follow_job
 from app.jobs.queries import Cursor, JobFilter
 from app.jobs.schemas import (
@@ -118,23 +118,23 @@ async def list_jobs(
     )
 
 
-@router.get("/{job_id}", responses=ERRORS)
+@router.get("/{job_id}", response_model=Job, responses=ERRORS)
 async def get_job(
     job_id: UUID,
-    session: SessionDep,
     state: StateDep,
     principal: PrincipalDep,
     wait: WaitQuery = None,
-) -> Job:
+) -> Response:
     """The job; with `?wait=S`, as soon as it is terminal, or as it is when S seconds pass.
 
     A waiting request holds no database connection: it is woken by the job-change
     notifications of its process (or their slow re-check)."""
     if wait is None:
-        job = await service.get(session, job_id, principal)
+        intake = state.intake
+        row = await reading.job(intake.pool, intake.acquire_timeout, job_id, principal)
     else:
-        job = await waiting.wait_for_job(state.watch, job_id, principal, wait)
-    return Job.model_validate(job, context=principal.view)
+        row = await waiting.wait_for_job(state.watch, job_id, principal, wait)
+    return render.stored_job(row, principal.view)
 
 
 @router.post(
