@@ -68,7 +68,7 @@ async def test_sigterm_hands_back_jobs_that_outlive_the_grace_period(
         settings=settings.model_copy(update={"shutdown_grace_seconds": grace}),
     )
     ids = [await _nap(client, queue, 8) for _ in range(3)]
-    await wait_until(lambda: _all(client, ids, "running"), timeout=30)
+    await _started(client, ids)
     assert leaving.name in await _consumers(redis, settings, queue)
 
     started = time.monotonic()
@@ -98,6 +98,15 @@ async def _all(client: httpx.AsyncClient, ids: list[str], status: str) -> bool:
     return all(s == status for s in await _statuses(client, ids))
 
 
+async def _started(client: httpx.AsyncClient, ids: list[str]) -> None:
+    """Until the worker runs these jobs. Postgres says ``running`` once the claim commits;
+    the worker starts them when the claim's answer reaches it, a moment later. A stop signal
+    in between hands them straight back instead (``Reader._release_late``), which is right
+    but is not what these tests are about."""
+    await wait_until(lambda: _all(client, ids, "running"), timeout=30)
+    await asyncio.sleep(0.5)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_stop_signal_lets_in_flight_jobs_finish_and_takes_no_new_ones(
     client: httpx.AsyncClient,
@@ -114,7 +123,7 @@ async def test_stop_signal_lets_in_flight_jobs_finish_and_takes_no_new_ones(
         settings=settings.model_copy(update={"shutdown_grace_seconds": 30.0}),
     )
     ids = [await _nap(client, queue, 3) for _ in range(2)]
-    await wait_until(lambda: _all(client, ids, "running"), timeout=30)
+    await _started(client, ids)
     leaving.signal(sig)
     late = await _nap(client, queue, 0)  # submitted after the signal: not for this worker
 
@@ -141,7 +150,7 @@ async def test_second_stop_signal_ends_the_grace_period_at_once(
         settings=settings.model_copy(update={"shutdown_grace_seconds": 120.0}),
     )
     job_id = await _nap(client, queue, 120)
-    await wait_until(lambda: _all(client, [job_id], "running"), timeout=30)
+    await _started(client, [job_id])
     leaving.signal(signal.SIGTERM)
 
     async def draining() -> bool:
@@ -177,7 +186,7 @@ async def test_handler_ignoring_cancellation_cannot_hold_the_worker_past_the_gra
         settings=settings.model_copy(update={"shutdown_grace_seconds": grace}),
     )
     ids = [await _nap(client, queue, 300, "test.stubborn"), await _nap(client, queue, 300)]
-    await wait_until(lambda: _all(client, ids, "running"), timeout=30)
+    await _started(client, ids)
     started = time.monotonic()
     leaving.signal(signal.SIGTERM)
     assert await _exit_code(leaving, timeout=30) == EXIT_ABANDONED
@@ -195,7 +204,7 @@ async def test_second_signal_exits_even_when_a_handler_ignores_cancellation(
         settings=settings.model_copy(update={"shutdown_grace_seconds": 120.0}),
     )
     job_id = await _nap(client, queue, 300, "test.stubborn")
-    await wait_until(lambda: _all(client, [job_id], "running"), timeout=30)
+    await _started(client, [job_id])
     leaving.signal(signal.SIGTERM)
 
     async def draining() -> bool:
@@ -244,7 +253,7 @@ async def test_draining_jobs_keep_their_leases_while_other_workers_watch(
     )
     seconds = 4 * settings.claim_idle_seconds
     job_id = await _nap(client, queue, seconds)
-    await wait_until(lambda: _all(client, [job_id], "running"), timeout=30)
+    await _started(client, [job_id])
     spawn.worker([queue], name=f"watcher-{queue}")  # would reclaim a lapsed lease
     await asyncio.sleep(settings.claim_idle_seconds)  # the watcher is up and reclaiming
     leaving.signal(signal.SIGTERM)
