@@ -133,15 +133,27 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", "internal error")
 
 
+UNDEFINED_TABLE = "42P01"
+
+
 async def _database(request: Request, exc: Exception) -> JSONResponse:
     """A database error, SQLAlchemy-wrapped or raw asyncpg, by its SQLSTATE class: Postgres
     refused a value the validators let through (the request is at fault, a retry would not
     help: 422, nothing written, the transaction rolled back); it refused the statement itself
-    (our fault: 500); otherwise the database is unreachable or busy (503)."""
+    (our fault: 500), unless a table is missing (the schema was never migrated: 503); otherwise
+    the database is unreachable or busy (503)."""
     refusal = db_errors.refusal(exc)
     if refusal == "value":
         log.warning("Postgres refused a value: %s", db_errors.describe(exc))
         return error_response(422, "invalid", "a value in the request cannot be stored")
+    if db_errors.sqlstate(exc) == UNDEFINED_TABLE:  # not migrated: the operator's to fix
+        log.error("the database has no Conveyor tables: run `conveyor migrate`")
+        return error_response(
+            503,
+            "not_migrated",
+            "the database schema is not migrated; an operator must run `conveyor migrate`",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
     if refusal == "statement":
         return await _unexpected(request, exc)
     return await _unavailable(request, exc)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy.exc import DataError, OperationalError
 
 from app import errors as app_errors
 from app.api import errors
 from app.api.limits import BodyLimits
+from app.main import create_app
 from app.settings import Settings
+from tests.conftest import CLIENT_HEADERS, Backends
+from tests.support.db import scratch_database
 
 
 def _app() -> FastAPI:
@@ -129,3 +135,29 @@ async def test_value_postgres_refuses_is_422_and_writes_nothing(
         assert batch.status_code == 422, batch.text
     listed = (await client.get("/v1/jobs", params={"queue": queue})).json()
     assert listed["items"] == []
+
+
+@pytest.fixture
+def unmigrated(backends: Backends) -> Iterator[str]:
+    """An empty database: the API pointed at it before anyone ran ``conveyor migrate``."""
+    with scratch_database(backends.database_url, "conveyor_empty") as url:
+        yield url
+
+
+async def test_a_database_that_was_never_migrated_is_a_503_that_says_so(
+    settings: Settings, unmigrated: str
+) -> None:
+    """Not a 500 with a stack trace: the operator's fix is named, and nothing is written."""
+    app = create_app(settings.model_copy(update={"database_url": unmigrated}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://conveyor", headers=CLIENT_HEADERS
+        ) as client:
+            submitted = await client.post("/v1/jobs", json={"type": "demo.echo", "payload": {}})
+            read = await client.get(f"/v1/jobs/{uuid.uuid4()}")
+    for answer in (submitted, read):
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"] == "not_migrated"
+        assert "conveyor migrate" in answer.json()["message"]
+        assert answer.headers["retry-after"]
