@@ -196,10 +196,16 @@ JOB_FIELDS = ("id", "type", "queue", "status", "priority", "attempts", "created_
 JOB_TIMES = ("run_at", "started_at", "finished_at", "next_attempt_at")
 
 
-def job_table(job: Mapping[str, Any]) -> Table:
+def _record_table() -> Table:
+    """Two columns without a header: a field's name in bold, then its value."""
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
+    return table
+
+
+def job_table(job: Mapping[str, Any]) -> Table:
+    table = _record_table()
     for name in JOB_FIELDS:
         value = job.get(name)
         if name == "attempts":
@@ -237,9 +243,7 @@ SCHEDULE_TIMES = ("next_run_at", "last_run_at", "created_at", "updated_at")
 
 
 def schedule_table(schedule: Mapping[str, Any]) -> Table:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table = _record_table()
     for name in SCHEDULE_FIELDS:
         table.add_row(name, _cell(schedule.get(name)))
     table.add_row("payload", _cell(schedule.get("payload")))

@@ -13,6 +13,11 @@ class Principal:
     scope: str
     admin: bool
 
+    def sees(self, owner: str | None) -> bool:
+        """May this caller see a job submitted by ``owner``? Admins (and everyone when auth
+        is off) see every job; a producer key its own."""
+        return self.admin or self.name is None or owner == self.name
+
     @property
     def view(self) -> dict[str, bool]:
         """The validation context of the API's output models: tracebacks and worker names,

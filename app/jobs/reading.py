@@ -40,8 +40,6 @@ async def job(
 
 def shown(row: Row | None, principal: Principal) -> Row:
     """The job, if it exists and the caller may see it; else 404 (the same answer for both)."""
-    if row is None or not (
-        principal.admin or principal.name is None or row["owner"] == principal.name
-    ):
+    if row is None or not principal.sees(row["owner"]):
         raise NotFound("job not found")
     return row

@@ -118,13 +118,9 @@ async def get(session: AsyncSession, job_id: UUID, principal: Principal) -> JobR
 
 def shown(job: JobRow | None, principal: Principal) -> JobRow:
     """The job, if it exists and the caller may see it; else 404 (the same answer for both)."""
-    if job is None or not _visible(job, principal):
+    if job is None or not principal.sees(job.owner):
         raise NotFound("job not found")
     return job
-
-
-def _visible(job: JobRow, principal: Principal) -> bool:
-    return principal.admin or principal.name is None or job.owner == principal.name
 
 
 async def cancel(session: AsyncSession, job_id: UUID, principal: Principal) -> JobRow:

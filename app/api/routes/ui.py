@@ -295,7 +295,7 @@ async def workers(request: Request, state: StateDep, principal: PrincipalDep) ->
     snap = await state.snapshots.get()
     running: dict[str, list[Any]] = {}
     for r in snap.running:
-        if principal.admin or r.owner == principal.name:
+        if principal.sees(r.owner):
             running.setdefault(r.worker or "", []).append(r)
     return _page(
         request,
