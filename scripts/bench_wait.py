@@ -222,6 +222,8 @@ class Round:
     latency: list[float] = field(default_factory=list)  # submission → answer, s
     baseline: list[float] = field(default_factory=list)  # submission → finished_at, s
     late: list[float] = field(default_factory=list)  # finished_at → answer, s
+    start: list[float] = field(default_factory=list)  # submission → started_at, s
+    run: list[float] = field(default_factory=list)  # started_at → finished_at, s
     not_finished: int = 0  # answers with the job not yet terminal
     submit_seconds: float = 0.0  # the batch POST itself
     waiting_seconds: float = 0.0  # the batch's answer → the last GET's answer
@@ -270,6 +272,10 @@ async def one_round(client: Client, relay: Relay, jobs: int, nap: float) -> Roun
             continue
         r.baseline.append(finished - t0)
         r.late.append(at - finished)
+        started = _ts(job.get("started_at"))
+        if started is not None:
+            r.start.append(started - t0)
+            r.run.append(finished - started)
     return r
 
 
@@ -292,6 +298,8 @@ def summarize(rounds: list[Round], idle: float | None, args: argparse.Namespace)
     latency = [x for r in rounds for x in r.latency]
     baseline = [x for r in rounds for x in r.baseline]
     late = [x for r in rounds for x in r.late]
+    start = [x for r in rounds for x in r.start]
+    run = [x for r in rounds for x in r.run]
     lat, base = _ms(latency), _ms(baseline)
     return {
         "jobs": args.jobs,
@@ -304,6 +312,8 @@ def summarize(rounds: list[Round], idle: float | None, args: argparse.Namespace)
         "baseline_ms": base,
         "ratio": {k: round(lat[k] / base[k], 3) if base[k] else None for k in lat},
         "late_ms": _ms(late) if late else None,
+        "start_ms": _ms(start) if start else None,
+        "run_ms": _ms(run) if run else None,
         "within_bar": max(latency) <= args.nap + BAR_SLACK,
         "counted": not args.direct,
         "statements_waiting": [r.statements_waiting for r in rounds],
@@ -329,6 +339,8 @@ def report(f: dict[str, Any]) -> None:
         ("submission → finished_at (baseline)", f["baseline_ms"]),
         ("ratio", f["ratio"]),
         ("finished_at → answer (lateness)", f["late_ms"]),
+        ("submission → started_at", f.get("start_ms")),
+        ("started_at → finished_at", f.get("run_ms")),
     ]
     for name, values in rows:
         if values:

@@ -89,6 +89,7 @@ class Reader:
         running = self.ctx.running
         controls = self.controls
         interval = self.ctx.settings.promote_interval_seconds
+        woke = False  # the blocking read just returned entries: start them before reading more
         # Not ``while True``: redis-py can swallow the cancellation of a blocking XREADGROUP,
         # and the loop must still end with the worker.
         while not self.ctx.stopping.is_set():
@@ -99,8 +100,12 @@ class Reader:
             batch: list[Delivery] = []  # ours until start() takes it
             try:
                 batch = running.take_held(slots)
-                if len(batch) < slots:
+                # After an idle wait, the entry that ended it is claimed at once: reading
+                # every band first would put a round trip per band before the first job of
+                # a quiet queue. What came meanwhile is read on the next turn.
+                if len(batch) < slots and not (woke and batch):
                     await self._read_by_band(streams, slots, batch)
+                woke = False
                 if batch:
                     taken, batch = batch, []
                     await self.start(taken, slots)
@@ -114,6 +119,7 @@ class Reader:
                 name = self.ctx.name
                 found = await self.ctx.stream.read(streams, name, 1, READ_BLOCK_MS)
                 running.held.extend(found)
+                woke = bool(found)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
