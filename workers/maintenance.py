@@ -17,11 +17,12 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from app.jobs import attempts, retention, workers_table
+from app.jobs import attempts, repository, retention, workers_table
 from app.jobs.attempts import Dead
 from app.jobs.redispatch import Redispatcher
 from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
+from app.schedules import repository as schedules_repository
 from app.schedules.due import ScheduleDuty
 from workers import shutdown, telemetry
 from workers.callbacks import CallbackDuty
@@ -52,6 +53,9 @@ class Maintenance:
         registry = load_handlers(ctx.settings.handler_module_list)  # imported already
         self.retention = retention.Policy.of(ctx.settings, registry)
         self.callbacks = CallbackDuty(ctx)
+        self.schedules = ScheduleDuty(
+            ctx.sessions, ctx.dispatcher, registry, ctx.config.queues, ctx.settings
+        )
 
     def lease_loops(self) -> list[Coroutine[Any, Any, None]]:
         """Heartbeat and entry refresh: they run until the worker has handed back its jobs,
@@ -66,16 +70,7 @@ class Maintenance:
         s = self.ctx.settings
         return [
             self._every(s.promote_interval_seconds, self.promote_and_dispatch),
-            self._every(
-                s.promote_interval_seconds,
-                ScheduleDuty(
-                    self.ctx.sessions,
-                    self.ctx.dispatcher,
-                    load_handlers(s.handler_module_list),  # imported already: the same registry
-                    self.ctx.config.queues,
-                    s,
-                ).run_schedules,
-            ),
+            self._every(s.promote_interval_seconds, self.run_schedules),
             self._reconcile_loop(),
             self._every(PRUNE_EVERY_SECONDS, self.prune_finished),
             self._every(CALLBACK_EVERY_SECONDS, self.callbacks.deliver_callbacks),
@@ -156,7 +151,19 @@ class Maintenance:
     # -- promotion and dispatch -------------------------------------------------------------------
 
     async def promote_and_dispatch(self) -> None:
-        await self.redispatch.promote_and_sweep()
+        """Promote due jobs (looked for first with one cheap statement) and sweep in turn."""
+        async with self.ctx.db.acquire() as conn:
+            due = await repository.anything_due(conn, self.ctx.config.queues)
+        await self.redispatch.promote_and_sweep(promote=due)
+
+    async def run_schedules(self) -> None:
+        """Make the jobs of due schedule slots; once the declared schedules are synced, only
+        when one cheap statement finds a slot due."""
+        if self.schedules.synced:
+            async with self.ctx.db.acquire() as conn:
+                if not await schedules_repository.any_due(conn, self.ctx.config.queues):
+                    return
+        await self.schedules.run_schedules()
 
     # -- reclaim ------------------------------------------------------------------------------
 

@@ -7,11 +7,13 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
+from app.db.url import asyncpg_dsn as dsn
 from app.db.models import ScheduleRow
 from app.jobs import marks
 from app.jobs.dispatch import Dispatcher
@@ -257,3 +259,26 @@ async def test_a_schedule_that_cannot_be_computed_is_paused(sessions: Sessions, 
         row = await repository.get(session, name)
     assert row is not None and row.enabled is False and row.next_run_at is None
     assert await due_check(sessions, queue) == 0
+
+
+async def test_the_idle_probe_sees_a_due_slot_exactly_when_the_due_check_would(
+    settings: Settings, sessions: Sessions, queue: str
+) -> None:
+    """The worker skips the due check while ``any_due`` says no: it must say yes whenever the
+    check would make a job, and no for a later slot, another queue or a paused schedule."""
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    try:
+        assert not await repository.any_due(conn, [queue])
+        later, _ = await add_schedule(sessions, queue, "@every 1h", behind=-3600)
+        assert not await repository.any_due(conn, [queue])
+        name, _ = await add_schedule(sessions, queue, "@every 1s", behind=2)
+        assert await repository.any_due(conn, [queue])
+        assert await repository.any_due(conn, ["elsewhere", queue])
+        assert not await repository.any_due(conn, [f"{queue}-other"])
+        async with sessions.begin() as session:
+            await repository.change(session, name, {"enabled": False, "next_run_at": None})
+        assert not await repository.any_due(conn, [queue])
+        assert await due_check(sessions, queue) == 0
+        assert await slots_of(sessions, later) == []
+    finally:
+        await conn.close()
