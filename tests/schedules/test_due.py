@@ -13,8 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_session_factory
-from app.db.url import asyncpg_dsn as dsn
 from app.db.models import ScheduleRow
+from app.db.url import asyncpg_dsn as dsn
 from app.jobs import marks
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import Registry
