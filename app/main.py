@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -21,6 +20,7 @@ from app.api.ratelimit import RateLimiter
 from app.api.routes import dlq, flow, jobs, ops, schedules, ui
 from app.db.engine import create_engine, create_session_factory
 from app.db.pool import create_pool
+from app.gcpolicy import settle_gc
 from app.jobs import layout, lifecycle
 from app.jobs.dispatch import Dispatcher
 from app.jobs.intake import Intake
@@ -52,17 +52,6 @@ its result schema (from the handler's return annotation) under
 `components/schemas/JobResult.<type>`, and both at `GET /v1/job-types`. The body of
 `POST /v1/jobs` (`JobCreate`) is one of `JobCreate.<type>`, discriminated by `type`.
 """
-
-
-def settle_gc() -> None:
-    """Once a server process has started: what exists now lives as long as the process, so the
-    collector stops scanning it (``gc.freeze``); and young collections run every 50,000 net
-    allocations instead of 700. A request's garbage is freed by reference counting almost all
-    of it, and collecting less often took the collector from about 12 % of the API's CPU under
-    load to a few percent (docs/performance.md)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def _lifespan(

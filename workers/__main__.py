@@ -11,6 +11,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 
+from app.gcpolicy import settle_gc
 from app.jobs.layout import LayoutMismatch
 from app.jobs.workers_table import NameInUse
 from app.logs import configure
@@ -84,6 +85,7 @@ def run_worker(
     if tracing.setup("conveyor-worker"):  # off unless the OTEL_* variables ask for it
         tracing.instrument_libraries("httpx")  # handlers' calls; the worker's own SQL is not
     worker = Worker(settings, config)
+    settle_gc()  # the handlers are imported: what exists now lives as long as the process
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_main(worker))
