@@ -16,7 +16,6 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Float,
-    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -259,14 +258,16 @@ class JobRow(Base):
 
 
 class JobEventRow(Base):
-    """Append-only history of every transition, written in the transition's own statement."""
+    """Append-only history of every transition, written in the transition's own statement.
+
+    No foreign key to ``jobs`` (ADR 0027): the statement that writes an event holds its job's
+    row, so the key's per-row check added nothing but cost; retention deletes a job's events
+    with the job (app/jobs/retention.py)."""
 
     __tablename__ = "job_events"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    job_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE")
-    )
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     event: Mapped[str] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer)

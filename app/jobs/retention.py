@@ -4,9 +4,9 @@ How long is decided per terminal status (``CONVEYOR_RETENTION_SUCCEEDED_SECONDS`
 ``..._CANCELLED_SECONDS``, ``..._DEAD_SECONDS``; 0 keeps forever) and may be overridden per
 job type (``@job_type(..., retention={"succeeded": 3600})``). The policy is read when a job is
 shown (``result_expires_at``) and when the workers prune, never stored in the row: a changed
-setting applies to every finished job at once. A job goes with its events (``ON DELETE
-CASCADE``) and with its idempotency key (a column of the row), so a key can be used again once
-its job is gone.
+setting applies to every finished job at once. A job goes with its events (deleted in the
+same statement: ``job_events`` has no foreign key to cascade, ADR 0027) and with its
+idempotency key (a column of the row), so a key can be used again once its job is gone.
 
 Pruning (:func:`prune_pass`) walks ``ix_jobs_finished`` (status, type, finished_at, over the
 finished rows only): the distinct types of a status by a skip scan, then for each (status,
@@ -92,16 +92,24 @@ SELECT type FROM t WHERE type IS NOT NULL
 """
 
 # The oldest expired rows of one (status, type), straight from ix_jobs_finished. A job whose
-# completion callback is still being delivered waits for it. Events go by ON DELETE CASCADE.
+# completion callback is still being delivered waits for it. Its events go in the same
+# statement, found by ix_job_events_job: no event can be added meanwhile, since every event is
+# written by a statement that changes its job's row, which this one holds locked.
 _DELETE = """
-DELETE FROM jobs WHERE id = ANY(ARRAY(
-    SELECT id FROM jobs
-    WHERE status = $1 AND type = $2 AND finished_at IS NOT NULL
-      AND finished_at < statement_timestamp() - make_interval(secs => $3)
-      AND callback_status IS DISTINCT FROM 'pending'
-    ORDER BY finished_at LIMIT $4
-    FOR UPDATE SKIP LOCKED
-))
+WITH gone AS (
+    DELETE FROM jobs WHERE id = ANY(ARRAY(
+        SELECT id FROM jobs
+        WHERE status = $1 AND type = $2 AND finished_at IS NOT NULL
+          AND finished_at < statement_timestamp() - make_interval(secs => $3)
+          AND callback_status IS DISTINCT FROM 'pending'
+        ORDER BY finished_at LIMIT $4
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING id
+), events AS (
+    DELETE FROM job_events WHERE job_id = ANY(ARRAY(SELECT id FROM gone))
+)
+SELECT count(*) FROM gone
 """
 
 
@@ -117,8 +125,8 @@ async def prune_batch(
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK):
             return None
-        tag = await conn.execute(_DELETE, status.value, type_, seconds, limit)
-    return int(tag.split()[-1])
+        deleted = await conn.fetchval(_DELETE, status.value, type_, seconds, limit)
+    return int(deleted)
 
 
 @dataclass
