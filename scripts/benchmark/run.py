@@ -31,7 +31,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10, help="wrk duration")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--api-workers", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=64, help="Conveyor worker --concurrency")
+    p.add_argument(
+        "--concurrency", type=int, default=64, help="Conveyor worker --concurrency (latency)"
+    )
+    p.add_argument(
+        "--drain-concurrency",
+        type=int,
+        default=500,
+        help="Conveyor worker --concurrency for the drains: a no-op backlog is best served by"
+        " the widest claim (500 a statement), as PgQueuer's by its batch of 100",
+    )
     p.add_argument(
         "--rates", default="25,50,100,200,400,700,1000,1500,2000", help="open-loop steps"
     )
@@ -144,6 +153,7 @@ class Run:
         await c.start_api(self.args.api_workers)
         r, cpu_ms = await c.single_post(self.args.seconds, self.args.connections, f"post{rep}")
         self._single_post(CONVEYOR, r, cpu_ms)
+        c.concurrency = self.args.drain_concurrency
         for n in self.processes:
             submitted, drained, rss = await c.drain(
                 f"drain{n}-{rep}", self.args.jobs, n, self._timeout()
@@ -152,6 +162,7 @@ class Run:
             if n == self.processes[0]:
                 self.results.add(CONVEYOR, "batch submit (1000 per request)", "jobs/s", submitted)
                 print(f"   conveyor batch submit {submitted:,.0f} jobs/s", flush=True)
+        c.concurrency = self.args.concurrency
         queues = [f"lat{rep}-{i}" for i in range(len(self.rates))]
         c.start_workers(queues, 1)
         await c.ready(queues[:1])
