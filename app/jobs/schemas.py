@@ -241,9 +241,12 @@ class Job(BaseModel):
         """``callback`` and ``result_expires_at`` from the row's columns."""
         if isinstance(data, Mapping):
             values = dict(data)
-        else:
-            names = [*cls.model_fields, *_CALLBACK_COLUMNS]
-            values = {n: getattr(data, n) for n in names if hasattr(data, n)}
+        else:  # an ORM row: one attribute read per name (hasattr + getattr read each twice)
+            values = {}
+            for name in (*cls.model_fields, *_CALLBACK_COLUMNS):
+                value = getattr(data, name, _ABSENT)
+                if value is not _ABSENT:
+                    values[name] = value
         if "callback" not in values:
             values["callback"] = _callback(values)
         if "result_expires_at" not in values and values.get("status") is not None:
@@ -256,6 +259,7 @@ class Job(BaseModel):
 
 
 _CALLBACK_COLUMNS = ("callback_status", "callback_attempts", "callback_last_error")
+_ABSENT = object()
 
 
 class JobBatch(BaseModel):
