@@ -12,7 +12,8 @@ Streams) and dramatiq (Redis). Peers that are not installed are skipped. Workloa
 - open-loop submit→start latency at stepped offered rates (200 and 1,000 jobs/s always),
   p50/p99, and the knee: the highest rate whose p99 stays within 100 ms;
 - drain of N pre-loaded no-op jobs with 1 and 2 worker processes (Conveyor's workers at
-  ``--drain-concurrency``, 500 by default, its widest claim; PgQueuer with dequeue batches of
+  ``--drain-concurrency``, 1,000 by default: two full claims of 500 in flight, so that one
+  is claimed while the other's outcomes are written; PgQueuer with dequeue batches of
   100 and of 10, its default; the latency steps use ``--concurrency``, 64 by default);
 - batch submit (POST /v1/jobs/batch, 1000 per request) against PgQueuer's batch enqueue;
 - RSS of the API and worker processes after their runs.

@@ -37,9 +37,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--drain-concurrency",
         type=int,
-        default=500,
+        default=1000,
         help="Conveyor worker --concurrency for the drains: a no-op backlog is best served by"
-        " the widest claim (500 a statement), as PgQueuer's by its batch of 100",
+        " two full claims (500 a statement) in flight, as PgQueuer's by its batch of 100",
     )
     p.add_argument(
         "--rates", default="25,50,100,200,400,700,1000,1500,2000", help="open-loop steps"
