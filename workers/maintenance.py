@@ -22,7 +22,6 @@ from app.jobs.attempts import Dead
 from app.jobs.redispatch import Redispatcher
 from app.jobs.registry import load_handlers
 from app.jobs.status import JobStatus
-from app.schedules import repository as schedules_repository
 from app.schedules.due import ScheduleDuty
 from workers import shutdown, telemetry
 from workers.callbacks import CallbackDuty
@@ -69,8 +68,7 @@ class Maintenance:
         """The other duties: they stop as soon as the worker stops."""
         s = self.ctx.settings
         return [
-            self._every(s.promote_interval_seconds, self.promote_and_dispatch),
-            self._every(s.promote_interval_seconds, self.run_schedules),
+            self._every(s.promote_interval_seconds, self.poll_due),
             self._reconcile_loop(),
             self._every(PRUNE_EVERY_SECONDS, self.prune_finished),
             self._every(CALLBACK_EVERY_SECONDS, self.callbacks.deliver_callbacks),
@@ -150,20 +148,18 @@ class Maintenance:
 
     # -- promotion and dispatch -------------------------------------------------------------------
 
-    async def promote_and_dispatch(self) -> None:
-        """Promote due jobs (looked for first with one cheap statement) and sweep in turn."""
+    async def poll_due(self) -> None:
+        """One statement asks what is due; then promote due jobs (and sweep in turn), and make
+        the jobs of due schedule slots (always until the declared schedules are synced). A
+        failure of one does not keep the other from running."""
         async with self.ctx.db.acquire() as conn:
-            due = await repository.anything_due(conn, self.ctx.config.queues)
-        await self.redispatch.promote_and_sweep(promote=due)
-
-    async def run_schedules(self) -> None:
-        """Make the jobs of due schedule slots; once the declared schedules are synced, only
-        when one cheap statement finds a slot due."""
-        if self.schedules.synced:
-            async with self.ctx.db.acquire() as conn:
-                if not await schedules_repository.any_due(conn, self.ctx.config.queues):
-                    return
-        await self.schedules.run_schedules()
+            due = await repository.due_work(conn, self.ctx.config.queues)
+        try:
+            await self.redispatch.promote_and_sweep(promote=due.jobs)
+        except Exception as exc:
+            log.warning("promote_and_sweep failed: %s", exc)
+        if due.slots or not self.schedules.synced:
+            await self.schedules.run_schedules()
 
     # -- reclaim ------------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ class Redispatcher:
     async def promote_and_sweep(self, *, promote: bool = True) -> None:
         """Due scheduled/retrying jobs → queued → their streams; then, every ``sweep_every``
         seconds, the unconfirmed ones again. ``promote=False``: the caller found nothing due
-        (:func:`app.jobs.repository.anything_due`), so only the sweep's turn is checked."""
+        (:func:`app.jobs.repository.due_work`), so only the sweep's turn is checked."""
         while promote:
             async with self.sessions.begin() as session:
                 targets = await repository.promote_due(session, self.queues, PROMOTE_BATCH)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -90,11 +90,13 @@ SELECT id, queue, priority FROM upd
 """
 
 
-# Whether a promotion poll has anything to do: one probe of each due index per queue, on the
-# worker's asyncpg pool. An idle worker polls four times a second; this way each poll is one
-# prepared statement, not an ORM transaction around the locking promotion. Ordered like
-# _PROMOTE, for the same reason: the (queue, time) indexes, never a walk of the jobs not due.
-_ANY_DUE = """
+# What a worker's poll has to do: due scheduled or retrying jobs of its queues (promotion),
+# and due slots of their schedules (the due check). One prepared statement on the worker's
+# asyncpg pool: an idle worker polls four times a second, and this way each poll is one
+# statement, not two ORM transactions around the locking work. The job probes are ordered
+# like _PROMOTE, for the same reason: the (queue, time) indexes, never a walk of the jobs
+# not yet due.
+_DUE = """
 SELECT EXISTS (
     SELECT FROM unnest($1::text[]) AS q(queue) CROSS JOIN LATERAL (
         SELECT FROM jobs WHERE status = 'scheduled' AND queue = q.queue AND run_at <= now()
@@ -106,14 +108,24 @@ SELECT EXISTS (
         WHERE status = 'retrying' AND queue = q.queue AND next_attempt_at <= now()
         ORDER BY next_attempt_at LIMIT 1
     ) AS r
+), EXISTS (
+    SELECT FROM schedules WHERE enabled AND next_run_at <= now() AND queue = ANY($1::text[])
 )
 """
 
 
-async def anything_due(conn: asyncpg.Connection, queues: Sequence[str]) -> bool:
-    """Is some scheduled or retrying job of these queues due (what :func:`promote_due`
-    would take, locked or not)?"""
-    return bool(await conn.fetchval(_ANY_DUE, list(queues)))
+class Due(NamedTuple):
+    """What a poll of these queues would find."""
+
+    jobs: bool  # a scheduled or retrying job is due: what :func:`promote_due` takes
+    slots: bool  # an enabled schedule has a slot due: what ``schedules.lock_due`` locks
+
+
+async def due_work(conn: asyncpg.Connection, queues: Sequence[str]) -> Due:
+    """Whether promotion and the schedules' due check have work, locked rows included."""
+    row = await conn.fetchrow(_DUE, list(queues))
+    assert row is not None
+    return Due(bool(row[0]), bool(row[1]))
 
 
 async def promote_due(

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -98,19 +97,6 @@ async def remove(session: AsyncSession, name: str) -> bool:
         delete(ScheduleRow).where(ScheduleRow.name == name).returning(ScheduleRow.name)
     )
     return result.first() is not None
-
-
-_ANY_DUE = """
-SELECT EXISTS (
-    SELECT FROM schedules WHERE enabled AND next_run_at <= now() AND queue = ANY($1::text[])
-)
-"""
-
-
-async def any_due(conn: asyncpg.Connection, queues: Sequence[str]) -> bool:
-    """Has some enabled schedule of these queues a slot due (what :func:`lock_due` would
-    lock)? One prepared statement on the worker's asyncpg pool: the idle poll."""
-    return bool(await conn.fetchval(_ANY_DUE, list(queues)))
 
 
 async def lock_due(

@@ -316,21 +316,21 @@ async def test_promote_refuses_what_is_not_due(session: AsyncSession, start: Job
 async def test_the_idle_probe_sees_a_due_job_exactly_when_promote_would(
     session: AsyncSession, start: JobStatus
 ) -> None:
-    """The worker skips the promotion while ``anything_due`` says no: it must say yes for a
+    """The worker skips the promotion while ``due_work(...).jobs`` says no: it must say yes for a
     due job of its queues (and promote must then move it), no for one not yet due."""
     conn = await _raw(session)
     now = await db_now(session)
     when = "run_at" if start is S.SCHEDULED else "next_attempt_at"
     later = await make_job(session, start, **{when: now + SECOND})
-    assert not await repository.anything_due(conn, [later.queue])
+    assert not (await repository.due_work(conn, [later.queue])).jobs
     assert not await promote(session, later)
     due = await make_job(session, start, queue=later.queue)
-    assert await repository.anything_due(conn, ["elsewhere", due.queue])
-    assert not await repository.anything_due(conn, ["elsewhere"])
+    assert (await repository.due_work(conn, ["elsewhere", due.queue])).jobs
+    assert not (await repository.due_work(conn, ["elsewhere"])).jobs
     for other in (S.QUEUED, S.RUNNING, S.SUCCEEDED, S.DEAD):  # never due, whatever their times
-        assert not await repository.anything_due(conn, [(await make_job(session, other)).queue])
+        assert not (await repository.due_work(conn, [(await make_job(session, other)).queue])).jobs
     assert await promote(session, due)
-    assert not await repository.anything_due(conn, [due.queue])
+    assert not (await repository.due_work(conn, [due.queue])).jobs
 
 
 async def test_reclaim_refuses_a_live_lease(session: AsyncSession) -> None:

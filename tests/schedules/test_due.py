@@ -16,6 +16,7 @@ from app.db.engine import create_engine, create_session_factory
 from app.db.models import ScheduleRow
 from app.db.url import asyncpg_dsn as dsn
 from app.jobs import marks
+from app.jobs import repository as jobs_repository
 from app.jobs.dispatch import Dispatcher
 from app.jobs.registry import Registry
 from app.schedules import repository
@@ -264,20 +265,21 @@ async def test_a_schedule_that_cannot_be_computed_is_paused(sessions: Sessions, 
 async def test_the_idle_probe_sees_a_due_slot_exactly_when_the_due_check_would(
     settings: Settings, sessions: Sessions, queue: str
 ) -> None:
-    """The worker skips the due check while ``any_due`` says no: it must say yes whenever the
-    check would make a job, and no for a later slot, another queue or a paused schedule."""
+    """The worker skips the due check while ``due_work(...).slots`` says no: it must say yes
+    whenever the check would make a job, and no for a later slot, another queue or a paused
+    schedule."""
     conn = await asyncpg.connect(dsn(settings.database_url))
     try:
-        assert not await repository.any_due(conn, [queue])
+        assert not (await jobs_repository.due_work(conn, [queue])).slots
         later, _ = await add_schedule(sessions, queue, "@every 1h", behind=-3600)
-        assert not await repository.any_due(conn, [queue])
+        assert not (await jobs_repository.due_work(conn, [queue])).slots
         name, _ = await add_schedule(sessions, queue, "@every 1s", behind=2)
-        assert await repository.any_due(conn, [queue])
-        assert await repository.any_due(conn, ["elsewhere", queue])
-        assert not await repository.any_due(conn, [f"{queue}-other"])
+        assert (await jobs_repository.due_work(conn, [queue])).slots
+        assert (await jobs_repository.due_work(conn, ["elsewhere", queue])).slots
+        assert not (await jobs_repository.due_work(conn, [f"{queue}-other"])).slots
         async with sessions.begin() as session:
             await repository.change(session, name, {"enabled": False, "next_run_at": None})
-        assert not await repository.any_due(conn, [queue])
+        assert not (await jobs_repository.due_work(conn, [queue])).slots
         assert await due_check(sessions, queue) == 0
         assert await slots_of(sessions, later) == []
     finally:
