@@ -45,6 +45,7 @@ def _entry_age(delivery: Delivery, now: float) -> float | None:
 def started(claimed: Sequence[Claim], deliveries: Mapping[UUID, Delivery], worker: str) -> None:
     """Attempts won by a claim: counted, their queue wait observed, their start noted."""
     wall, mono = time.time(), time.monotonic()
+    info = log.isEnabledFor(logging.INFO)  # the line's fields are not built for nothing
     for job in claimed:
         labels = (job.queue, job.type)
         TALLY.count(f.STARTED, labels)
@@ -53,7 +54,8 @@ def started(claimed: Sequence[Claim], deliveries: Mapping[UUID, Delivery], worke
         if waited is not None:
             TALLY.observe(f.QUEUE_WAIT, labels, waited)
         _begun[(job.id, job.token)] = mono
-        log.info("job started", extra=_fields(job, worker, "started", waited))
+        if info:
+            log.info("job started", extra=_fields(job, worker, "started", waited))
 
 
 def reported(
@@ -65,6 +67,7 @@ def reported(
 ) -> None:
     """Outcomes written (or fenced off) by one report statement."""
     now = time.monotonic()
+    info = log.isEnabledFor(logging.INFO)
     went_dead = {d.id for d in dead}
     for completion, entry in batch:
         job = entry.job
@@ -76,7 +79,8 @@ def reported(
         event = _outcome(completion, job.id in moved, job.id in went_dead, labels)
         if job.id in ages:
             TALLY.observe(f.END_TO_END, labels, ages[job.id])
-        log.info("job %s", event, extra=_fields(job, worker, event, ran))
+        if info:
+            log.info("job %s", event, extra=_fields(job, worker, event, ran))
 
 
 def _outcome(c: Completion, moved: bool, dead: bool, labels: tuple[str, str]) -> str:
