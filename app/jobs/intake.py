@@ -161,9 +161,12 @@ class Intake:
         ]
         if targets:
             await self.dispatcher.send_after_commit(targets)
+        info = log.isEnabledFor(logging.INFO)  # a line's fields are not built for nothing
         for a in answers:
             if a.created and a.new is not None:
                 TALLY.count(SUBMITTED, (a.new.queue, a.new.type))
+                if not info:
+                    continue
                 log.info(
                     "job submitted",
                     extra={
