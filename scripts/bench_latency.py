@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -186,26 +185,8 @@ async def run(args: argparse.Namespace, server: str, redis_url: str) -> list[dic
 
 
 async def main(args: argparse.Namespace) -> None:
-    from app.devserver import EmbeddedPostgres, EmbeddedRedis
-
-    tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-latency-servers-"))
-    servers: list[EmbeddedPostgres | EmbeddedRedis] = []
-    server = os.environ.get("CONVEYOR_TEST_DATABASE_URL")
-    redis_url = os.environ.get("CONVEYOR_TEST_REDIS_URL")
-    try:
-        if not server:
-            pg = EmbeddedPostgres(tmp / "pg")
-            server = pg.start()
-            servers.append(pg)
-        if not redis_url:
-            rd = EmbeddedRedis(tmp / "redis", persistent=False)
-            redis_url = rd.start()
-            servers.append(rd)
+    with infra.servers() as (server, redis_url):
         results = await run(args, server, redis_url)
-    finally:
-        for s in servers:
-            s.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

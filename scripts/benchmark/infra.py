@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -117,6 +118,32 @@ def py_spy() -> str:
     if not found:
         raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
     return found
+
+
+@contextlib.contextmanager
+def servers() -> Iterator[tuple[str, str]]:
+    """The Postgres server URL and Redis URL of CONVEYOR_TEST_DATABASE_URL and
+    CONVEYOR_TEST_REDIS_URL, or embedded servers for those not set (stopped afterwards)."""
+    from app.devserver import EmbeddedPostgres, EmbeddedRedis
+
+    tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-servers-"))
+    started: list[EmbeddedPostgres | EmbeddedRedis] = []
+    try:
+        server = os.environ.get("CONVEYOR_TEST_DATABASE_URL")
+        redis_url = os.environ.get("CONVEYOR_TEST_REDIS_URL")
+        if not server:
+            pg = EmbeddedPostgres(tmp / "pg")
+            server = pg.start()
+            started.append(pg)
+        if not redis_url:
+            rd = EmbeddedRedis(tmp / "redis", persistent=False)
+            redis_url = rd.start()
+            started.append(rd)
+        yield server, redis_url
+    finally:
+        for s in reversed(started):
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tree(pid: int) -> Iterator[psutil.Process]:

@@ -281,32 +281,16 @@ def _finite(x: float) -> float | None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    from app.devserver import EmbeddedPostgres, EmbeddedRedis
-
-    tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
-    servers: list[EmbeddedPostgres | EmbeddedRedis] = []
-    server = os.environ.get("CONVEYOR_TEST_DATABASE_URL")
-    redis_url = os.environ.get("CONVEYOR_TEST_REDIS_URL")
-    if not server:
-        pg = EmbeddedPostgres(tmp / "pg")
-        server = pg.start()
-        servers.append(pg)
-    if not redis_url:
-        rd = EmbeddedRedis(tmp / "redis", persistent=False)
-        redis_url = rd.start()
-        servers.append(rd)
-    if not load.have_wrk():
-        print("wrk not found: single-POST figures need it (apt-get install wrk)", flush=True)
-    run = Run(args, server, redis_url)
-    started = time.monotonic()
-    try:
-        for rep in range(args.repeat):
-            await run.repetition(rep)
-    finally:
-        await run.cleanup()
-        for s in servers:
-            s.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with infra.servers() as (server, redis_url):
+        if not load.have_wrk():
+            print("wrk not found: single-POST figures need it (apt-get install wrk)", flush=True)
+        run = Run(args, server, redis_url)
+        started = time.monotonic()
+        try:
+            for rep in range(args.repeat):
+                await run.repetition(rep)
+        finally:
+            await run.cleanup()
     run.results.settings["out"] = os.path.relpath(args.out, infra.ROOT)
     run.results.settings["seconds_taken"] = f"{time.monotonic() - started:.0f}"
     run.results.settings["removed"] = {"databases": run.databases, "redis": run.redis_patterns}
