@@ -25,7 +25,7 @@ from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
 from app.observe import tracing
-from app.streams.client import BandReadError, Delivery
+from app.streams.client import Delivery
 from workers import telemetry
 from workers.cancellation import report
 from workers.context import Attempt, Running, WorkerContext
@@ -77,7 +77,6 @@ class Reader:
         idle = ctx.settings.claim_idle_seconds
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
         self._claims: set[asyncio.Future[None]] = set()
-        self._notices: set[asyncio.Task[None]] = set()  # PUBLISHes in flight
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         loops = [self._read_loop(q, p) for q, p in self.ctx.partitions]
@@ -133,13 +132,13 @@ class Reader:
                 running.unreserve(slots)
 
     async def _read_by_band(self, streams: list[str], want: int, into: list[Delivery]) -> None:
-        """Highest band first, without blocking, until ``into`` holds ``want`` deliveries: one
-        round trip. An error in a later band's read loses none of the earlier bands'."""
-        try:
-            into += await self.ctx.stream.read_bands(streams, self.ctx.name, want - len(into))
-        except BandReadError as exc:
-            into += exc.deliveries
-            raise
+        """Highest band first, without blocking, until ``into`` holds ``want`` deliveries
+        (appended as each read returns, so an error in a later read loses none)."""
+        name = self.ctx.name
+        for stream in streams:
+            if len(into) >= want:
+                break
+            into += await self.ctx.stream.read([stream], name, want - len(into), None)
 
     # -- source 2: entries of dead consumers ------------------------------------------------------
 
@@ -234,10 +233,7 @@ class Reader:
             entry = Running(job, fresh.pop(job.id))
             running.add(entry)
             entry.task = asyncio.create_task(self._run(entry))
-        if claimed:  # wakes SSE followers; off the read loop's path (it never raises)
-            notice = asyncio.create_task(ctx.changes.publish((), [job.id for job in claimed]))
-            self._notices.add(notice)
-            notice.add_done_callback(self._notices.discard)
+        await ctx.changes.publish((), [job.id for job in claimed])  # wakes SSE followers
         # The rest were taken, cancelled or finished: their entries are done with.
         await ctx.stream.ack([*fresh.values(), *batch.dropped])
 

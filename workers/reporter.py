@@ -138,14 +138,11 @@ class Reporter:
                 moved |= handed
                 dead += gone
         telemetry.reported(batch, moved, dead, ages, ctx.name)
+        await self._announce(known, moved, dead)
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
-        # (or to XAUTOCLAIM, whose claim then drops it). The job-change message goes first,
-        # in the same round trip.
+        # (or to XAUTOCLAIM, whose claim then drops it).
         try:
-            await ctx.stream.ack(
-                [e.delivery for c, e in batch if c.id in moved],
-                notice=self._notice(known, moved, dead),
-            )
+            await ctx.stream.ack([e.delivery for c, e in batch if c.id in moved])
         except Exception as exc:  # written already: never redo it; XAUTOCLAIM drops the entries
             log.warning("ack of %d finished entries failed (%s)", len(moved), exc)
         await self.dead_lettered(dead)
@@ -154,16 +151,16 @@ class Reporter:
             log.info("%d outcome(s) fenced off: a newer attempt or a cancel won", stale)
         ctx.running.finished([e.attempt for _, e in batch])
 
-    def _notice(
+    async def _announce(
         self, known: Sequence[Completion], moved: set[UUID], dead: Sequence[Dead]
-    ) -> tuple[str, str] | None:
+    ) -> None:
         """One job-change message for the batch: the jobs that are terminal now (succeeded or
         dead, or cancelled) wake the API's ``?wait=`` requests; the others (retrying, handed
         back) only the followers of their events. (A failure with attempts left that a cancel
         request turned into ``cancelled`` is left to the API's slow re-check.)"""
         terminal = {c.id for c in known if (c.error is None or c.cancelled) and c.id in moved}
         terminal.update(d.id for d in dead)
-        return self.ctx.changes.notice(terminal, moved - terminal)
+        await self.ctx.changes.publish(terminal, moved - terminal)
 
     async def dead_lettered(self, jobs: Sequence[Dead]) -> None:
         """Tell ``<prefix>:dlq`` (a notification: the DLQ of record is the ``dead`` status)."""

@@ -46,15 +46,6 @@ class Reclaimed:
     deleted: list[str]  # pending ids whose entries no longer exist (Redis >= 7 XAUTOCLAIM)
 
 
-class BandReadError(ResponseError):
-    """A band read failed after earlier bands' reads took entries: those are ``deliveries``
-    (delivered to this consumer, so the caller must keep them)."""
-
-    def __init__(self, message: str, deliveries: list[Delivery]) -> None:
-        super().__init__(message)
-        self.deliveries = deliveries
-
-
 def _group_gone(exc: ResponseError) -> bool:
     """``NOGROUP``: the stream or its group does not exist; ``UNBLOCKED``: the stream was
     deleted while a blocking read waited on it."""
@@ -79,7 +70,6 @@ class StreamClient:
         self.maxlen = maxlen
         self._dispatch = redis.register_script(_script("dispatch"))
         self._ratelimit = redis.register_script(_script("ratelimit"))
-        self._read_bands = redis.register_script(_script("read_bands"))
         self._groups: set[str] = set()
         self.data_loss = asyncio.Event()  # set when a consumer group had vanished
         self.lost: set[str] = set()  # streams whose group was missing, not yet re-sent
@@ -260,27 +250,6 @@ class StreamClient:
             for entry_id, fields in entries
         ]
 
-    async def read_bands(self, streams: Sequence[str], consumer: str, count: int) -> list[Delivery]:
-        """Without blocking, XREADGROUP new entries from ``streams`` (the bands of one
-        partition, highest first) until ``count`` are read: one round trip (read_bands.lua).
-
-        A stream whose group is gone is recreated, as :meth:`read` does. Any other error is
-        raised as :class:`BandReadError`, which carries the entries the earlier bands gave.
-        """
-        read, failed = await self._read_bands(keys=list(streams), args=[GROUP, consumer, count])
-        deliveries = [
-            _delivery(_text(stream), _text(entry_id), _pairs(fields))
-            for stream, entries in read
-            for entry_id, fields in entries
-        ]
-        gone = [_text(stream) for stream, err in failed if _group_gone(ResponseError(_text(err)))]
-        if gone:
-            await self._group_missing(gone)
-        other = [_text(err) for _, err in failed if not _group_gone(ResponseError(_text(err)))]
-        if other:
-            raise BandReadError(other[0], deliveries)
-        return deliveries
-
     async def read_own(self, streams: Sequence[str], consumer: str, count: int) -> list[Delivery]:
         """Entries delivered to ``consumer`` and not acked (XREADGROUP from id 0), e.g. those
         of a blocking read whose reply was lost when the read was cancelled."""
@@ -293,32 +262,16 @@ class StreamClient:
             for entry_id, fields in entries
         ]
 
-    async def ack(
-        self, deliveries: Iterable[Delivery], *, notice: tuple[str, str] | None = None
-    ) -> None:
-        """XACK and XDEL finished entries, so streams hold only live work.
-
-        ``notice``: a PUBLISH (channel, message) sent first in the same round trip (on a
-        cluster, apart). A failed PUBLISH is not an error: it costs a waiter a re-check."""
+    async def ack(self, deliveries: Iterable[Delivery]) -> None:
+        """XACK and XDEL finished entries, so streams hold only live work."""
         by_stream = _entries_by_stream(deliveries)
-        if notice is not None and (not by_stream or isinstance(self.redis, RedisCluster)):
-            try:
-                await self.redis.publish(*notice)
-            except Exception as exc:
-                log.debug("job-change notification not published: %s", exc)
-            notice = None
         if not by_stream:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            if notice is not None:
-                pipe.publish(*notice)
             for stream, ids in by_stream.items():
                 pipe.xack(stream, GROUP, *ids)
                 pipe.xdel(stream, *ids)
-            replies = await pipe.execute(raise_on_error=False)
-        for reply in replies[0 if notice is None else 1 :]:
-            if isinstance(reply, Exception):
-                raise reply
+            await pipe.execute()
 
     async def refresh(self, consumer: str, deliveries: Iterable[Delivery]) -> None:
         """Reset the idle time of our own pending entries so nobody reclaims a live job."""
@@ -434,14 +387,6 @@ def _entries_by_stream(deliveries: Iterable[Delivery]) -> dict[str, list[Any]]:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _pairs(fields: Sequence[str | bytes] | None) -> dict[str, str] | None:
-    """An entry's fields as a Lua script returns them: a flat list of names and values."""
-    if fields is None:
-        return None
-    it = iter(fields)
-    return {_text(k): _text(v) for k, v in zip(it, it, strict=True)}
 
 
 def _stream_items(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str] | None]]]]:

@@ -62,22 +62,13 @@ class Publisher:
         self.channel = channel
 
     async def publish(self, terminal: Iterable[UUID], changed: Iterable[UUID] = ()) -> None:
-        if (notice := self.notice(terminal, changed)) is None:
-            return
-        try:
-            await self.redis.publish(*notice)
-        except Exception as exc:
-            log.debug("job-change notification not published: %s", exc)
-
-    def notice(
-        self, terminal: Iterable[UUID], changed: Iterable[UUID] = ()
-    ) -> tuple[str, str] | None:
-        """The PUBLISH's channel and message, for a caller that sends it in its own pipeline
-        (None: nothing changed)."""
         terminal, changed = list(terminal), list(changed)
         if not terminal and not changed:
-            return None
-        return self.channel, encode(terminal, changed)
+            return
+        try:
+            await self.redis.publish(self.channel, encode(terminal, changed))
+        except Exception as exc:
+            log.debug("job-change notification not published: %s", exc)
 
 
 class Subscriber:
