@@ -10,7 +10,9 @@ The fencing token of an attempt is ``claim_token``: every claim increments it an
 ever lowers it (a release on shutdown gives the attempt back without counting it, and a
 replay resets ``attempts``, but neither touches the token). Every later statement about the
 attempt matches ``(id, claim_token)``, ``status = 'running'`` and the worker, so a stale
-worker changes nothing (ADR 0003, ADR 0012).
+worker changes nothing (ADR 0003, ADR 0012). A switch to another Postgres server can lower
+it: a claim only the old server saw is lost with its increment. So a claim raises the token
+past the floor that every recorded switch raises (:mod:`app.jobs.failover`) as well.
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ WITH locked AS (
     ORDER BY id FOR UPDATE
 ), claimed AS (
     UPDATE jobs j SET status = 'running', attempts = j.attempts + 1,
-        claim_token = j.claim_token + 1, worker = $2, started_at = now(),
+        claim_token = greatest(j.claim_token, (
+            SELECT CAST(value AS bigint) FROM conveyor_state WHERE key = 'claim-token-floor'
+        )) + 1, worker = $2, started_at = now(),
         next_attempt_at = NULL, lease_expires_at = now() + make_interval(secs => $3),
         unique_until = NULL, progress = NULL
     FROM locked WHERE j.id = locked.id AND j.status = 'queued'
