@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -91,3 +92,12 @@ async def events(session: AsyncSession, job_id: uuid.UUID) -> list[str]:
         text("SELECT event FROM job_events WHERE job_id = :id ORDER BY id"), {"id": job_id}
     )
     return [str(e) for e in result]
+
+
+async def raw_connection(session: AsyncSession) -> asyncpg.Connection:
+    """The session's own asyncpg connection: the worker's statements (``app.jobs.attempts``)
+    run in the test's transaction."""
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection
+    return driver

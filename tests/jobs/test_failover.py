@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,7 +14,7 @@ from app.jobs import attempts, failover
 from app.jobs.attempts import Completion
 from app.jobs.repository import Backoff
 from app.jobs.status import JobStatus
-from tests.jobs.factories import make_job
+from tests.jobs.factories import make_job, raw_connection
 
 
 async def test_the_identity_names_the_system_and_its_timeline(session: AsyncSession) -> None:
@@ -54,15 +53,6 @@ async def test_a_new_identity_forgets_every_dispatch_mark(session: AsyncSession)
     assert await failover.record_identity(session, "1:2") is None
 
 
-async def _raw(session: AsyncSession) -> asyncpg.Connection:
-    """The session's own asyncpg connection: the worker's statements run in the test's
-    transaction."""
-    conn = await session.connection()
-    raw = await conn.get_raw_connection()
-    driver: asyncpg.Connection = raw.driver_connection
-    return driver
-
-
 # What a claim the new server never received leaves behind: the row as it was before it.
 _LOSE_CLAIM = """
 UPDATE jobs SET status = 'queued', attempts = attempts - 1, claim_token = claim_token - 1,
@@ -82,7 +72,7 @@ async def test_after_a_switch_no_claim_hands_out_a_token_of_the_old_server(
         {"k": ["postgres-identity", failover.CLAIM_FLOOR_KEY]},
     )
     job = await make_job(session, JobStatus.QUEUED)
-    conn = await _raw(session)
+    conn = await raw_connection(session)
     assert await failover.record_identity(session, "1:1") is None
     [lost] = await attempts.claim_many(conn, [job.id], "w1", 30.0)
     assert await conn.execute(_LOSE_CLAIM, job.id) == "UPDATE 1"

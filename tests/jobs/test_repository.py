@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,6 +32,7 @@ from tests.jobs.factories import (
     db_now,
     events,
     make_job,
+    raw_connection,
     snapshot,
 )
 
@@ -47,21 +47,12 @@ Row = dict[str, Any]
 # -- adapters: one call each; True when the transition reports the job moved ------------------
 
 
-async def _raw(s: AsyncSession) -> asyncpg.Connection:
-    """The session's own asyncpg connection: the worker's statements run in the test's
-    transaction."""
-    conn = await s.connection()
-    raw = await conn.get_raw_connection()
-    driver: asyncpg.Connection = raw.driver_connection
-    return driver
-
-
 async def claim(s: AsyncSession, job: JobRow, worker: str = WORKER) -> bool:
-    return bool(await attempts.claim_many(await _raw(s), [job.id], worker, LEASE_SECONDS))
+    return bool(await attempts.claim_many(await raw_connection(s), [job.id], worker, LEASE_SECONDS))
 
 
 async def _complete(s: AsyncSession, worker: str, outcome: Completion) -> bool:
-    moved, _ = await attempts.complete_many(await _raw(s), worker, [outcome], BACKOFF)
+    moved, _ = await attempts.complete_many(await raw_connection(s), worker, [outcome], BACKOFF)
     return bool(moved)
 
 
@@ -88,17 +79,17 @@ async def extend_lease(
     s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0
 ) -> bool:
     running = [(job.id, attempt or job.claim_token)]
-    leases = await attempts.extend_leases(await _raw(s), worker, running, LEASE_SECONDS)
+    leases = await attempts.extend_leases(await raw_connection(s), worker, running, LEASE_SECONDS)
     return bool(leases.held)
 
 
 async def release(s: AsyncSession, job: JobRow, worker: str = WORKER, attempt: int = 0) -> bool:
     running = [(job.id, attempt or job.claim_token)]
-    return bool(await attempts.release_many(await _raw(s), worker, running))
+    return bool(await attempts.release_many(await raw_connection(s), worker, running))
 
 
 async def reclaim(s: AsyncSession, job: JobRow) -> bool:
-    conn = await _raw(s)
+    conn = await raw_connection(s)
     return bool(await attempts.reclaim_expired(conn, ACTOR, BACKOFF, [job.queue], ids=[job.id]))
 
 
@@ -318,7 +309,7 @@ async def test_the_idle_probe_sees_a_due_job_exactly_when_promote_would(
 ) -> None:
     """The worker skips the promotion while ``due_work(...).jobs`` says no: it must say yes for a
     due job of its queues (and promote must then move it), no for one not yet due."""
-    conn = await _raw(session)
+    conn = await raw_connection(session)
     now = await db_now(session)
     when = "run_at" if start is S.SCHEDULED else "next_attempt_at"
     later = await make_job(session, start, **{when: now + SECOND})
