@@ -125,6 +125,9 @@ class Worker:
                 await layout.verify(ctx.sessions, Layout.of(ctx.settings))
                 await ctx.stream.ensure_groups(ctx.all_streams)
                 await self.maintenance.register()
+                # Before the first claim: after a switch of Postgres server, claims must hand
+                # out tokens above the floor that recording the switch raises (ADR 0012).
+                await self.maintenance.redispatch.follow_postgres()
                 await self._refresh_controls()  # before the first read: a paused queue waits
                 await ctx.stream.warn_unless_noeviction()
                 return

@@ -13,11 +13,13 @@ import asyncpg
 import httpx
 
 from app.db.url import asyncpg_dsn as dsn
-from app.jobs import attempts
+from app.jobs import attempts, failover
 from app.jobs.repository import Backoff
 from app.settings import Settings
 from tests.conftest import submit, wait_for_status, wait_until
 from tests.support.processes import Spawner
+from workers.context import WorkerConfig
+from workers.runner import Worker
 
 LAPSE = "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1"
 
@@ -87,3 +89,35 @@ async def test_job_queued_again_while_its_stale_attempt_runs_waits_for_it(
     assert [c["attempt"] for c in claims] == [1, 2]
     first, second = (datetime.fromisoformat(c["at"]) for c in claims)
     assert (second - first).total_seconds() >= 4.5  # attempt 1 napped 5 s first
+
+
+async def test_a_worker_records_a_switch_of_postgres_server_before_its_first_read(
+    settings: Settings, queue: str
+) -> None:
+    """The processes moved to another server (a promoted replica: the identity recorded is
+    the old one's). A worker records the switch, raising the claim tokens' floor, while it
+    gets ready, before its read loops start: its first claim cannot hand out a token that a
+    claim only the old server saw had already handed out."""
+    conn = await asyncpg.connect(dsn(settings.database_url))
+    worker = Worker(settings, WorkerConfig([queue], concurrency=2, name=f"switch-{queue}"))
+    try:
+        await conn.execute(
+            "INSERT INTO conveyor_state (key, value) VALUES ($1, 'old-server:1')"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            failover.IDENTITY_KEY,
+        )
+        floor = "SELECT CAST(value AS bigint) FROM conveyor_state WHERE key = $1"
+        before = await conn.fetchval(floor, failover.CLAIM_FLOOR_KEY) or 0
+        await worker._until_ready()  # what run() does before it starts the loops
+        after = await conn.fetchval(floor, failover.CLAIM_FLOOR_KEY)
+        assert after == before + failover.CLAIM_FLOOR_STEP
+        identity = await conn.fetchval(
+            "SELECT value FROM conveyor_state WHERE key = $1", failover.IDENTITY_KEY
+        )
+        assert identity != "old-server:1"
+    finally:
+        await worker.maintenance.unregister()
+        await worker.ctx.stream.close()
+        await worker.ctx.close_db()
+        await worker._engine.dispose()
+        await conn.close()
