@@ -5,32 +5,18 @@ anything is."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.scripts import run_script
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.serial  # a load that would starve a test beside it
 def test_bench_capacity_smoke() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    cmd = [sys.executable, "scripts/bench_capacity.py", "--seconds", "1", "--rounds", "1x1"]
-    proc = subprocess.run(
-        [*cmd, "--bare", "1000"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=140,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    args = ("--seconds", "1", "--rounds", "1x1", "--bare", "1000")
+    proc = run_script("bench_capacity.py", *args, timeout=140)
     figures = {
         m.group(1): float(m.group(2).replace(",", ""))
         for m in re.finditer(r"^(\w+)\s+([\d,.]+)$", proc.stdout, re.MULTILINE)

@@ -6,30 +6,23 @@ anything is (the real run's figures are in docs/performance.md)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Backends
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.scripts import run_script
 
 
 @pytest.mark.serial  # a load that would starve a test beside it
 @pytest.mark.timeout(150)
 def test_bench_latency_smoke(backends: Backends, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    env["CONVEYOR_TEST_DATABASE_URL"] = backends.database_url  # its server, another database
-    env["CONVEYOR_TEST_REDIS_URL"] = backends.redis_url
+    env = {
+        "CONVEYOR_TEST_DATABASE_URL": backends.database_url,  # its server, another database
+        "CONVEYOR_TEST_REDIS_URL": backends.redis_url,
+    }
     out = tmp_path / "latency.json"
-    cmd = [sys.executable, "scripts/bench_latency.py", "--smoke", "--json", str(out)]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140, check=False
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = run_script("bench_latency.py", "--smoke", "--json", str(out), timeout=140, env=env)
     assert "created→started" in proc.stdout and "Postgres client backends" in proc.stdout
     (step,) = json.loads(out.read_text())
     assert step["sent"] == step["started"] == 50

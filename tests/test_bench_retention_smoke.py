@@ -5,10 +5,7 @@ how fast anything is (the real run's figures are in docs/performance.md)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -16,21 +13,15 @@ import pytest
 
 from app.db.url import asyncpg_dsn
 from tests.conftest import Backends
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.scripts import run_script
 
 
 @pytest.mark.serial  # a load that would starve a test beside it
 @pytest.mark.timeout(120)
 async def test_bench_retention_smoke(backends: Backends, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    env["CONVEYOR_TEST_DATABASE_URL"] = backends.database_url
     out = tmp_path / "retention.json"
-    cmd = [sys.executable, "scripts/bench_retention.py", "--smoke", "--json", str(out)]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=110, check=False
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    env = {"CONVEYOR_TEST_DATABASE_URL": backends.database_url}
+    proc = run_script("bench_retention.py", "--smoke", "--json", str(out), timeout=110, env=env)
     assert "prune rate:" in proc.stdout and "| p99 |" in proc.stdout
     figures = json.loads(out.read_text())
     assert figures["rows"] == 5_000 and figures["expired_at_start"] > 3_000

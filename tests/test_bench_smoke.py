@@ -4,9 +4,6 @@ cannot rot. It checks that every workload produced a figure, not how fast anythi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,24 +13,19 @@ from redis.asyncio import Redis
 
 from app.db.url import asyncpg_dsn as _dsn
 from tests.conftest import Backends
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.scripts import run_script
 
 
 @pytest.mark.serial  # a load that would starve a test beside it
 @pytest.mark.timeout(280)
 async def test_bench_smoke_writes_every_figure(backends: Backends, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    env.update(
-        CONVEYOR_TEST_DATABASE_URL=backends.database_url,
-        CONVEYOR_TEST_REDIS_URL=backends.redis_url,
-    )
     name = f"smoke-{uuid.uuid4().hex[:6]}"
-    cmd = [sys.executable, "scripts/bench.py", "--smoke", "--out", str(tmp_path), "--name", name]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=260, check=False
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    env = {
+        "CONVEYOR_TEST_DATABASE_URL": backends.database_url,
+        "CONVEYOR_TEST_REDIS_URL": backends.redis_url,
+    }
+    args = ("--smoke", "--out", str(tmp_path), "--name", name)
+    proc = run_script("bench.py", *args, timeout=260, env=env)
     assert "| figure | Conveyor | other |" in proc.stdout
 
     result = json.loads((tmp_path / f"{name}.json").read_text())

@@ -6,9 +6,6 @@ statements, not how fast anything is (the real run's figures are in docs/perform
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -17,24 +14,18 @@ from redis.asyncio import Redis
 
 from app.db.url import asyncpg_dsn
 from tests.conftest import Backends
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.scripts import run_script
 
 
 @pytest.mark.serial  # a load that would starve a test beside it
 @pytest.mark.timeout(150)
 async def test_bench_wait_smoke(backends: Backends, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    env.update(
-        CONVEYOR_TEST_DATABASE_URL=backends.database_url,
-        CONVEYOR_TEST_REDIS_URL=backends.redis_url,
-    )
+    env = {
+        "CONVEYOR_TEST_DATABASE_URL": backends.database_url,
+        "CONVEYOR_TEST_REDIS_URL": backends.redis_url,
+    }
     out = tmp_path / "wait.json"
-    cmd = [sys.executable, "scripts/bench_wait.py", "--smoke", "--json", str(out)]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140, check=False
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = run_script("bench_wait.py", "--smoke", "--json", str(out), timeout=140, env=env)
     assert "| submission → answer (?wait=) |" in proc.stdout
     assert "| submission → finished_at (baseline) |" in proc.stdout
     figures = json.loads(out.read_text())
