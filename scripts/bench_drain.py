@@ -285,6 +285,7 @@ async def drain_round(
     cpu_start: float | None = None
     try:
         deadline = time.monotonic() + max(120.0, n / 200)
+        done = 0
         while True:
             # Watched on the streams (a finished job's entry is deleted), and in Postgres only
             # once they are empty: a count over the jobs table ten times a second took a
@@ -293,13 +294,15 @@ async def drain_round(
             if cpu_start is None and (pending or entries < n):
                 cpu_start = _cpu_seconds(pids)
             rss = max(rss, _peak_rss_mb(pids))
-            done = 0
             if not entries and not pending:
                 done = await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
                 if done >= n:
                     break
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"drain stalled at {done}/{n}")
+                raise RuntimeError(
+                    f"drain stalled: {entries} entries in the streams, {pending} pending,"
+                    f" {done}/{n} succeeded when last counted"
+                )
             await asyncio.sleep(0.2)
         cpu = _cpu_seconds(pids) - (cpu_start or 0.0)
         wall = time.monotonic() - spawned

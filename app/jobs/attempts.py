@@ -25,6 +25,7 @@ from uuid import UUID
 
 import asyncpg
 
+from app.jobs.failover import CLAIM_FLOOR_KEY
 from app.jobs.repository import Backoff, Target
 
 # Backoff in SQL so every path (failure, lost worker) uses the Postgres clock and one formula:
@@ -87,7 +88,7 @@ def _backoff(sql: str, first: int) -> str:
     return sql.replace("$RBASE", f"${first}").replace("$RMAX", f"${first + 1}")
 
 
-_CLAIM = """
+_CLAIM = f"""
 WITH locked AS (
     -- Look rows up by primary key only: "status || ''" keeps the planner from intersecting
     -- with the status index, which holds every queued job (a deep backlog).
@@ -96,7 +97,7 @@ WITH locked AS (
 ), claimed AS (
     UPDATE jobs j SET status = 'running', attempts = j.attempts + 1,
         claim_token = greatest(j.claim_token, (
-            SELECT CAST(value AS bigint) FROM conveyor_state WHERE key = 'claim-token-floor'
+            SELECT CAST(value AS bigint) FROM conveyor_state WHERE key = '{CLAIM_FLOOR_KEY}'
         )) + 1, worker = $2, started_at = now(),
         next_attempt_at = NULL, lease_expires_at = now() + make_interval(secs => $3),
         unique_until = NULL, progress = NULL

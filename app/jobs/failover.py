@@ -27,8 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 log = logging.getLogger(__name__)
 
 IDENTITY_KEY = "postgres-identity"  # the conveyor_state row of the server's identity
-# The conveyor_state row of the claim tokens' floor (a claim's new token is above it; see
-# app.jobs.attempts._CLAIM, which names the key in its SQL). Every switch raises it by a
+# The conveyor_state row of the claim tokens' floor (a claim's new token is above it: see
+# app.jobs.attempts._CLAIM). Every switch raises it by a
 # step no job's token can climb in one server's history, so no token the old server handed
 # out is handed out again by the new one.
 CLAIM_FLOOR_KEY = "claim-token-floor"
