@@ -12,6 +12,10 @@ If the holder's time is up, :func:`find_holders` releases it (clears ``unique_un
 job is inserted again in another round; so is one whose holder started meanwhile. The index,
 not a check before the insert, decides between concurrent submissions. Without a
 ``unique_key`` in the group nothing of this runs: one round, as before.
+
+A large group with neither kind of key (a typical batch) is written with ``COPY`` instead
+(:func:`copy`): nothing in it can conflict, and Postgres takes rows faster by COPY than
+through the INSERT's arrays (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import asyncpg
 
 from app.errors import Conflict
 from app.jobs.newjob import NewJob
+from app.jobs.status import JobStatus
 
 INSERT = """
 WITH ins AS (
@@ -98,7 +103,7 @@ UniqueKey = tuple[str, str, str]  # (idempotency scope, type, unique key)
 MAX_ROUNDS = 5  # inserts of one job whose debounce key's holder keeps going away
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per job (see NewJob)
 class Submitted:
     """The answer to one submitted item: a job made now (``new`` with its ``created_at`` and
     ``run_at``), or the existing job that its idempotency key names (``row``)."""
@@ -133,13 +138,78 @@ def columns(jobs: Sequence[NewJob]) -> list[list[Any]]:
     ]
 
 
+# Below this many jobs the INSERT's one round trip beats COPY's three (now(), two COPYs).
+COPY_AT_LEAST = 64
+_COPY_JOB_COLUMNS = (
+    "id", "type", "queue", "status", "priority", "payload", "max_attempts", "timeout_seconds",
+    "idempotency_scope", "owner", "run_at", "enqueued_at", "callback_url", "traceparent",
+)  # fmt: skip
+_COPY_EVENT_COLUMNS = ("job_id", "event", "attempt", "actor")
+
+
+def copyable(jobs: Sequence[NewJob]) -> bool:
+    """Whether :func:`copy` may write these jobs: enough of them, and no idempotency or
+    debounce key, so that no unique index can refuse one (their ids are new UUIDv7s)."""
+    return len(jobs) >= COPY_AT_LEAST and all(
+        j.idempotency_key is None and j.unique_key is None for j in jobs
+    )
+
+
 async def insert(
     conn: asyncpg.Connection, jobs: Sequence[NewJob]
 ) -> dict[UUID, tuple[datetime, datetime]]:
     """Insert the jobs; returns ``{id: (created_at, run_at)}`` of those inserted (a job whose
     idempotency key is taken already is skipped)."""
+    if copyable(jobs):
+        return await copy(conn, jobs)
     rows = await conn.fetch(INSERT, *columns(jobs))
     return {row[0]: (row[1], row[2]) for row in rows}
+
+
+async def copy(
+    conn: asyncpg.Connection, jobs: Sequence[NewJob]
+) -> dict[UUID, tuple[datetime, datetime]]:
+    """What :data:`INSERT` does for jobs without keys, with ``COPY``: the rows with the values
+    the INSERT would compute (``now()`` is the transaction's start, as the INSERT's
+    ``created_at`` default is), then their ``submitted``/``scheduled`` events. All of them
+    or none: in the caller's transaction, or in one of its own."""
+    if not conn.is_in_transaction():
+        async with conn.transaction():
+            return await copy(conn, jobs)
+    now: datetime = await conn.fetchval("SELECT now()")
+    queued = JobStatus.QUEUED.value
+    await conn.copy_records_to_table(
+        "jobs",
+        columns=_COPY_JOB_COLUMNS,
+        records=[
+            (
+                j.id,
+                j.type,
+                j.queue,
+                j.status.value,
+                j.priority,
+                j.payload_json,
+                j.max_attempts,
+                j.timeout_seconds,
+                j.idempotency_scope,
+                j.owner,
+                j.run_at or now,
+                now if j.status.value == queued else None,
+                j.callback_url,
+                j.traceparent,
+            )
+            for j in jobs
+        ],
+    )
+    await conn.copy_records_to_table(
+        "job_events",
+        columns=_COPY_EVENT_COLUMNS,
+        records=[
+            (j.id, "scheduled" if j.status == JobStatus.SCHEDULED else "submitted", 0, j.owner)
+            for j in jobs
+        ],
+    )
+    return {j.id: (now, j.run_at or now) for j in jobs}
 
 
 async def find_by_keys(conn: asyncpg.Connection, keys: Sequence[Key]) -> dict[Key, Any]:

@@ -30,7 +30,7 @@ class Backoff:
     max_seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built once per job (see NewJob)
 class Target:
     """Where a queued job's stream entry goes."""
 

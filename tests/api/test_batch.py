@@ -1,4 +1,5 @@
-"""POST /v1/jobs/batch: up to 1000 jobs, all or none, one INSERT and one Redis pipeline."""
+"""POST /v1/jobs/batch: up to 1000 jobs, all or none, one INSERT (or, for many jobs without
+keys, one COPY) and one Redis pipeline."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def echo(queue: str, n: int, **fields: Any) -> dict[str, Any]:
 @contextmanager
 def counting_statements(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Observe (not alter) the SQL sent by the app: through its engine, and on asyncpg
-    directly (the submit path)."""
+    directly (the submit path; a COPY is recorded as ``COPY <table>``)."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -50,8 +51,15 @@ def counting_statements(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iter
         seen.append(query)
         return await real_fetch(self, query, *args, **kwargs)
 
+    real_copy = asyncpg.Connection.copy_records_to_table
+
+    async def copy(self: asyncpg.Connection, table: str, **kwargs: Any) -> Any:
+        seen.append(f"COPY {table}")
+        return await real_copy(self, table, **kwargs)
+
     event.listen(engine, "before_cursor_execute", record)
     monkeypatch.setattr(asyncpg.Connection, "fetch", fetch)
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", copy)
     try:
         yield seen
     finally:
@@ -85,11 +93,16 @@ async def test_batch_is_created_in_order_and_runs(
         assert done["result"] == job["payload"]
 
 
-async def test_one_insert_and_one_pipeline_for_the_whole_batch(
-    settings: Settings, queue: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("keyed", [False, True], ids=["copy", "insert"])
+async def test_one_write_and_one_pipeline_for_the_whole_batch(
+    settings: Settings, queue: str, monkeypatch: pytest.MonkeyPatch, keyed: bool
 ) -> None:
+    """Many jobs without keys go in by one COPY into each table; with an idempotency key
+    among them, by the one INSERT that resolves keys."""
     items = [echo(queue, i, priority=(i % 3) - 1) for i in range(300)]
     items += [echo(queue, 300 + i, delay_seconds=3600) for i in range(10)]
+    if keyed:
+        items[5]["idempotency_key"] = f"{queue}-k"
     async with app_client(settings) as (c, state):
         pipelines: list[object] = []
         real_pipeline = state.stream.redis.pipeline
@@ -104,7 +117,11 @@ async def test_one_insert_and_one_pipeline_for_the_whole_batch(
         monkeypatch.undo()
     assert response.status_code == 202
     inserts = [s for s in statements if "INSERT" in s.upper()]
-    assert len(inserts) == 1, statements
+    copies = [s for s in statements if s.startswith("COPY ")]
+    if keyed:
+        assert (len(inserts), copies) == (1, []), statements
+    else:
+        assert (inserts, copies) == ([], ["COPY jobs", "COPY job_events"]), statements
     assert len(pipelines) == 1
     statuses = [j["status"] for j in response.json()["jobs"]]
     assert statuses == ["queued"] * 300 + ["scheduled"] * 10
@@ -208,3 +225,74 @@ async def test_nul_characters_are_422_not_a_server_error(
     assert response.status_code == 422
     assert response.json()["error"] == "invalid"
     assert await rows_in_queue(settings, queue) == 0
+
+
+JOB_FIELDS = """status, priority, payload, max_attempts, timeout_seconds, idempotency_scope,
+    owner, callback_url, attempts, claim_token, errors, deferrals, unique_key, unique_until,
+    run_at = created_at AS runs_now, enqueued_at = created_at AS enqueued_now,
+    enqueued_at IS NULL AS unsent, dispatched_at IS NULL AS unmarked, finished_at"""
+
+
+async def _rows(settings: Settings, ids: list[str]) -> list[tuple[Any, ...]]:
+    """The jobs' fields that do not differ between two submissions of the same item, with
+    their events, in the order of ``ids``."""
+    conn = await asyncpg.connect(settings.database_url.replace("+asyncpg", ""))
+    try:
+        rows = await conn.fetch(
+            f"""SELECT j.id::text, {JOB_FIELDS},
+                (SELECT array_agg(row(e.event, e.attempt, e.worker, e.actor, e.at = j.created_at)
+                                  ORDER BY e.id)::text
+                 FROM job_events e WHERE e.job_id = j.id) AS events
+            FROM jobs j WHERE j.id = ANY($1::uuid[])""",
+            ids,
+        )
+    finally:
+        await conn.close()
+    by_id = {r[0]: tuple(r[1:]) for r in rows}
+    return [by_id[i] for i in ids]
+
+
+async def test_a_copied_batch_writes_what_the_insert_writes(settings: Settings, queue: str) -> None:
+    """The same items, in a batch large enough for COPY and in a small one (the INSERT):
+    the same rows, the same events, the same answers but for ids and times."""
+    items = [
+        echo(queue, 1),
+        echo(queue, 2, priority=7, max_attempts=9, timeout_seconds=2.5),
+        echo(queue, 3, delay_seconds=3600),
+        echo(queue, 4, run_at="2020-01-01T00:00:00Z"),  # in the past: queued now
+        echo(queue, 5, callback_url="https://hooks.example.com/done"),
+    ]
+    filler = [echo(queue, 100 + i) for i in range(64)]
+    hooks = settings.model_copy(update={"http_allowed_hosts": "hooks.example.com"})
+    async with app_client(hooks) as (client, _):
+        small = await client.post("/v1/jobs/batch", json={"jobs": items})
+        large = await client.post("/v1/jobs/batch", json={"jobs": items + filler})
+    assert small.status_code == 202, small.text
+    assert large.status_code == 202, large.text
+    inserted, copied = small.json()["jobs"], large.json()["jobs"][: len(items)]
+
+    def comparable(job: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in job.items() if k not in {"id", "created_at", "run_at"}}
+
+    assert [comparable(j) for j in copied] == [comparable(j) for j in inserted]
+    assert copied[0]["run_at"] == copied[0]["created_at"]
+    assert copied[3]["run_at"] == "2020-01-01T00:00:00Z"
+    assert [j["status"] for j in copied] == ["queued", "queued", "scheduled", "queued", "queued"]
+    copied_rows = await _rows(settings, [j["id"] for j in copied])
+    assert copied_rows == await _rows(settings, [j["id"] for j in inserted])
+    assert copied_rows[0][-1] == '{"(submitted,0,,,t)"}'
+    assert copied_rows[2][-1] == '{"(scheduled,0,,,t)"}'
+
+
+async def test_a_refused_value_in_a_copied_batch_is_422_and_writes_nothing(
+    client: httpx.AsyncClient, settings: Settings, queue: str
+) -> None:
+    """Postgres refuses U+0000 in the COPY as in the INSERT: the whole batch is a 422."""
+    items = [echo(queue, i) for i in range(99)] + [echo(queue, 99, payload={"t": "a\u0000b"})]
+    response = await client.post("/v1/jobs/batch", json={"jobs": items})
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid"
+    assert await rows_in_queue(settings, queue) == 0
+    again = await client.post("/v1/jobs/batch", json={"jobs": items[:99]})
+    assert again.status_code == 202
+    assert await rows_in_queue(settings, queue) == 99
