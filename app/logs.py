@@ -5,11 +5,21 @@ JSON object per line with ``ts``, ``level``, ``logger``, ``message`` and the fie
 with ``extra={...}`` (job id, type, queue, attempt, worker, duration, ...). ``console``
 (``conveyor dev``): readable ``key=value`` lines. Only the fields named in :data:`FIELDS` are
 ever written, so nothing passed by accident (a payload, a result) reaches the logs.
+
+The hot paths log one line per job (each transition, each submission). :func:`info_lines`
+writes a batch of them in one go when :func:`configure`'s JSON handler alone would write
+them: the same lines, without a ``LogRecord``, a caller lookup and a flush each, which had
+made a worker at ``INFO`` spend 2.5 times the CPU per job it spends at ``WARNING``. Any
+other set-up (another handler, a filter, pytest's ``caplog``) gets one ``logger.info`` each.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
+import typing
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 import orjson
@@ -69,10 +79,74 @@ def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else ConsoleFormatter()
 
 
+_installed: logging.StreamHandler[typing.TextIO] | None = None  # the handler configure() set
+
+
 def configure(level: str = "INFO", fmt: str = "console") -> None:
+    global _installed
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    _installed = handler
+
+
+def _direct(logger: logging.Logger) -> logging.StreamHandler[typing.TextIO] | None:
+    """:func:`configure`'s JSON handler, when it alone would write ``logger``'s INFO records:
+    no other handler and no filter on the way to the root, nothing disabled."""
+    handler = _installed
+    if (
+        handler is None
+        or type(handler.formatter) is not JsonFormatter
+        or handler.filters
+        or handler.level > logging.INFO
+        or logging.root.manager.disable >= logging.INFO
+    ):
+        return None
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters or node.disabled:
+            return None
+        if node is logging.root:
+            return handler if node.handlers == [handler] else None
+        if node.handlers or not node.propagate:
+            return None
+        node = node.parent
+    return None
+
+
+def info_lines(logger: logging.Logger, lines: Iterable[tuple[str, Mapping[str, object]]]) -> None:
+    """INFO lines of ``logger``, each ``(message, fields)``: what ``logger.info(message,
+    extra=fields)`` writes for each, written at once when it can be (see above)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _direct(logger)
+    if handler is None:
+        for message, fields in lines:
+            logger.info(message, extra=dict(fields))
+        return
+    now = datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds")
+    head: dict[str, object] = {
+        "ts": now,
+        "level": "INFO",
+        "logger": logger.name,
+        "pid": os.getpid(),
+    }
+    out = []
+    for message, fields in lines:
+        entry = {**head, "message": message}
+        entry.update((k, fields[k]) for k in FIELDS if fields.get(k) is not None)
+        out.append(orjson.dumps(entry, default=str))
+    if not out:
+        return
+    text = b"\n".join(out).decode() + handler.terminator
+    handler.acquire()
+    try:
+        handler.stream.write(text)
+        handler.flush()
+    except Exception:  # as logging does: never into the caller
+        handler.handleError(logging.makeLogRecord({"msg": "job lines", "levelno": logging.INFO}))
+    finally:
+        handler.release()

@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from uuid import UUID
 
 from app.jobs.attempts import Claim, Completion, Dead, Reclaimed
+from app.logs import info_lines
 from app.observe import families as f
 from app.observe.tally import TALLY
 from app.streams.client import Delivery
@@ -46,6 +47,7 @@ def started(claimed: Sequence[Claim], deliveries: Mapping[UUID, Delivery], worke
     """Attempts won by a claim: counted, their queue wait observed, their start noted."""
     wall, mono = time.time(), time.monotonic()
     info = log.isEnabledFor(logging.INFO)  # the line's fields are not built for nothing
+    lines: list[tuple[str, dict[str, object]]] = []
     for job in claimed:
         labels = (job.queue, job.type)
         TALLY.count(f.STARTED, labels)
@@ -55,7 +57,9 @@ def started(claimed: Sequence[Claim], deliveries: Mapping[UUID, Delivery], worke
             TALLY.observe(f.QUEUE_WAIT, labels, waited)
         _begun[(job.id, job.token)] = mono
         if info:
-            log.info("job started", extra=_fields(job, worker, "started", waited))
+            lines.append(("job started", _fields(job, worker, "started", waited)))
+    if lines:
+        info_lines(log, lines)
 
 
 def reported(
@@ -69,6 +73,7 @@ def reported(
     now = time.monotonic()
     info = log.isEnabledFor(logging.INFO)
     went_dead = {d.id for d in dead}
+    lines: list[tuple[str, dict[str, object]]] = []
     for completion, entry in batch:
         job = entry.job
         labels = (job.queue, job.type)
@@ -80,7 +85,9 @@ def reported(
         if job.id in ages:
             TALLY.observe(f.END_TO_END, labels, ages[job.id])
         if info:
-            log.info("job %s", event, extra=_fields(job, worker, event, ran))
+            lines.append((f"job {event}", _fields(job, worker, event, ran)))
+    if lines:
+        info_lines(log, lines)
 
 
 def _outcome(c: Completion, moved: bool, dead: bool, labels: tuple[str, str]) -> str:

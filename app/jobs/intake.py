@@ -31,6 +31,7 @@ from app.jobs.insertion import Submitted
 from app.jobs.newjob import NewJob
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
+from app.logs import info_lines
 from app.observe.families import SUBMITTED
 from app.observe.tally import TALLY
 
@@ -162,18 +163,19 @@ class Intake:
         if targets:
             await self.dispatcher.send_after_commit(targets)
         info = log.isEnabledFor(logging.INFO)  # a line's fields are not built for nothing
+        lines: list[tuple[str, dict[str, object]]] = []
         for a in answers:
             if a.created and a.new is not None:
                 TALLY.count(SUBMITTED, (a.new.queue, a.new.type))
                 if not info:
                     continue
-                log.info(
-                    "job submitted",
-                    extra={
-                        "event": "submitted",
-                        "job_id": str(a.id),
-                        "type": a.new.type,
-                        "queue": a.new.queue,
-                        "status": a.new.status,
-                    },
-                )
+                fields: dict[str, object] = {
+                    "event": "submitted",
+                    "job_id": str(a.id),
+                    "type": a.new.type,
+                    "queue": a.new.queue,
+                    "status": a.new.status,
+                }
+                lines.append(("job submitted", fields))
+        if lines:
+            info_lines(log, lines)
