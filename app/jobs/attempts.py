@@ -44,7 +44,7 @@ class ErrorRecord(TypedDict):
     worker: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per attempt (a frozen one is 8x slower)
 class Claim:
     """An attempt this worker won: what its handler needs, and its fencing token."""
 
@@ -59,7 +59,7 @@ class Claim:
     traceparent: str | None = None  # the submission's trace context (ADR 0022)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per attempt, like Claim
 class Completion:
     """The outcome of an attempt: ``result`` (JSON text) when it succeeded, else ``error``."""
 
