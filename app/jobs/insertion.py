@@ -13,9 +13,10 @@ job is inserted again in another round; so is one whose holder started meanwhile
 not a check before the insert, decides between concurrent submissions. Without a
 ``unique_key`` in the group nothing of this runs: one round, as before.
 
-A large group with neither kind of key (a typical batch) is written with ``COPY`` instead
-(:func:`copy`): nothing in it can conflict, and Postgres takes rows faster by COPY than
-through the INSERT's arrays (docs/performance.md).
+A batch (its own transaction) of many jobs with neither kind of key is written with ``COPY``
+instead (:func:`copy`): nothing in it can conflict, and Postgres takes rows faster by COPY
+than through the INSERT's arrays (docs/performance.md). The autocommitted groups of single
+submissions keep the INSERT: one round trip, where COPY needs a transaction and four.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ async def insert(
 ) -> dict[UUID, tuple[datetime, datetime]]:
     """Insert the jobs; returns ``{id: (created_at, run_at)}`` of those inserted (a job whose
     idempotency key is taken already is skipped)."""
-    if copyable(jobs):
+    if conn.is_in_transaction() and copyable(jobs):  # a batch, not a group (see above)
         return await copy(conn, jobs)
     rows = await conn.fetch(INSERT, *columns(jobs))
     return {row[0]: (row[1], row[2]) for row in rows}
@@ -171,11 +172,10 @@ async def copy(
 ) -> dict[UUID, tuple[datetime, datetime]]:
     """What :data:`INSERT` does for jobs without keys, with ``COPY``: the rows with the values
     the INSERT would compute (``now()`` is the transaction's start, as the INSERT's
-    ``created_at`` default is), then their ``submitted``/``scheduled`` events. All of them
-    or none: in the caller's transaction, or in one of its own."""
+    ``created_at`` default is), then their ``submitted``/``scheduled`` events, in the
+    caller's transaction (all of them or none)."""
     if not conn.is_in_transaction():
-        async with conn.transaction():
-            return await copy(conn, jobs)
+        raise RuntimeError("insertion.copy runs in the caller's transaction")
     now: datetime = await conn.fetchval("SELECT now()")
     queued = JobStatus.QUEUED.value
     await conn.copy_records_to_table(

@@ -164,3 +164,35 @@ async def test_postgres_unreachable_answers_every_member_503(
     finally:
         await pool.close()
     assert [type(a) for a in answers] == [Unavailable] * 4
+
+
+async def test_a_large_group_keeps_the_insert_and_a_batch_copies(
+    app: FastAPI, queue: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group of 100 single submissions (autocommitted) is one INSERT; the same 100 jobs as a
+    batch (a transaction of its own) are one COPY into each table."""
+    inserts: list[int] = []
+    copies: list[str] = []
+    real_fetch = asyncpg.Connection.fetch
+    real_copy = asyncpg.Connection.copy_records_to_table
+
+    async def fetch(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+        if "INSERT INTO jobs" in query:
+            inserts.append(len(args[0]))
+        return await real_fetch(self, query, *args, **kwargs)
+
+    async def copy(self: asyncpg.Connection, table: str, **kwargs: Any) -> Any:
+        copies.append(table)
+        return await real_copy(self, table, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "fetch", fetch)
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", copy)
+    intake = _state(app).intake
+    group = await asyncio.gather(*(intake.submit(_job(queue)) for _ in range(100)))
+    assert all(a.created for a in group)
+    assert (inserts, copies) == ([100], [])
+    batch = await intake.submit_batch([_job(queue) for _ in range(100)])
+    assert [a.created for a in batch] == [True] * 100
+    assert (inserts, copies) == ([100], ["jobs", "job_events"])
+    count = await conn.fetchval("SELECT count(*) FROM jobs WHERE queue = $1", queue)
+    assert count == 200
