@@ -144,7 +144,7 @@ def _env(settings: Settings) -> dict[str, str]:
         CONVEYOR_REDIS_URL=settings.redis_url,
         CONVEYOR_REDIS_PREFIX=settings.redis_prefix,
         CONVEYOR_STREAM_MAXLEN=str(settings.stream_maxlen),
-        CONVEYOR_LOG_LEVEL="WARNING",
+        CONVEYOR_LOG_LEVEL=settings.log_level,
         PYTHONPATH=str(ROOT),
     )
     return env
@@ -345,6 +345,12 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="the workers' CONVEYOR_LOG_LEVEL (conveyor worker's own default is INFO: one line"
+        " per transition)",
+    )
+    parser.add_argument(
         "--limit", action="append", default=[], help="concurrency=N or rate=N/s on demo.echo"
     )
     args = parser.parse_args()
@@ -366,6 +372,7 @@ async def main() -> None:
         redis_url=redis_url,
         redis_prefix=prefix,
         stream_maxlen=max(100000, args.jobs + 1000),
+        log_level=args.log_level,
     )
     try:
         await asyncio.to_thread(upgrade, db_url)

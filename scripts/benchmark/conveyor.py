@@ -39,6 +39,7 @@ class Conveyor:
     api: subprocess.Popen[bytes] | None = None
     port: int = 0
     profile_dir: Path | None = None  # py-spy flame graphs of the API and a worker under load
+    log_level: str = "WARNING"  # of the API and the workers (Conveyor's own default: INFO)
 
     @property
     def env(self) -> dict[str, str]:
@@ -46,7 +47,7 @@ class Conveyor:
             CONVEYOR_DATABASE_URL=self.database_url,
             CONVEYOR_REDIS_URL=self.redis_url,
             CONVEYOR_REDIS_PREFIX=self.prefix,
-            CONVEYOR_LOG_LEVEL="WARNING",
+            CONVEYOR_LOG_LEVEL=self.log_level,
         )
 
     @property

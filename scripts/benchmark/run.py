@@ -47,6 +47,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-seconds", type=float, default=3)
     p.add_argument("--processes", default="1,2", help="worker processes for the drains")
     p.add_argument("--systems", default="fastapi,conveyor,pgqueuer,taskiq,dramatiq")
+    p.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="Conveyor's CONVEYOR_LOG_LEVEL (its own default is INFO: one line per transition)",
+    )
     p.add_argument("--out", type=Path, default=infra.ROOT / "docs" / "bench")
     p.add_argument("--name", default="peers", help="file stem of the JSON and PNG")
     p.add_argument(
@@ -148,6 +153,7 @@ class Run:
         db = await self.database("conveyor")
         await asyncio.to_thread(upgrade, db)
         c = Conveyor(self.procs, db, self.redis_url, self.args.concurrency)
+        c.log_level = self.args.log_level
         c.profile_dir = self.args.out if self.args.profile else None
         self.redis_patterns.append(f"{c.prefix}*")
         await c.start_api(self.args.api_workers)
