@@ -32,7 +32,7 @@ def _script(name: str) -> str:
     return resources.files("app.streams").joinpath("lua", f"{name}.lua").read_text()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built once per stream entry read (see NewJob)
 class Delivery:
     stream: str
     entry_id: str
