@@ -41,9 +41,28 @@ FIELDS = (
 )
 
 
-def _extras(record: logging.LogRecord) -> dict[str, object]:
-    values = record.__dict__
+def _extras(values: Mapping[str, object]) -> dict[str, object]:
+    """The logged fields among a record's attributes (or a line's fields), in FIELDS order."""
     return {k: values[k] for k in FIELDS if values.get(k) is not None}
+
+
+def _ts(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+
+
+def _entry(
+    ts: str, level: str, logger: str, pid: int | None, message: str, fields: Mapping[str, object]
+) -> dict[str, object]:
+    """One JSON line's object: the fixed keys, then the logged fields."""
+    entry: dict[str, object] = {
+        "ts": ts,
+        "level": level,
+        "logger": logger,
+        "pid": pid,
+        "message": message,
+    }
+    entry.update(_extras(fields))
+    return entry
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -54,7 +73,7 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record.__dict__).items())
         return f"{line} {extras}" if extras else line
 
 
@@ -62,14 +81,14 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,
-            "message": record.getMessage(),
-        }
-        entry.update(_extras(record))
+        entry = _entry(
+            _ts(record.created),
+            record.levelname,
+            record.name,
+            record.process,
+            record.getMessage(),
+            record.__dict__,
+        )
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
@@ -127,18 +146,11 @@ def info_lines(logger: logging.Logger, lines: Iterable[tuple[str, Mapping[str, o
         for message, fields in lines:
             logger.info(message, extra=dict(fields))
         return
-    now = datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="milliseconds")
-    head: dict[str, object] = {
-        "ts": now,
-        "level": "INFO",
-        "logger": logger.name,
-        "pid": os.getpid(),
-    }
-    out = []
-    for message, fields in lines:
-        entry = {**head, "message": message}
-        entry.update((k, fields[k]) for k in FIELDS if fields.get(k) is not None)
-        out.append(orjson.dumps(entry, default=str))
+    ts, name, pid = _ts(time.time()), logger.name, os.getpid()
+    out = [
+        orjson.dumps(_entry(ts, "INFO", name, pid, message, fields), default=str)
+        for message, fields in lines
+    ]
     if not out:
         return
     text = b"\n".join(out).decode() + handler.terminator

@@ -177,7 +177,6 @@ async def copy(
     if not conn.is_in_transaction():
         raise RuntimeError("insertion.copy runs in the caller's transaction")
     now: datetime = await conn.fetchval("SELECT now()")
-    queued = JobStatus.QUEUED.value
     await conn.copy_records_to_table(
         "jobs",
         columns=_COPY_JOB_COLUMNS,
@@ -194,7 +193,7 @@ async def copy(
                 j.idempotency_scope,
                 j.owner,
                 j.run_at or now,
-                now if j.status.value == queued else None,
+                now if j.status == JobStatus.QUEUED else None,
                 j.callback_url,
                 j.traceparent,
             )
