@@ -51,6 +51,9 @@ class Batch:
 
 READ_COUNT = 500  # the most entries one read (and one claim statement) takes
 READ_BLOCK_MS = 1000
+# A turn that started at most this many jobs finds the queue quiet: the next read is the
+# blocking one at once (see _read_loop).
+QUIET_BATCH = 2
 RETRY_PAUSE = 1.0
 STRAY_READ_COUNT = 1000
 SETTLE_SECONDS = 10.0
@@ -90,6 +93,7 @@ class Reader:
         controls = self.controls
         interval = self.ctx.settings.promote_interval_seconds
         woke = False  # the blocking read just returned entries: start them before reading more
+        quiet = False  # the last turn started few jobs: skip the non-blocking band reads
         # Not ``while True``: redis-py can swallow the cancellation of a blocking XREADGROUP,
         # and the loop must still end with the worker.
         while not self.ctx.stopping.is_set():
@@ -103,21 +107,32 @@ class Reader:
                 # After an idle wait, the entry that ended it is claimed at once: reading
                 # every band first would put a round trip per band before the first job of
                 # a quiet queue. What came meanwhile is read on the next turn.
-                if len(batch) < slots and not (woke and batch):
+                #
+                # On a quiet queue (the last turn started a job or two) the band reads are
+                # skipped too: the blocking read below returns at once when any band holds
+                # an entry, so a lone job costs one read, not four. Under load the turns
+                # start more jobs, and the band reads come back: their round trips are what
+                # lets entries gather into bigger claims.
+                if len(batch) < slots and not (woke and batch) and not (quiet and not batch):
                     await self._read_by_band(streams, slots, batch)
                 woke = False
                 if batch:
+                    quiet = len(batch) <= QUIET_BATCH
                     taken, batch = batch, []
                     await self.start(taken, slots)
                     continue
+                quiet = True
                 running.unreserve(slots)
                 slots = 0
                 # Nothing anywhere: wait for an entry without holding room (it is held, and
                 # pending for us, until room frees up). Not ``held += await ...``: that reads
                 # the list before the wait and stores it back after, so it would put back the
                 # list the other loops took from meanwhile and drop what they added.
+                # The count is per band: a few entries of each, at most the room free now
+                # (more than that would wait here, unread by the other workers).
+                count = max(1, min(running.free, READ_COUNT) // len(streams))
                 name = self.ctx.name
-                found = await self.ctx.stream.read(streams, name, 1, READ_BLOCK_MS)
+                found = await self.ctx.stream.read(streams, name, count, READ_BLOCK_MS)
                 running.held.extend(found)
                 woke = bool(found)
             except asyncio.CancelledError:

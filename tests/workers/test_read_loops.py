@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+from redis.asyncio import Redis
 
 from app.settings import Settings
 from tests.conftest import submit, wait_for_status, wait_until
@@ -49,3 +50,43 @@ async def test_a_trickle_beside_idle_read_loops_starts_every_job_at_once(
     except AssertionError:
         waiting = {i: s for i, s in statuses.items() if s != "succeeded"}
         raise AssertionError(f"{len(waiting)} of {JOBS} jobs not run in 15 s: {waiting}") from None
+
+
+LONE_JOBS = 8
+
+
+async def test_a_lone_job_on_a_quiet_queue_costs_one_read(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
+) -> None:
+    """Jobs that arrive one at a time are each read by the blocking XREADGROUP alone: the
+    non-blocking read of each band (three round trips) is skipped while the queue is quiet.
+    Counted with MONITOR, over this queue's streams only."""
+    spawn.worker([queue], concurrency=16, name=f"quiet-{queue}")
+    first = await submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": -1}})
+    await wait_for_status(client, str(first["id"]), {"succeeded"}, timeout=30)
+    mine = f"{{{queue}:"
+    reads = 0
+    async with redis.monitor() as monitor:
+        watching = asyncio.Event()
+
+        async def count() -> None:
+            nonlocal reads
+            watching.set()
+            async for command in monitor.listen():
+                text = str(command.get("command", ""))
+                if text.upper().startswith("XREADGROUP") and mine in text and " >" in text:
+                    reads += 1
+
+        counting = asyncio.create_task(count())
+        await watching.wait()
+        await asyncio.sleep(0.2)
+        try:
+            for n in range(LONE_JOBS):
+                body = {"type": "demo.echo", "queue": queue, "payload": {"n": n}}
+                job = await submit(client, body)
+                await wait_for_status(client, str(job["id"]), {"succeeded"}, timeout=15)
+        finally:
+            await asyncio.sleep(0.1)
+            counting.cancel()
+    # One blocking read per job, and one per second of idle wait; before, four per job.
+    assert 0 < reads <= LONE_JOBS + 4, f"{reads} reads for {LONE_JOBS} lone jobs"
