@@ -108,16 +108,18 @@ class Reader:
                 # every band first would put a round trip per band before the first job of
                 # a quiet queue. What came meanwhile is read on the next turn.
                 #
-                # On a quiet queue (the last turn started a job or two) the band reads are
-                # skipped too: the blocking read below returns at once when any band holds
-                # an entry, so a lone job costs one read, not four. Under load the turns
-                # start more jobs, and the band reads come back: their round trips are what
-                # lets entries gather into bigger claims.
+                # On a quiet queue (the last turn started a job or two, and had room for
+                # more) the band reads are skipped too: the blocking read below returns at
+                # once when any band holds an entry, so a lone job costs one read, not four.
+                # Under load the turns start more jobs, and the band reads come back: their
+                # round trips are what lets entries gather into bigger claims.
                 if len(batch) < slots and not (woke and batch) and not (quiet and not batch):
                     await self._read_by_band(streams, slots, batch)
                 woke = False
                 if batch:
-                    quiet = len(batch) <= QUIET_BATCH
+                    # Quiet: the bands ran dry before the room did. A turn cut short by the
+                    # room (a busy worker whose attempts end one by one) is not.
+                    quiet = len(batch) <= QUIET_BATCH and len(batch) < slots
                     taken, batch = batch, []
                     await self.start(taken, slots)
                     continue
