@@ -59,23 +59,22 @@ async def test_a_lone_job_on_a_quiet_queue_costs_one_read(
     client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
 ) -> None:
     """Jobs that arrive one at a time are each read by the blocking XREADGROUP alone: the
-    non-blocking read of each band (three round trips) is skipped while the queue is quiet.
-    Counted with MONITOR, over this queue's streams only."""
+    non-blocking read of each band (three round trips per job) is skipped while the queue is
+    quiet. Counted with MONITOR, over this queue's streams only."""
     spawn.worker([queue], concurrency=16, name=f"quiet-{queue}")
     first = await submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": -1}})
     await wait_for_status(client, str(first["id"]), {"succeeded"}, timeout=30)
     mine = f"{{{queue}:"
-    reads = 0
+    reads = {"blocking": 0, "band": 0}
     async with redis.monitor() as monitor:
         watching = asyncio.Event()
 
         async def count() -> None:
-            nonlocal reads
             watching.set()
             async for command in monitor.listen():
-                text = str(command.get("command", ""))
-                if text.upper().startswith("XREADGROUP") and mine in text and " >" in text:
-                    reads += 1
+                text = str(command.get("command", "")).upper()
+                if text.startswith("XREADGROUP") and mine.upper() in text and " >" in text:
+                    reads["blocking" if " BLOCK " in text else "band"] += 1
 
         counting = asyncio.create_task(count())
         await watching.wait()
@@ -88,5 +87,6 @@ async def test_a_lone_job_on_a_quiet_queue_costs_one_read(
         finally:
             await asyncio.sleep(0.1)
             counting.cancel()
-    # One blocking read per job, and one per second of idle wait; before, four per job.
-    assert 0 < reads <= LONE_JOBS + 4, f"{reads} reads for {LONE_JOBS} lone jobs"
+    # Before: three band reads per job (24); now none while the queue stays quiet.
+    assert reads["blocking"] >= LONE_JOBS, reads
+    assert reads["band"] <= 2, reads
