@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.api import errors, openapi
 from app.api.auth import Authenticator, parse_keys
 from app.api.deps import AppState
-from app.api.fastpath import SubmitFastPath
 from app.api.gate import Gate, HostAllowList
 from app.api.limits import BodyLimits
 from app.api.ratelimit import RateLimiter
@@ -158,12 +157,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui.pages)
     app.include_router(ui.parts)
     app.mount("/ui/static", StaticFiles(directory=ui.STATIC), name="ui-static")
-    app.add_middleware(  # innermost: after the gate, the limits and the metrics
-        SubmitFastPath,
-        endpoint=jobs.submit_job,
-        routes=lambda: app.routes,
-        handlers=lambda: app.exception_handlers,
-    )
     app.add_middleware(BodyLimits, max_bytes=settings.max_payload_bytes)
     app.add_middleware(  # outermost: 400/401/415/422/429 before any body is read
         Gate,
