@@ -104,16 +104,16 @@ class Reader:
             batch: list[Delivery] = []  # ours until start() takes it
             try:
                 batch = running.take_held(slots)
-                # After an idle wait, the entry that ended it is claimed at once: reading
-                # every band first would put a round trip per band before the first job of
-                # a quiet queue. What came meanwhile is read on the next turn.
-                #
-                # On a quiet queue (the last turn started a job or two, and had room for
-                # more) the band reads are skipped too: the blocking read below returns at
-                # once when any band holds an entry, so a lone job costs one read, not four.
-                # Under load the turns start more jobs, and the band reads come back: their
-                # round trips are what lets entries gather into bigger claims.
-                if len(batch) < slots and not (woke and batch) and not (quiet and not batch):
+                # With entries in hand: after an idle wait, the entry that ended it is
+                # claimed at once (reading every band first would put a round trip per band
+                # before the first job of a quiet queue; what came meanwhile is read on the
+                # next turn). With none, on a quiet queue (the last turn started a job or two
+                # and had room for more) the blocking read below comes at once: it returns
+                # when any band holds an entry, so a lone job costs one read, not four. Under
+                # load the band reads come back: their round trips let entries gather into
+                # bigger claims.
+                read_bands = (len(batch) < slots and not woke) if batch else not quiet
+                if read_bands:
                     await self._read_by_band(streams, slots, batch)
                 woke = False
                 if batch:

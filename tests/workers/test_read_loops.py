@@ -9,6 +9,8 @@ pending on the worker, unstarted, until XAUTOCLAIM finds it idle (``claim_idle_s
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 from redis.asyncio import Redis
@@ -53,18 +55,14 @@ async def test_a_trickle_beside_idle_read_loops_starts_every_job_at_once(
 
 
 LONE_JOBS = 8
+BACKLOG = 40
 
 
-async def test_a_lone_job_on_a_quiet_queue_costs_one_read(
-    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings, redis: Redis
-) -> None:
-    """Jobs that arrive one at a time are each read by the blocking XREADGROUP alone: the
-    non-blocking read of each band (three round trips per job) is skipped while the queue is
-    quiet. Counted with MONITOR, over this queue's streams only."""
-    spawn.worker([queue], concurrency=16, name=f"quiet-{queue}")
-    first = await submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": -1}})
-    await wait_for_status(client, str(first["id"]), {"succeeded"}, timeout=30)
-    mine = f"{{{queue}:"
+@asynccontextmanager
+async def counted_reads(redis: Redis, queue: str) -> AsyncIterator[dict[str, int]]:
+    """XREADGROUP calls on ``queue``'s streams while the block runs, seen with MONITOR:
+    ``blocking`` ones and non-blocking ``band`` ones."""
+    mine = f"{{{queue}:".upper()
     reads = {"blocking": 0, "band": 0}
     async with redis.monitor() as monitor:
         watching = asyncio.Event()
@@ -73,20 +71,51 @@ async def test_a_lone_job_on_a_quiet_queue_costs_one_read(
             watching.set()
             async for command in monitor.listen():
                 text = str(command.get("command", "")).upper()
-                if text.startswith("XREADGROUP") and mine.upper() in text and " >" in text:
+                if text.startswith("XREADGROUP") and mine in text and " >" in text:
                     reads["blocking" if " BLOCK " in text else "band"] += 1
 
         counting = asyncio.create_task(count())
         await watching.wait()
         await asyncio.sleep(0.2)
         try:
-            for n in range(LONE_JOBS):
-                body = {"type": "demo.echo", "queue": queue, "payload": {"n": n}}
-                job = await submit(client, body)
-                await wait_for_status(client, str(job["id"]), {"succeeded"}, timeout=15)
+            yield reads
         finally:
             await asyncio.sleep(0.1)
             counting.cancel()
+
+
+async def test_a_lone_job_on_a_quiet_queue_costs_one_read(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, redis: Redis
+) -> None:
+    """Jobs that arrive one at a time are each read by the blocking XREADGROUP alone: the
+    non-blocking read of each band (three round trips per job) is skipped while the queue is
+    quiet."""
+    spawn.worker([queue], concurrency=16, name=f"quiet-{queue}")
+    first = await submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": -1}})
+    await wait_for_status(client, str(first["id"]), {"succeeded"}, timeout=30)
+    async with counted_reads(redis, queue) as reads:
+        for n in range(LONE_JOBS):
+            body = {"type": "demo.echo", "queue": queue, "payload": {"n": n}}
+            job = await submit(client, body)
+            await wait_for_status(client, str(job["id"]), {"succeeded"}, timeout=15)
     # Before: three band reads per job (24); now none while the queue stays quiet.
     assert reads["blocking"] >= LONE_JOBS, reads
     assert reads["band"] <= 2, reads
+
+
+async def test_a_worker_short_of_room_keeps_reading_by_band(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, redis: Redis
+) -> None:
+    """A backlog on a worker whose attempts end one by one: each turn starts as many jobs as
+    it has room for, which is one or two, yet the queue is not quiet, so the band reads stay
+    (and with them the highest band first, and bigger claims as room grows)."""
+    spawn.worker([queue], concurrency=2, name=f"busy-{queue}")
+    first = await submit(client, {"type": "demo.echo", "queue": queue, "payload": {"n": -1}})
+    await wait_for_status(client, str(first["id"]), {"succeeded"}, timeout=30)
+    jobs = [{"type": "demo.sleep", "queue": queue, "payload": {"seconds": 0.02}}] * BACKLOG
+    async with counted_reads(redis, queue) as reads:
+        response = await client.post("/v1/jobs/batch", json={"jobs": jobs})
+        assert response.status_code == 202, response.text
+        last = str(response.json()["jobs"][-1]["id"])
+        await wait_for_status(client, last, {"succeeded"}, timeout=30)
+    assert reads["band"] >= BACKLOG // 4, reads
