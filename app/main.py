@@ -74,6 +74,7 @@ def _lifespan(
             intake = Intake(pool, dispatcher, acquire_timeout=settings.db_pool_timeout_seconds)
             auth.bind(sessions)
             watch = _watch(settings, sessions, stream, pool)
+            watch.listeners.append(dispatcher.changed)
             watch.start()
             snapshots = Snapshots(sessions, stream, settings)
             app.state.conveyor = AppState(

@@ -7,6 +7,11 @@ A confirmation only marks a job still in the ``queued`` turn that the XADD was f
 later than the XADD), and only if no loss of Redis data was detected since the XADD: a late
 one must not hide a job that ran and was queued again since, or whose entry Redis lost after
 the loss's re-dispatch had run.
+
+The API confirms in the background, 50 ms after its XADDs, and skips every job that a
+job-change message (:mod:`app.streams.notify`) has named since: a claimed or finished job is
+no longer in the ``queued`` turn its XADD was for, so its confirmation would change nothing.
+Skipping one is always safe: a job left unmarked is at worst sent again by the sweep.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from app.jobs.marks import Sent
 from app.jobs.repository import Target
 from app.streams.client import StreamClient
 from app.streams.keys import band_for, partition_for
+from app.streams.notify import Change
 
 log = logging.getLogger(__name__)
 
 _Unconfirmed = tuple[UUID, float, str]  # (job, monotonic time of its XADD, its entry id)
+_Sent = tuple[float, str]  # (monotonic time of a job's XADD, its entry id)
 
 
 class Dispatcher:
@@ -44,7 +51,8 @@ class Dispatcher:
         self.sessions = sessions
         self.partitions = partitions
         self.confirm_interval = confirm_interval
-        self._unconfirmed: list[_Unconfirmed] = []
+        self._unconfirmed: dict[UUID, _Sent] = {}
+        self.skipped = 0  # confirmations not needed: the job changed before its turn came
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -93,8 +101,18 @@ class Dispatcher:
             log.warning("dispatch deferred: %s (%d jobs)", type(exc).__name__, len(targets))
             return
         if sent:
-            self._unconfirmed.extend((job_id, began, e) for job_id, e in sent.items())
+            self._unconfirmed.update((job_id, (began, e)) for job_id, e in sent.items())
             self._wake.set()
+
+    def changed(self, change: Change) -> None:
+        """Jobs named by a job-change message (claimed, finished, ...) need no confirmation:
+        they have left the ``queued`` turn of their XADD, if they were ever in it."""
+        unconfirmed = self._unconfirmed
+        if unconfirmed:
+            for ids in (change.changed, change.terminal):
+                for job_id in ids:
+                    if unconfirmed.pop(job_id, None) is not None:
+                        self.skipped += 1
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._confirm_loop(), name="dispatch-confirm")
@@ -117,9 +135,10 @@ class Dispatcher:
                 log.warning("dispatch confirmation failed: %s", type(exc).__name__)
 
     async def _flush(self) -> None:
-        sent, self._unconfirmed = self._unconfirmed, []
-        if not sent:
+        unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        if not unconfirmed:
             return
+        sent = [(job_id, at, entry) for job_id, (at, entry) in unconfirmed.items()]
         async with self.sessions.begin() as session:
             await self._confirm(session, sent)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -75,6 +75,8 @@ class Watch:
             else None
         )
         self.rechecks = 0  # how many re-check statements this process ran
+        # also told of every change (the dispatcher drops confirmations it no longer needs)
+        self.listeners: list[Callable[[Change], None]] = []
 
     def start(self) -> None:
         if self.subscriber is not None:
@@ -114,6 +116,8 @@ class Watch:
         """Wake the waiters of the jobs in ``change`` (a message, or a local transition)."""
         self._wake(change.terminal, terminal=True)
         self._wake(change.changed, terminal=False)
+        for listener in self.listeners:
+            listener(change)
 
     def _wake(self, ids: Iterable[UUID], *, terminal: bool) -> None:
         for job_id in ids:
