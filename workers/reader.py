@@ -250,9 +250,10 @@ class Reader:
             entry = Running(job, fresh.pop(job.id))
             running.add(entry)
             entry.task = asyncio.create_task(self._run(entry))
-        await ctx.changes.publish((), [job.id for job in claimed])  # wakes SSE followers
-        # The rest were taken, cancelled or finished: their entries are done with.
-        await ctx.stream.ack([*fresh.values(), *batch.dropped])
+        # The rest were taken, cancelled or finished: their entries are done with. The
+        # message of the claims (it wakes SSE followers) goes in the same round trip.
+        claims = ctx.changes.announcement((), [job.id for job in claimed])
+        await ctx.stream.ack([*fresh.values(), *batch.dropped], claims)
 
     async def _claim(self, conn: asyncpg.Connection, ids: list[UUID]) -> list[Claim]:
         """The plain claim, or, while some limit is in force, the claim under limits; the

@@ -16,6 +16,7 @@ from uuid import UUID
 from app.db import errors as db_errors
 from app.jobs import attempts, unknown_type
 from app.jobs.attempts import Completion, Dead
+from app.streams.notify import Announcement
 from workers import telemetry
 from workers.context import Running, WorkerContext
 from workers.execution import error_record, failed
@@ -138,11 +139,12 @@ class Reporter:
                 moved |= handed
                 dead += gone
         telemetry.reported(batch, moved, dead, ages, ctx.name)
-        await self._announce(known, moved, dead)
         # A fenced-off delivery may belong to whoever reclaimed it now: leave it to its owner
-        # (or to XAUTOCLAIM, whose claim then drops it).
+        # (or to XAUTOCLAIM, whose claim then drops it). The job-change message goes first,
+        # in the same round trip.
+        done = [e.delivery for c, e in batch if c.id in moved]
         try:
-            await ctx.stream.ack([e.delivery for c, e in batch if c.id in moved])
+            await ctx.stream.ack(done, self._announcement(known, moved, dead))
         except Exception as exc:  # written already: never redo it; XAUTOCLAIM drops the entries
             log.warning("ack of %d finished entries failed (%s)", len(moved), exc)
         await self.dead_lettered(dead)
@@ -151,16 +153,16 @@ class Reporter:
             log.info("%d outcome(s) fenced off: a newer attempt or a cancel won", stale)
         ctx.running.finished([e.attempt for _, e in batch])
 
-    async def _announce(
+    def _announcement(
         self, known: Sequence[Completion], moved: set[UUID], dead: Sequence[Dead]
-    ) -> None:
+    ) -> Announcement | None:
         """One job-change message for the batch: the jobs that are terminal now (succeeded or
         dead, or cancelled) wake the API's ``?wait=`` requests; the others (retrying, handed
         back) only the followers of their events. (A failure with attempts left that a cancel
         request turned into ``cancelled`` is left to the API's slow re-check.)"""
         terminal = {c.id for c in known if (c.error is None or c.cancelled) and c.id in moved}
         terminal.update(d.id for d in dead)
-        await self.ctx.changes.publish(terminal, moved - terminal)
+        return self.ctx.changes.announcement(terminal, moved - terminal)
 
     async def dead_lettered(self, jobs: Sequence[Dead]) -> None:
         """Tell ``<prefix>:dlq`` (a notification: the DLQ of record is the ``dead`` status)."""

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
+from app.streams import notify
 from app.streams.connection import RedisClient
 from app.streams.dead_letter import DLQ_MAXLEN, bounded_dead_letter
 from app.streams.keys import GROUP, Keys
@@ -262,12 +263,21 @@ class StreamClient:
             for entry_id, fields in entries
         ]
 
-    async def ack(self, deliveries: Iterable[Delivery]) -> None:
-        """XACK and XDEL finished entries, so streams hold only live work."""
+    async def ack(
+        self, deliveries: Iterable[Delivery], announce: notify.Announcement | None = None
+    ) -> None:
+        """XACK and XDEL finished entries, so streams hold only live work. ``announce``: a
+        job-change message, PUBLISHed first in the same round trip (on its own with Redis
+        Cluster, whose pipelines go by key slot; and then, as alone, it never raises)."""
         by_stream = _entries_by_stream(deliveries)
+        if announce is not None and (not by_stream or isinstance(self.redis, RedisCluster)):
+            await notify.send(self.redis, announce)
+            announce = None
         if not by_stream:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
+            if announce is not None:
+                pipe.publish(announce.channel, announce.message)
             for stream, ids in by_stream.items():
                 pipe.xack(stream, GROUP, *ids)
                 pipe.xdel(stream, *ids)

@@ -61,14 +61,36 @@ class Publisher:
         self.redis = redis
         self.channel = channel
 
-    async def publish(self, terminal: Iterable[UUID], changed: Iterable[UUID] = ()) -> None:
+    def announcement(
+        self, terminal: Iterable[UUID], changed: Iterable[UUID] = ()
+    ) -> Announcement | None:
+        """The message for these jobs, to send with other commands (see
+        :meth:`app.streams.client.StreamClient.ack`); None when there is nothing to say."""
         terminal, changed = list(terminal), list(changed)
         if not terminal and not changed:
-            return
-        try:
-            await self.redis.publish(self.channel, encode(terminal, changed))
-        except Exception as exc:
-            log.debug("job-change notification not published: %s", exc)
+            return None
+        return Announcement(self.channel, encode(terminal, changed))
+
+    async def publish(self, terminal: Iterable[UUID], changed: Iterable[UUID] = ()) -> None:
+        message = self.announcement(terminal, changed)
+        if message is not None:
+            await send(self.redis, message)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """One job-change message, ready to PUBLISH."""
+
+    channel: str
+    message: str
+
+
+async def send(redis: RedisClient, announcement: Announcement) -> None:
+    """PUBLISH one message; never raises (a lost message costs a waiter a re-check)."""
+    try:
+        await redis.publish(announcement.channel, announcement.message)
+    except Exception as exc:
+        log.debug("job-change notification not published: %s", exc)
 
 
 class Subscriber:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from app.devserver.valkey import EmbeddedRedis
 from app.streams.client import StreamClient
-from app.streams.keys import Keys
+from app.streams.keys import GROUP, Keys
+from app.streams.notify import Announcement, Change, decode, encode
 
 
 @pytest.fixture
@@ -52,3 +54,44 @@ async def test_dispatch_loads_the_script_once_and_survives_a_script_flush(
     assert set(sent) == set(ids)
     assert await _calls(own_redis, "script|load") == 2
     assert [await own_redis.xlen(s) for s in streams] == [12, 12, 12]
+
+
+async def _message(pubsub: PubSub) -> Change | None:
+    """The next message on the subscription (the subscribe confirmation is skipped)."""
+    for _ in range(50):
+        message = await pubsub.get_message(timeout=0.1)
+        if message is not None:
+            return decode(message["data"])
+    return None
+
+
+async def _reads(redis: Redis) -> int:
+    return int((await redis.info("stats"))["total_reads_processed"])
+
+
+async def test_ack_sends_its_job_change_message_in_the_same_round_trip(
+    own_redis: Redis,
+) -> None:
+    """A worker's outcome batch costs one round trip for its XACK, XDEL and job-change
+    message; the message arrives, and the entries are gone."""
+    client = StreamClient(own_redis, Keys("t"), maxlen=1000)
+    stream = client.keys.stream("q", 0, 1)
+    await client.ensure_groups([stream])
+    job = uuid.uuid4()
+    await client.dispatch([(stream, job)])
+    [delivery] = await client.read([stream], "w1", count=10, block_ms=None)
+    pubsub = own_redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe("t:jobs-changed")
+    announce = Announcement("t:jobs-changed", encode([job]))
+    await own_redis.config_resetstat()
+    before = await _reads(own_redis)
+    await client.ack([delivery], announce)
+    after = await _reads(own_redis)
+    assert after - before == 2  # the ack's round trip and the second INFO
+    assert await _message(pubsub) == Change(frozenset([job]))
+    assert await own_redis.xlen(stream) == 0
+    assert (await own_redis.xpending(stream, GROUP))["pending"] == 0
+    # Nothing to ack: the message goes alone.
+    await client.ack([], announce)
+    assert await _message(pubsub) == Change(frozenset([job]))
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
