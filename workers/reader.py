@@ -25,6 +25,7 @@ from app.jobs.registry import Registry
 from app.jobs.repository import Target
 from app.jobs.status import JobStatus
 from app.observe import tracing
+from app.streams import notify
 from app.streams.client import Delivery
 from workers import telemetry
 from workers.cancellation import report
@@ -79,7 +80,7 @@ class Reader:
         self.maintenance = maintenance  # fails lapsed attempts, repairs vanished entries
         idle = ctx.settings.claim_idle_seconds
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
-        self._claims: set[asyncio.Future[None]] = set()
+        self._claims: set[asyncio.Future[notify.Announcement | None]] = set()
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         loops = [self._read_loop(q, p) for q, p in self.ctx.partitions]
@@ -94,12 +95,21 @@ class Reader:
         interval = self.ctx.settings.promote_interval_seconds
         woke = False  # the blocking read just returned entries: start them before reading more
         quiet = False  # the last turn started few jobs: skip the non-blocking band reads
+        # The last claim's job-change message, when it had no ack to ride with: it goes with
+        # this loop's next read, which follows at once unless there is no room (or the queue
+        # is paused, or held entries wait): then it goes on its own first.
+        outbox: notify.Announcement | None = None
         # Not ``while True``: redis-py can swallow the cancellation of a blocking XREADGROUP,
         # and the loop must still end with the worker.
         while not self.ctx.stopping.is_set():
             if queue in controls.paused:  # entries wait in the stream, unread
+                await self._send(outbox)
+                outbox = None
                 await controls.until_changed(interval)
                 continue
+            if running.free <= 0:  # reserve() waits for room
+                await self._send(outbox)
+                outbox = None
             slots = await running.reserve(READ_COUNT)
             batch: list[Delivery] = []  # ours until start() takes it
             try:
@@ -113,15 +123,20 @@ class Reader:
                 # load the band reads come back: their round trips let entries gather into
                 # bigger claims.
                 read_bands = (len(batch) < slots and not woke) if batch else not quiet
+                announce, outbox = outbox, None
                 if read_bands:
-                    await self._read_by_band(streams, slots, batch)
+                    await self._read_by_band(streams, slots, batch, announce)
+                    announce = None
+                elif batch:
+                    await self._send(announce)
+                    announce = None
                 woke = False
                 if batch:
                     # Quiet: the bands ran dry before the room did. A turn cut short by the
                     # room (a busy worker whose attempts end one by one) is not.
                     quiet = len(batch) <= QUIET_BATCH and len(batch) < slots
                     taken, batch = batch, []
-                    await self.start(taken, slots)
+                    outbox = await self.start(taken, slots, defer_message=True)
                     continue
                 quiet = True
                 running.unreserve(slots)
@@ -134,7 +149,7 @@ class Reader:
                 # (more than that would wait here, unread by the other workers).
                 count = max(1, min(running.free, READ_COUNT) // len(streams))
                 name = self.ctx.name
-                found = await self.ctx.stream.read(streams, name, count, READ_BLOCK_MS)
+                found = await self.ctx.stream.read(streams, name, count, READ_BLOCK_MS, announce)
                 running.held.extend(found)
                 woke = bool(found)
             except asyncio.CancelledError:
@@ -147,15 +162,30 @@ class Reader:
                 await asyncio.sleep(RETRY_PAUSE)
             finally:
                 running.unreserve(slots)
+        await self._send(outbox)
 
-    async def _read_by_band(self, streams: list[str], want: int, into: list[Delivery]) -> None:
+    async def _send(self, message: notify.Announcement | None) -> None:
+        """A job-change message on its own (never raises)."""
+        if message is not None:
+            await notify.send(self.ctx.stream.redis, message)
+
+    async def _read_by_band(
+        self,
+        streams: list[str],
+        want: int,
+        into: list[Delivery],
+        announce: notify.Announcement | None = None,
+    ) -> None:
         """Highest band first, without blocking, until ``into`` holds ``want`` deliveries
-        (appended as each read returns, so an error in a later read loses none)."""
+        (appended as each read returns, so an error in a later read loses none). ``announce``
+        goes with the first read."""
         name = self.ctx.name
         for stream in streams:
             if len(into) >= want:
                 break
-            into += await self.ctx.stream.read([stream], name, want - len(into), None)
+            into += await self.ctx.stream.read([stream], name, want - len(into), None, announce)
+            announce = None
+        await self._send(announce)
 
     # -- source 2: entries of dead consumers ------------------------------------------------------
 
@@ -195,10 +225,15 @@ class Reader:
 
     # -- claiming and running ----------------------------------------------------------------------
 
-    async def start(self, deliveries: list[Delivery], slots: int) -> None:
+    async def start(
+        self, deliveries: list[Delivery], slots: int, *, defer_message: bool = False
+    ) -> notify.Announcement | None:
         """Claim the deliveries' jobs in one statement and start those we won, at most
         ``slots`` (reserved by the caller). A job this worker is running is never claimed
-        again here (see :meth:`_sort_busy`)."""
+        again here (see :meth:`_sort_busy`).
+
+        ``defer_message``: when the claims' job-change message has no ack to ride with, it
+        is returned for the caller's next read to carry, instead of sent on its own."""
         running = self.ctx.running
         paused = self.controls.paused
         batch = Batch()
@@ -216,17 +251,19 @@ class Reader:
                 batch.later.append(d)
         # A claim commits on its own once sent: if our caller is cancelled (shutdown) while
         # it runs, it still finishes, and its jobs are started or handed straight back.
-        claim = asyncio.ensure_future(self._claim_and_start(batch))
+        claim = asyncio.ensure_future(self._claim_and_start(batch, defer_message))
         self._claims.add(claim)
         claim.add_done_callback(self._claims.discard)
-        await asyncio.shield(claim)
+        return await asyncio.shield(claim)
 
     async def settle(self) -> None:
         """Wait for claims in flight (after the loops were cancelled)."""
         if self._claims:
             await asyncio.wait(list(self._claims), timeout=SETTLE_SECONDS)
 
-    async def _claim_and_start(self, batch: Batch) -> None:
+    async def _claim_and_start(
+        self, batch: Batch, defer_message: bool
+    ) -> notify.Announcement | None:
         ctx = self.ctx
         running = ctx.running
         fresh = batch.fresh
@@ -244,16 +281,21 @@ class Reader:
         running.held.extend(batch.later)
         if claimed and ctx.stopping.is_set():
             await self._release_late(claimed, [*fresh.values(), *batch.dropped])
-            return
+            return None
         telemetry.started(claimed, fresh, ctx.name)
         for job in claimed:
             entry = Running(job, fresh.pop(job.id))
             running.add(entry)
             entry.task = asyncio.create_task(self._run(entry))
         # The rest were taken, cancelled or finished: their entries are done with. The
-        # message of the claims (it wakes SSE followers) goes in the same round trip.
+        # message of the claims (it wakes SSE followers) goes in the same round trip, or,
+        # with nothing to ack, in the caller's next read.
         claims = ctx.changes.announcement((), [job.id for job in claimed])
-        await ctx.stream.ack([*fresh.values(), *batch.dropped], claims)
+        done_with = [*fresh.values(), *batch.dropped]
+        if defer_message and not done_with and not ctx.stopping.is_set():
+            return claims
+        await ctx.stream.ack(done_with, claims)
+        return None
 
     async def _claim(self, conn: asyncpg.Connection, ids: list[UUID]) -> list[Claim]:
         """The plain claim, or, while some limit is in force, the claim under limits; the

@@ -233,13 +233,25 @@ class StreamClient:
     # -- consuming --------------------------------------------------------------------------
 
     async def read(
-        self, streams: Sequence[str], consumer: str, count: int, block_ms: int | None
+        self,
+        streams: Sequence[str],
+        consumer: str,
+        count: int,
+        block_ms: int | None,
+        announce: notify.Announcement | None = None,
     ) -> list[Delivery]:
-        """XREADGROUP new entries from ``streams`` (all in one cluster slot)."""
+        """XREADGROUP new entries from ``streams`` (all in one cluster slot). ``announce``: a
+        job-change message, PUBLISHed first in the same round trip (on its own with Redis
+        Cluster; lost, like any message, if the read fails)."""
         try:
-            reply = await self.redis.xreadgroup(
-                GROUP, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
-            )
+            if announce is not None and not isinstance(self.redis, RedisCluster):
+                reply = await self._announce_and_read(streams, consumer, count, block_ms, announce)
+            else:
+                if announce is not None:
+                    await notify.send(self.redis, announce)
+                reply = await self.redis.xreadgroup(
+                    GROUP, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
+                )
         except ResponseError as exc:
             if not _group_gone(exc):
                 raise
@@ -250,6 +262,27 @@ class StreamClient:
             for stream, entries in _stream_items(reply)
             for entry_id, fields in entries
         ]
+
+    async def _announce_and_read(
+        self,
+        streams: Sequence[str],
+        consumer: str,
+        count: int,
+        block_ms: int | None,
+        announce: notify.Announcement,
+    ) -> Any:
+        """PUBLISH then XREADGROUP in one pipeline; the read's reply (or its error)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.publish(announce.channel, announce.message)
+            pipe.xreadgroup(
+                GROUP, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
+            )
+            published, reply = await pipe.execute(raise_on_error=False)
+        if isinstance(published, Exception):
+            log.debug("job-change notification not published: %s", published)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def read_own(self, streams: Sequence[str], consumer: str, count: int) -> list[Delivery]:
         """Entries delivered to ``consumer`` and not acked (XREADGROUP from id 0), e.g. those

@@ -1,8 +1,10 @@
 """StreamClient.dispatch: the Lua script is loaded once, not checked per pipeline, and a
-server that lost its scripts (a restart, SCRIPT FLUSH) gets it again without losing a send."""
+server that lost its scripts (a restart, SCRIPT FLUSH) gets it again without losing a send.
+StreamClient.ack and .read: a job-change message rides in their round trip."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -94,4 +96,36 @@ async def test_ack_sends_its_job_change_message_in_the_same_round_trip(
     # Nothing to ack: the message goes alone.
     await client.ack([], announce)
     assert await _message(pubsub) == Change(frozenset([job]))
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_read_sends_a_job_change_message_in_the_same_round_trip(
+    own_redis: Redis,
+) -> None:
+    """A claim's message that had no ack to ride with goes with the worker's next read: one
+    round trip for both, the message arrives at once even when the read blocks, and the
+    read still returns what the stream delivers."""
+    client = StreamClient(own_redis, Keys("t"), maxlen=1000)
+    stream = client.keys.stream("q", 0, 1)
+    await client.ensure_groups([stream])
+    pubsub = own_redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe("t:jobs-changed")
+    first, second = uuid.uuid4(), uuid.uuid4()
+    await client.dispatch([(stream, first)])
+    announce = Announcement("t:jobs-changed", encode([], [first]))
+    await own_redis.config_resetstat()
+    before = await _reads(own_redis)
+    [delivery] = await client.read([stream], "w1", 10, None, announce)
+    after = await _reads(own_redis)
+    assert after - before == 2  # the read's round trip and the second INFO
+    assert delivery.job_id == first
+    assert await _message(pubsub) == Change(changed=frozenset([first]))
+
+    # A blocking read: the message is published before the read waits.
+    blocked = asyncio.create_task(client.read([stream], "w1", 10, 5000, announce))
+    assert await _message(pubsub) == Change(changed=frozenset([first]))
+    assert not blocked.done()
+    await client.dispatch([(stream, second)])
+    [woken] = await asyncio.wait_for(blocked, 5)
+    assert woken.job_id == second
     await pubsub.aclose()  # type: ignore[no-untyped-call]

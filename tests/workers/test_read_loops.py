@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
 
 import httpx
 from redis.asyncio import Redis
 
 from app.settings import Settings
+from app.streams.keys import Keys
+from app.streams.notify import decode
 from tests.conftest import submit, wait_for_status, wait_until
 from tests.support.processes import Spawner
 
@@ -119,3 +123,45 @@ async def test_a_worker_short_of_room_keeps_reading_by_band(
         last = str(response.json()["jobs"][-1]["id"])
         await wait_for_status(client, last, {"succeeded"}, timeout=30)
     assert reads["band"] >= BACKLOG // 4, reads
+
+
+async def _claim_heard(
+    client: httpx.AsyncClient, redis: Redis, settings: Settings, body: dict[str, Any]
+) -> bool:
+    """Submit ``body`` and listen: whether the job-change message of its claim (naming it as
+    changed) arrives within CLAIM_HEARD_SECONDS, before any naming it terminal."""
+    loop = asyncio.get_running_loop()
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(Keys(settings.redis_prefix).changes)
+        while (await pubsub.get_message(timeout=1.0) or {}).get("type") != "subscribe":
+            pass
+        job = UUID(str((await submit(client, body))["id"]))
+        deadline = loop.time() + CLAIM_HEARD_SECONDS
+        while (left := deadline - loop.time()) > 0:
+            message = await pubsub.get_message(timeout=min(left, 0.2))
+            change = decode(message["data"]) if message and message["type"] == "message" else None
+            if change is not None and job in change.terminal:
+                return False
+            if change is not None and job in change.changed:
+                return True
+    return False
+
+
+CLAIM_HEARD_SECONDS = 2.0
+
+
+async def test_a_claims_message_is_not_held_back_by_a_worker_without_room(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, redis: Redis, settings: Settings
+) -> None:
+    """A claim's job-change message rides with its read loop's next read. A worker whose room
+    is full (concurrency 1, a long job) reads nothing until the job ends, so there the message
+    goes alone at once; a follower of the job hears of its start while it runs. The same on a
+    worker with room, whose next read is the blocking one, at once."""
+    for concurrency in (1, 16):
+        q = f"{queue}-c{concurrency}"
+        spawn.worker([q], concurrency=concurrency, name=f"room{concurrency}-{queue}")
+        first = await submit(client, {"type": "demo.echo", "queue": q, "payload": {"n": -1}})
+        await wait_for_status(client, str(first["id"]), {"succeeded"}, timeout=30)
+        body = {"type": "demo.sleep", "queue": q, "payload": {"seconds": 4}}
+        heard = await _claim_heard(client, redis, settings, body)
+        assert heard, f"no claim message within 2 s of a 4 s job (concurrency {concurrency})"
