@@ -6,8 +6,9 @@ rows are: the ceiling of one worker's drain, with no Redis and no Python handler
 
 Each round inserts N queued ``demo.echo`` rows, then runs the worker's own statements
 (``attempts.claim_many`` then ``attempts.complete_many`` as success, one batch after the
-other on one connection) and reports jobs per second and WAL bytes per job. Four variants,
-interleaved round by round so that the machine's noise hits them alike:
+other on one connection; a batch of successes takes ``attempts._SUCCEED``) and reports jobs
+per second and WAL bytes per job. Four variants, interleaved round by round so that the
+machine's noise hits them alike:
 
 - ``as shipped``: the schema of ``alembic upgrade head`` and the statements as they are;
 - ``no event rows``: the same statements without their ``job_events`` inserts;
@@ -46,13 +47,19 @@ CLAIM_EVENTS = (
     "    SELECT id, 'claimed', attempts, $2 FROM claimed"
 )
 COMPLETE_RESULT = "SELECT id, status, attempts, type, queue, errors, age FROM done"
+SUCCEED_RESULT = "SELECT id, age FROM done"  # a batch of successes (attempts._SUCCEED)
 
 
-def _without_events(claim: str, complete: str) -> tuple[str, str]:
+def _without_events(claim: str, complete: str, succeed: str) -> tuple[str, str, str]:
     """The statements with their event inserts cut out (nothing else changes)."""
-    assert CLAIM_EVENTS in claim and "), ev AS (" in complete
+    assert CLAIM_EVENTS in claim and "), ev AS (" in complete and "), ev AS (" in succeed
     head = complete[: complete.index("), ev AS (")]
-    return claim.replace(CLAIM_EVENTS, "SELECT 1"), f"{head})\n{COMPLETE_RESULT}"
+    lean = succeed[: succeed.index("), ev AS (")]
+    return (
+        claim.replace(CLAIM_EVENTS, "SELECT 1"),
+        f"{head})\n{COMPLETE_RESULT}",
+        f"{lean})\n{SUCCEED_RESULT}",
+    )
 
 
 def _dsn(url: str, database: str | None = None) -> str:
@@ -62,7 +69,9 @@ def _dsn(url: str, database: str | None = None) -> str:
     return u.render_as_string(hide_password=False)
 
 
-async def _round(dsn: str, n: int, batch: int, statements: tuple[str, str]) -> tuple[float, float]:
+async def _round(
+    dsn: str, n: int, batch: int, statements: tuple[str, str, str]
+) -> tuple[float, float]:
     """Jobs per second and WAL bytes per job for one drain of ``n`` rows."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -75,8 +84,8 @@ async def _round(dsn: str, n: int, batch: int, statements: tuple[str, str]) -> t
             ids,
         )
         await conn.execute("VACUUM ANALYZE jobs")
-        claim_sql, complete_sql = attempts._CLAIM, attempts._COMPLETE
-        attempts._CLAIM, attempts._COMPLETE = statements
+        shipped = attempts._CLAIM, attempts._COMPLETE, attempts._SUCCEED
+        attempts._CLAIM, attempts._COMPLETE, attempts._SUCCEED = statements
         try:
             before = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
             began = time.perf_counter()
@@ -87,7 +96,7 @@ async def _round(dsn: str, n: int, batch: int, statements: tuple[str, str]) -> t
             elapsed = time.perf_counter() - began
             after = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
         finally:
-            attempts._CLAIM, attempts._COMPLETE = claim_sql, complete_sql
+            attempts._CLAIM, attempts._COMPLETE, attempts._SUCCEED = shipped
         wal = await conn.fetchval("SELECT pg_wal_lsn_diff($1, $2)", after, before)
         return n / elapsed, float(wal) / n
     finally:
@@ -121,7 +130,7 @@ async def main() -> None:
                 await conn.execute(f'DROP INDEX "{row["indexname"]}"')
         finally:
             await conn.close()
-        shipped = (attempts._CLAIM, attempts._COMPLETE)
+        shipped = (attempts._CLAIM, attempts._COMPLETE, attempts._SUCCEED)
         lean = _without_events(*shipped)
         variants = {
             "as shipped": (full, shipped),

@@ -182,6 +182,30 @@ SELECT id, status, attempts, type, queue, errors, age FROM done
 )
 
 
+# The batch where every attempt succeeded (a drain's usual case): the same transition as
+# _COMPLETE's success branch, without evaluating its other outcomes per row (11% less time
+# per completion in batches of 500; docs/performance.md, tenth stop).
+_SUCCEED = """
+WITH v AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, result)
+), done AS (
+    UPDATE jobs j SET status = 'succeeded', result = v.result::jsonb, next_attempt_at = NULL,
+        finished_at = now(), worker = NULL, lease_expires_at = NULL
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
+        AND j.worker = $4
+    RETURNING j.id, j.attempts, extract(epoch FROM now() - j.created_at)::float8 AS age
+), ev AS (
+    INSERT INTO job_events (job_id, event, attempt, worker)
+    SELECT id, 'succeeded', attempts, $4 FROM done
+)
+SELECT id, age FROM done
+"""
+
+
+def _succeeded(o: Completion) -> bool:
+    return o.error is None and not o.cancelled and o.defer_seconds is None
+
+
 async def complete_many(
     conn: asyncpg.Connection,
     worker: str,
@@ -200,6 +224,17 @@ async def complete_many(
     """
     if not outcomes:
         return set(), []
+    if all(_succeeded(o) for o in outcomes):
+        rows = await conn.fetch(
+            _SUCCEED,
+            [o.id for o in outcomes],
+            [o.token for o in outcomes],
+            [o.result for o in outcomes],
+            worker,
+        )
+        if ages is not None:
+            ages.update((r[0], r[1]) for r in rows)
+        return {r[0] for r in rows}, []
     rows = await conn.fetch(
         _COMPLETE,
         [o.id for o in outcomes],

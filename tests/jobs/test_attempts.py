@@ -142,3 +142,50 @@ def _p(value: float) -> str:
 async def _progress(conn: asyncpg.Connection, job_id: UUID) -> object:
     raw = await conn.fetchval("SELECT progress::text FROM jobs WHERE id = $1", job_id)
     return None if raw is None else json.loads(raw)
+
+
+_OUTCOME = (
+    "SELECT j.status, j.result, j.attempts, j.worker, j.lease_expires_at, j.next_attempt_at,"
+    " j.finished_at IS NOT NULL AS finished, j.errors, j.deferrals,"
+    " (SELECT array_agg(e.event || ':' || e.attempt || ':' || coalesce(e.worker, '-')"
+    "         ORDER BY e.id) FROM job_events e WHERE e.job_id = j.id) AS events"
+    " FROM jobs j WHERE j.id = $1"
+)
+
+
+async def test_a_batch_of_successes_records_what_a_mixed_batch_records(
+    conn: asyncpg.Connection, queue: str
+) -> None:
+    """A batch where every attempt succeeded takes a leaner statement. Its rows, events and
+    answer are those of a success written beside a failure (the general statement), and it
+    is fenced the same way: another worker's report, or a stale token, moves nothing."""
+    alone, beside, failing = [await _queued(conn, queue) for _ in range(3)]
+    claims = {c.id: c for c in await attempts.claim_many(conn, [alone, beside, failing], "w1", 30)}
+
+    other_worker = Completion(alone, claims[alone].token, '{"n": 1}')
+    assert await attempts.complete_many(conn, "w2", [other_worker], NO_WAIT) == (set(), [])
+    stale = Completion(alone, claims[alone].token - 1, '{"n": 1}')
+    assert await attempts.complete_many(conn, "w1", [stale], NO_WAIT) == (set(), [])
+
+    ages: dict[UUID, float] = {}
+    ok = Completion(alone, claims[alone].token, '{"n": 1}')
+    assert await attempts.complete_many(conn, "w1", [ok], NO_WAIT, ages=ages) == ({alone}, [])
+    mixed = [
+        Completion(beside, claims[beside].token, '{"n": 1}'),
+        Completion(
+            failing,
+            claims[failing].token,
+            None,
+            error=error_record(1, "w1", "boom", "RuntimeError"),
+        ),
+    ]
+    moved, _ = await attempts.complete_many(conn, "w1", mixed, NO_WAIT, ages=ages)
+    assert moved == {beside, failing}
+    assert set(ages) == {alone, beside}  # the retrying job is not terminal
+    assert all(age >= 0 for age in ages.values())
+
+    first, second = [dict(await conn.fetchrow(_OUTCOME, i)) for i in (alone, beside)]
+    assert first == second
+    assert first["status"] == "succeeded" and json.loads(first["result"]) == {"n": 1}
+    assert first["events"] == ["claimed:1:w1", "succeeded:1:w1"]
+    assert (first["worker"], first["lease_expires_at"]) == (None, None)
