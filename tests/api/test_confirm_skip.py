@@ -38,7 +38,10 @@ async def test_claimed_jobs_are_not_confirmed_and_unclaimed_ones_are(
     spawn: Spawner, settings: Settings, queue: str
 ) -> None:
     idle = f"{queue}-unread"  # no worker reads it: its jobs must still be confirmed
-    spawn.worker([queue], concurrency=JOBS + 8, name="confirm-skip")
+    # The worker's sweep sends again (and marks) a job left unconfirmed for the grace: with
+    # the tests' 1 s, a slow host could let it mark a batch the test holds unconfirmed for 3 s.
+    patient = settings.model_copy(update={"dispatch_grace_seconds": 60.0})
+    spawn.worker([queue], concurrency=JOBS + 8, name="confirm-skip", settings=patient)
     async with api(settings) as (state, client):
         assert state.watch.subscriber is not None
         await asyncio.wait_for(state.watch.subscriber.connected.wait(), 20)
