@@ -10,6 +10,7 @@ from typing import Any
 from app.errors import PermanentError, RetryLater
 from app.jobs.attempts import Claim, Completion, ErrorRecord
 from app.jobs.registry import JobContext, JobType, ProgressSink, Registry
+from workers.deadlines import Deadlines
 
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
@@ -86,10 +87,13 @@ async def execute(
     default_timeout: float | None = None,
     cancel: asyncio.Event | None = None,
     progress: ProgressSink | None = None,
+    deadlines: Deadlines | None = None,
 ) -> Completion:
     """Run the job's handler once; ``timeout`` and every exception become a failed attempt,
     ``RetryLater`` a deferral. ``cancel``: the event a cancel request sets (``ctx.cancelled``).
-    A cancellation of the calling task propagates (the caller decides what it meant)."""
+    ``deadlines``: the worker's, which arms the time limit only when it draws near (else it is
+    armed at once). A cancellation of the calling task propagates (the caller decides what it
+    meant)."""
     job_type = registry.find(job.type)
     if job_type is None:  # handed back for a while: see app/jobs/unknown_type.py
         message = f"unknown job type {job.type!r}"
@@ -105,7 +109,8 @@ async def execute(
         cancel_event=cancel if cancel is not None else asyncio.Event(),
         progress_sink=progress,
     )
-    deadline = asyncio.timeout(timeout_for(job, job_type, default_timeout))
+    limit = timeout_for(job, job_type, default_timeout)
+    deadline = asyncio.timeout(limit) if deadlines is None else deadlines.timeout(limit)
     try:
         payload = job_type.model.model_validate_json(job.payload)
         async with deadline:
@@ -120,6 +125,9 @@ async def execute(
         return deferred(job, worker, exc)
     except Exception as exc:
         return _failure(job, worker, exc, permanent=False)
+    finally:
+        if deadlines is not None:
+            deadlines.done(deadline)
     return Completion(job.id, job.token, result)
 
 

@@ -31,6 +31,7 @@ from workers import telemetry
 from workers.cancellation import report
 from workers.context import Attempt, Running, WorkerContext
 from workers.controls import Controls, Resender
+from workers.deadlines import Deadlines
 from workers.execution import cancelled, execute, outcome_of
 from workers.maintenance import Maintenance
 from workers.progress import ProgressWriter
@@ -81,10 +82,11 @@ class Reader:
         idle = ctx.settings.claim_idle_seconds
         self.autoclaim_every = max(0.2, min(idle / 2, 10.0))
         self._claims: set[asyncio.Future[notify.Announcement | None]] = set()
+        self.deadlines = Deadlines()  # the attempts' time limits, armed when they draw near
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         loops = [self._read_loop(q, p) for q, p in self.ctx.partitions]
-        return [*loops, self._autoclaim_loop(), self.resender.run()]
+        return [*loops, self._autoclaim_loop(), self.resender.run(), self.deadlines.run()]
 
     # -- source 1: new entries ----------------------------------------------------------------
 
@@ -363,6 +365,7 @@ class Reader:
                 default_timeout=self.ctx.settings.default_timeout_seconds,
                 cancel=entry.cancel,
                 progress=self.progress.sink(entry.attempt),
+                deadlines=self.deadlines,
             )
         except asyncio.CancelledError:
             self.progress.discard(entry.attempt)
@@ -370,9 +373,10 @@ class Reader:
                 raise  # shutdown: the attempt is handed back
             return cancelled(entry.job)
         self.progress.discard(entry.attempt)
-        task = asyncio.current_task()
-        if entry.cancel.is_set() and task is not None and task.cancelling():
-            return cancelled(entry.job)  # it caught the cancellation and returned
+        if entry.cancel.is_set():
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                return cancelled(entry.job)  # it caught the cancellation and returned
         return completion
 
     # -- handing back on shutdown ------------------------------------------------------------------
