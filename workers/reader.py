@@ -86,7 +86,7 @@ class Reader:
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         loops = [self._read_loop(q, p) for q, p in self.ctx.partitions]
-        return [*loops, self._autoclaim_loop(), self.resender.run(), self.deadlines.run()]
+        return [*loops, self._autoclaim_loop(), self.resender.run()]
 
     # -- source 1: new entries ----------------------------------------------------------------
 

@@ -88,8 +88,10 @@ class Worker:
         ]
         loops = [asyncio.create_task(c) for c in duties]
         reporter = asyncio.create_task(self.reporter.run())
-        # Until the hand-back is done: jobs finishing in the grace period keep their leases.
+        # Until the hand-back is done: jobs finishing in the grace period keep their leases,
+        # and their time limits (armed as they draw near) still fire.
         leases = [asyncio.create_task(c) for c in self.maintenance.lease_loops()]
+        leases.append(asyncio.create_task(self.reader.deadlines.run()))
         await ctx.stopping.wait()
         for task in loops:
             task.cancel()

@@ -94,6 +94,30 @@ async def test_sigterm_hands_back_jobs_that_outlive_the_grace_period(
         assert done["errors"] == []
 
 
+async def test_a_time_limit_inside_the_grace_period_still_fires(
+    client: httpx.AsyncClient, spawn: Spawner, queue: str, settings: Settings
+) -> None:
+    """Time limits are armed as they draw near (workers/deadlines.py), by a sweep that keeps
+    running through the grace period: a job whose limit falls inside it fails on time (a
+    counted attempt with a timeout error), not handed back when the grace ends."""
+    leaving = spawn.worker(
+        [queue],
+        concurrency=2,
+        name=f"limited-{queue}",
+        settings=settings.model_copy(update={"shutdown_grace_seconds": 8.0}),
+    )
+    body = {"type": "test.nap", "queue": queue, "payload": {"seconds": 20}, "timeout_seconds": 3}
+    job_id = str((await submit(client, body))["id"])
+    await _started(client, [job_id])
+    started = time.monotonic()
+    leaving.signal(signal.SIGTERM)
+    assert await _exit_code(leaving, timeout=30) == 0
+    assert time.monotonic() - started < 7  # the limit ended the drain, not the 8 s grace
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["attempts"] == 1 and job["status"] == "retrying", job
+    assert [e["error"] for e in job["errors"]] == ["timeout"]
+
+
 async def _all(client: httpx.AsyncClient, ids: list[str], status: str) -> bool:
     return all(s == status for s in await _statuses(client, ids))
 
