@@ -16,6 +16,7 @@ from uuid import UUID
 
 import httpx
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from app.settings import Settings
 from app.streams.keys import Keys
@@ -125,6 +126,15 @@ async def test_a_worker_short_of_room_keeps_reading_by_band(
     assert reads["band"] >= BACKLOG // 4, reads
 
 
+async def _subscribed(pubsub: PubSub) -> None:
+    """Until the server confirms the subscription (so no message sent after it is missed)."""
+    for _ in range(10):
+        message = await pubsub.get_message(timeout=1.0)
+        if message is not None and message["type"] == "subscribe":
+            return
+    raise AssertionError("the subscription was not confirmed in 10 s")
+
+
 async def _claim_heard(
     client: httpx.AsyncClient, redis: Redis, settings: Settings, body: dict[str, Any]
 ) -> bool:
@@ -133,8 +143,7 @@ async def _claim_heard(
     loop = asyncio.get_running_loop()
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(Keys(settings.redis_prefix).changes)
-        while (await pubsub.get_message(timeout=1.0) or {}).get("type") != "subscribe":
-            pass
+        await _subscribed(pubsub)
         job = UUID(str((await submit(client, body))["id"]))
         deadline = loop.time() + CLAIM_HEARD_SECONDS
         while (left := deadline - loop.time()) > 0:
