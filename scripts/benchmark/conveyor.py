@@ -224,20 +224,30 @@ class Conveyor:
         def body(due: float) -> bytes:
             return json.dumps({"type": "demo.echo", "queue": queue, "payload": {"t": due}}).encode()
 
-        sent = await load.open_loop("127.0.0.1", self.port, "/v1/jobs", body, rate, seconds)
-        accepted = sum(1 for s in sent if s.status == 202)
-        deadline = time.monotonic() + 10
-        while True:
-            jobs = await self.jobs(queue)
-            started = {
-                round(j["payload"]["t"], 6): _ts(j["started_at"])
-                for j in jobs
-                if j["started_at"] and "t" in j["payload"]
-            }
-            if len(started) >= accepted or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.5)
-        lat = [((started.get(round(s.scheduled, 6)) or INF) - s.scheduled) * 1000 for s in sent]
+        async def started(sent: list[load.Sent]) -> dict[float, float]:
+            """When each job of ``sent`` started, once all accepted ones have (or 10 s on)."""
+            wanted = {round(s.scheduled, 6) for s in sent if s.status == 202}
+            deadline = time.monotonic() + 10
+            while True:
+                times = {
+                    t: start
+                    for j in await self.jobs(queue)
+                    if j["started_at"]
+                    and "t" in j["payload"]
+                    and (t := round(j["payload"]["t"], 6)) in wanted
+                    and (start := _ts(j["started_at"]))
+                }
+                if len(times) >= len(wanted) or time.monotonic() > deadline:
+                    return times
+                await asyncio.sleep(0.5)
+
+        port, path = self.port, "/v1/jobs"
+        await started(
+            await load.open_loop("127.0.0.1", port, path, body, rate, load.WARMUP_SECONDS)
+        )
+        sent = await load.open_loop("127.0.0.1", port, path, body, rate, seconds)
+        times = await started(sent)
+        lat = [((times.get(round(s.scheduled, 6)) or INF) - s.scheduled) * 1000 for s in sent]
         return percentile(lat, 50), percentile(lat, 99), len(sent)
 
 

@@ -103,6 +103,9 @@ class Peer(ABC):
 
     async def latency(self, rate: float, seconds: float) -> tuple[float, float, int]:
         """Open-loop enqueue at ``rate`` against a running worker: p50, p99 (ms), jobs sent."""
+        ran = probe.read(self.probe_dir)[0]
+        warm = await load.open_loop_calls(self.enqueue_one, rate, load.WARMUP_SECONDS)
+        await self.wait_count(ran + warm, 10)
         before = probe.read(self.probe_dir)[0]
         sent = await load.open_loop_calls(self.enqueue_one, rate, seconds)
         _, _, _, lat = await self.wait_count(before + sent, 10)
