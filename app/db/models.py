@@ -56,9 +56,16 @@ def _status_is(status: JobStatus) -> str:
 
 ALL_SQL = _sql_in(set(JobStatus))
 TERMINAL_SQL = _sql_in(TERMINAL)
-# Rows that stay open for a while: everything but succeeded and cancelled (dead jobs are listed
-# in the DLQ). Queue stats and the open listings read only these.
-OPEN_SQL = f"status NOT IN {_sql_in({JobStatus.SUCCEEDED, JobStatus.CANCELLED})}"
+# A running row is in none of the listing indexes, only in ix_jobs_lease: a claim then writes
+# two index entries instead of eight (decision 0029). The listings and counts read the
+# running rows apart (few: one per attempt in progress) and merge them in.
+RUNNING_SQL = _status_is(JobStatus.RUNNING)
+NOT_RUNNING_SQL = f"status <> '{JobStatus.RUNNING.value}'"
+# Rows that stay open for a while, running aside: everything but succeeded and cancelled (dead
+# jobs are listed in the DLQ). Queue stats and the open listings read these.
+OPEN_NOT_RUNNING_SQL = (
+    f"status NOT IN {_sql_in({JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.RUNNING})}"
+)
 
 
 CALLBACK_STATUS_SQL = "('pending', 'delivered', 'failed')"
@@ -153,18 +160,42 @@ class JobRow(Base):
             unique=True,
             postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
-        # Listing, newest first, with optional filters.
-        Index("ix_jobs_created", text("created_at DESC"), text("id DESC")),
-        Index("ix_jobs_status_created", "status", text("created_at DESC"), text("id DESC")),
-        Index("ix_jobs_queue_created", "queue", text("created_at DESC"), text("id DESC")),
-        Index("ix_jobs_type_created", "type", text("created_at DESC"), text("id DESC")),
+        # Listing, newest first, with optional filters; running rows are listed from
+        # ix_jobs_lease (see RUNNING_SQL).
+        Index(
+            "ix_jobs_created",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text(NOT_RUNNING_SQL),
+        ),
+        Index(
+            "ix_jobs_status_created",
+            "status",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text(NOT_RUNNING_SQL),
+        ),
+        Index(
+            "ix_jobs_queue_created",
+            "queue",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text(NOT_RUNNING_SQL),
+        ),
+        Index(
+            "ix_jobs_type_created",
+            "type",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text(NOT_RUNNING_SQL),
+        ),
         # A producer's own listing (auth on): without it, a key with few jobs scans them all.
         Index(
             "ix_jobs_owner_created",
             "owner",
             text("created_at DESC"),
             text("id DESC"),
-            postgresql_where=text("owner IS NOT NULL"),
+            postgresql_where=text(f"owner IS NOT NULL AND {NOT_RUNNING_SQL}"),
         ),
         # Queue stats over the non-finished rows only: an index-only scan of an index that
         # B-tree deduplication keeps small (few distinct keys).
@@ -172,7 +203,7 @@ class JobRow(Base):
             "ix_jobs_open",
             "queue",
             "status",
-            postgresql_where=text(OPEN_SQL),
+            postgresql_where=text(OPEN_NOT_RUNNING_SQL),
         ),
         # Listing a queue's jobs in one open status ("dead in q"), in order, however rare.
         Index(
@@ -181,7 +212,7 @@ class JobRow(Base):
             "status",
             text("created_at DESC"),
             text("id DESC"),
-            postgresql_where=text(OPEN_SQL),
+            postgresql_where=text(OPEN_NOT_RUNNING_SQL),
         ),
         # Maintenance: promotion, re-dispatch, lease expiry. Each worker polls for its own
         # queues, so the queue leads: another queue's backlog is never walked.
@@ -206,10 +237,11 @@ class JobRow(Base):
             "id",
             postgresql_where=text(f"{_status_is(JobStatus.QUEUED)} AND dispatched_at IS NULL"),
         ),
+        # Lease expiry, and every read of the running rows (listings, counts, limits).
         Index(
             "ix_jobs_lease",
             "lease_expires_at",
-            postgresql_where=text(_status_is(JobStatus.RUNNING)),
+            postgresql_where=text(RUNNING_SQL),
         ),
         Index(
             "ix_jobs_dlq",

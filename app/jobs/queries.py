@@ -13,10 +13,18 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
-from sqlalchemy import Select, Text, and_, cast, func, or_, select, text, tuple_
+from sqlalchemy import Select, Text, and_, cast, func, or_, select, text, tuple_, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import OPEN_SQL, TERMINAL_SQL, JobEventRow, JobRow, WorkerRow
+from app.db.models import (
+    NOT_RUNNING_SQL,
+    OPEN_NOT_RUNNING_SQL,
+    RUNNING_SQL,
+    TERMINAL_SQL,
+    JobEventRow,
+    JobRow,
+    WorkerRow,
+)
 from app.errors import InvalidInput
 from app.jobs.status import JobStatus
 
@@ -84,15 +92,6 @@ def _apply(stmt: Select[_T], f: JobFilter) -> Select[_T]:
     return stmt.where(*conditions) if conditions else stmt
 
 
-def listing(f: JobFilter, limit: int, cursor: Cursor | None) -> Select[JobRow]:
-    """The listing query: a keyset scan of ``ix_jobs_created`` or of the ``ix_jobs_*_created``
-    index of a filter column, newest first (one row more than ``limit``, to know if more)."""
-    stmt = _apply(select(JobRow), f)
-    if cursor is not None:
-        stmt = stmt.where(tuple_(JobRow.created_at, JobRow.id) < (cursor.at, cursor.id))
-    return stmt.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
-
-
 # What a job adds to a page, about as it is sent: its JSON fields, plus the small ones.
 _ITEM_BYTES = (
     func.octet_length(cast(JobRow.payload, Text))
@@ -105,6 +104,39 @@ _ITEM_BYTES = (
     + func.coalesce(func.octet_length(JobRow.idempotency_key), 0)
     + 1024  # the fixed fields: ids, names, timestamps, counters and their keys
 )
+
+
+def listing(f: JobFilter, limit: int, cursor: Cursor | None) -> Select[Any]:
+    """The listing query: the ``id``, ``created_at`` and ``size`` of ``limit + 1`` jobs (one
+    more, to know if more follow), newest first.
+
+    The rows that are not running come from a keyset scan of ``ix_jobs_created`` or of the
+    ``ix_jobs_*_created`` index of a filter column; the running rows, which those indexes leave
+    out (decision 0029), from ``ix_jobs_lease``. Postgres merges the two in order. Each branch
+    states its status condition as a literal, so that the planner can match the partial
+    indexes whatever the filter's bound parameters are.
+    """
+    columns = (JobRow.id, JobRow.created_at, _ITEM_BYTES.label("size"))
+    order = (JobRow.created_at.desc(), JobRow.id.desc())
+    conditions = [NOT_RUNNING_SQL, RUNNING_SQL]
+    if f.status is not None:
+        conditions = [RUNNING_SQL if f.status is JobStatus.RUNNING else NOT_RUNNING_SQL]
+    branches: list[Select[Any]] = []
+    for condition in conditions:
+        stmt = _apply(select(*columns), f).where(text(condition))
+        if cursor is not None:
+            stmt = stmt.where(tuple_(JobRow.created_at, JobRow.id) < (cursor.at, cursor.id))
+        branches.append(stmt.order_by(*order).limit(limit + 1))
+    if len(branches) == 1:
+        return branches[0]
+    # Each branch ordered and limited on its own: Postgres merges them (a Merge Append), and
+    # the branch of the rows not running reads ``limit + 1`` index entries at any depth.
+    both = union_all(*branches).subquery("listed")
+    return (
+        select(both.c.id, both.c.created_at, both.c.size)
+        .order_by(both.c.created_at.desc(), both.c.id.desc())
+        .limit(limit + 1)
+    )
 
 
 async def _page(
@@ -143,9 +175,7 @@ async def list_jobs(
 ) -> tuple[list[JobRow], Cursor | None]:
     """Newest first; the cursor is the (created_at, id) of the last row returned. A page ends
     early when the next row would take its items past ``max_bytes``."""
-    candidates = listing(f, limit, cursor).with_only_columns(
-        JobRow.id, JobRow.created_at, _ITEM_BYTES.label("size")
-    )
+    candidates = listing(f, limit, cursor)
     rows, more = await _page(session, candidates, [JobRow.created_at], limit, max_bytes)
     return rows, (Cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
@@ -222,14 +252,18 @@ async def settled_among(session: AsyncSession, ids: Sequence[UUID]) -> set[UUID]
     return set((await session.scalars(_SETTLED, {"ids": list(ids)})).all())
 
 
-# Each WHERE clause is the predicate of a partial index (``ix_jobs_open``, and
-# ``ix_jobs_dlq_removed`` for the dead jobs taken out of the DLQ), so the counts come from
-# index-only scans of the unfinished (and dead) rows, never from the whole table.
+# Each WHERE clause is the predicate of a partial index (``ix_jobs_open``; ``ix_jobs_lease``
+# for the running rows, which ix_jobs_open leaves out; ``ix_jobs_dlq_removed`` for the dead
+# jobs taken out of the DLQ), so the counts come from scans of the unfinished (and dead) rows,
+# never from the whole table.
 QUEUE_COUNTS = " ".join(
     (
         "SELECT queue, status, count(*) AS n FROM jobs WHERE",
-        OPEN_SQL,
+        OPEN_NOT_RUNNING_SQL,
         "GROUP BY queue, status",
+        "UNION ALL SELECT queue, 'running', count(*) FROM jobs WHERE",
+        RUNNING_SQL,
+        "GROUP BY queue",
         "UNION ALL SELECT queue, 'dlq_removed', count(*) FROM jobs",
         "WHERE status = 'dead' AND dlq_removed_at IS NOT NULL GROUP BY queue",
     )

@@ -106,6 +106,7 @@ def wrk_post(url: str, body: Mapping[str, object], seconds: float, connections: 
 class Sent:
     scheduled: float  # wall-clock time the request was due (also carried in the body)
     status: int  # 0 when the connection failed or the run ended first
+    written: float = 0.0  # when its bytes went to the socket: written - scheduled is our lag
 
 
 class _Pool:
@@ -139,10 +140,12 @@ class _Pool:
             self.idle.get_nowait()[1].close()
 
 
-async def _post(pool: _Pool, path: str, body: bytes) -> int:
+async def _post(pool: _Pool, path: str, body: bytes, sent: Sent | None = None) -> int:
     conn = await pool.acquire()
     reader, writer = conn
     try:
+        if sent is not None:
+            sent.written = time.time()
         writer.write(
             f"POST {path} HTTP/1.1\r\nHost: {pool.host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -186,7 +189,7 @@ async def open_loop(
     async def one(due: float) -> None:
         s = Sent(due, 0)
         sent.append(s)
-        s.status = await _post(pool, path, body(due))
+        s.status = await _post(pool, path, body(due), s)
 
     tasks: list[asyncio.Task[None]] = []
     with steady_heap():
