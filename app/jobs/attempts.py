@@ -84,6 +84,13 @@ class Dead:
     errors: str  # the error history as JSON text
 
 
+# Statements about attempts named by id guard with "j.status || '' = 'running'", the same
+# test as "j.status = 'running'" that no partial index matches: it keeps the planner on the
+# primary key. Otherwise a generic plan may drive the join from ix_jobs_lease (the running
+# rows, estimated at a row or so) and test every running row against every id given: 250,000
+# comparisons, 53 ms, for a batch of 500 completions (decision 0029).
+
+
 def _backoff(sql: str, first: int) -> str:
     return sql.replace("$RBASE", f"${first}").replace("$RMAX", f"${first + 1}")
 
@@ -161,7 +168,7 @@ WITH v AS (
             ELSE now() + make_interval(secs => {_BACKOFF}) END,
         finished_at = CASE WHEN {_ENDS} THEN now() END,
         worker = NULL, lease_expires_at = NULL
-    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status || '' = 'running'
         AND j.worker = $6 AND (NOT v.cancelled OR j.cancel_requested_at IS NOT NULL)
     RETURNING j.id, j.status, j.attempts, j.type, j.queue,
         CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors,
@@ -191,7 +198,7 @@ WITH v AS (
 ), done AS (
     UPDATE jobs j SET status = 'succeeded', result = v.result::jsonb, next_attempt_at = NULL,
         finished_at = now(), worker = NULL, lease_expires_at = NULL
-    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status || '' = 'running'
         AND j.worker = $4
     RETURNING j.id, j.attempts, extract(epoch FROM now() - j.created_at)::float8 AS age
 ), ev AS (
@@ -261,7 +268,7 @@ WITH v AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS v(id, token)
 ), mine AS (
     SELECT j.id FROM jobs j JOIN v ON j.id = v.id AND j.claim_token = v.token
-    WHERE j.status = 'running' AND j.worker = $3
+    WHERE j.status || '' = 'running' AND j.worker = $3
     ORDER BY j.id FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => $4)
@@ -301,7 +308,7 @@ WITH v AS (
     -- SKIP LOCKED, in id order: a row being completed or reclaimed right now is skipped
     -- (its progress no longer matters), and two statements never wait on each other.
     SELECT j.id, v.progress FROM jobs j JOIN v ON j.id = v.id AND j.claim_token = v.token
-    WHERE j.status = 'running' AND j.worker = $4
+    WHERE j.status || '' = 'running' AND j.worker = $4
     ORDER BY j.id FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE jobs j SET progress = mine.progress::jsonb
@@ -337,7 +344,7 @@ WITH v AS (
         started_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE j.started_at END,
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
         enqueued_at = now(), dispatched_at = NULL
-    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status || '' = 'running'
         AND j.worker = $3
     RETURNING j.id, j.queue, j.priority, j.attempts, j.status, j.cancel_requested_by
 ), ev AS (

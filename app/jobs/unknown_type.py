@@ -52,7 +52,7 @@ WITH v AS (
         finished_at = CASE WHEN {_ENDS} THEN now() END,
         started_at = CASE WHEN {_ENDS} THEN j.started_at END,
         worker = NULL, lease_expires_at = NULL
-    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = 'running'
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status || '' = 'running'
         AND j.worker = $4
     RETURNING j.id, j.status, j.attempts, j.type, j.queue, j.next_attempt_at,
         CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors, j.cancel_requested_by
