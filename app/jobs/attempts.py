@@ -84,11 +84,14 @@ class Dead:
     errors: str  # the error history as JSON text
 
 
-# Statements about attempts named by id guard with "j.status || '' = 'running'", the same
-# test as "j.status = 'running'" that no partial index matches: it keeps the planner on the
-# primary key. Otherwise a generic plan may drive the join from ix_jobs_lease (the running
-# rows, estimated at a row or so) and test every running row against every id given: 250,000
-# comparisons, 53 ms, for a batch of 500 completions (decision 0029).
+# Statements about attempts named by id join them from ``v``, a materialized CTE that also
+# carries the guard's values (``held``: 'running'; ``holder``: the worker). As join clauses,
+# "j.status = v.held AND j.worker = v.holder" are the fencing guard all the same, but the
+# planner neither matches them to ix_jobs_lease nor lets them shrink its estimate of the jobs
+# side. With "j.status = 'running'" written out, a plan could start from the running rows
+# (estimated at a row when the statistics were taken on a quiet table) and test each against
+# every row of v: 250,000 comparisons, 53 ms, for 500 completions (decision 0029). Now the
+# rows are found by primary key from v, or by a hash join.
 
 
 def _backoff(sql: str, first: int) -> str:
@@ -148,10 +151,10 @@ _OVER_BUDGET = (
 
 _COMPLETE = _backoff(
     f"""
-WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bool[],
-                         $9::bool[], $10::float8[])
-        AS v(id, token, result, error, permanent, cancelled, defer)
+WITH v AS MATERIALIZED (
+    SELECT *, 'running'::text AS held, $6::text AS holder
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bool[], $9::bool[],
+                $10::float8[]) AS v(id, token, result, error, permanent, cancelled, defer)
 ), done AS (
     UPDATE jobs j SET
         status = CASE WHEN {_CANCELS} THEN 'cancelled'
@@ -168,8 +171,8 @@ WITH v AS (
             ELSE now() + make_interval(secs => {_BACKOFF}) END,
         finished_at = CASE WHEN {_ENDS} THEN now() END,
         worker = NULL, lease_expires_at = NULL
-    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status || '' = 'running'
-        AND j.worker = $6 AND (NOT v.cancelled OR j.cancel_requested_at IS NOT NULL)
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = v.held
+        AND j.worker = v.holder AND (NOT v.cancelled OR j.cancel_requested_at IS NOT NULL)
     RETURNING j.id, j.status, j.attempts, j.type, j.queue,
         CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors,
         (j.status = 'retrying' AND v.defer IS NOT NULL AND j.deferrals <= $11::int) AS deferred,
@@ -193,13 +196,14 @@ SELECT id, status, attempts, type, queue, errors, age FROM done
 # _COMPLETE's success branch, without evaluating its other outcomes per row (11% less time
 # per completion in batches of 500; docs/performance.md, tenth stop).
 _SUCCEED = """
-WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, result)
+WITH v AS MATERIALIZED (
+    SELECT *, 'running'::text AS held, $4::text AS holder
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, result)
 ), done AS (
     UPDATE jobs j SET status = 'succeeded', result = v.result::jsonb, next_attempt_at = NULL,
         finished_at = now(), worker = NULL, lease_expires_at = NULL
-    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status || '' = 'running'
-        AND j.worker = $4
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = v.held
+        AND j.worker = v.holder
     RETURNING j.id, j.attempts, extract(epoch FROM now() - j.created_at)::float8 AS age
 ), ev AS (
     INSERT INTO job_events (job_id, event, attempt, worker)
@@ -264,11 +268,12 @@ async def complete_many(
 
 
 _HEARTBEAT = """
-WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS v(id, token)
+WITH v AS MATERIALIZED (
+    SELECT *, 'running'::text AS held, $3::text AS holder
+    FROM unnest($1::uuid[], $2::bigint[]) AS v(id, token)
 ), mine AS (
     SELECT j.id FROM jobs j JOIN v ON j.id = v.id AND j.claim_token = v.token
-    WHERE j.status || '' = 'running' AND j.worker = $3
+    WHERE j.status = v.held AND j.worker = v.holder
     ORDER BY j.id FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE jobs j SET lease_expires_at = now() + make_interval(secs => $4)
@@ -302,13 +307,14 @@ async def extend_leases(
 
 
 _PROGRESS = """
-WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, progress)
+WITH v AS MATERIALIZED (
+    SELECT *, 'running'::text AS held, $4::text AS holder
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, progress)
 ), mine AS (
     -- SKIP LOCKED, in id order: a row being completed or reclaimed right now is skipped
     -- (its progress no longer matters), and two statements never wait on each other.
     SELECT j.id, v.progress FROM jobs j JOIN v ON j.id = v.id AND j.claim_token = v.token
-    WHERE j.status || '' = 'running' AND j.worker = $4
+    WHERE j.status = v.held AND j.worker = v.holder
     ORDER BY j.id FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE jobs j SET progress = mine.progress::jsonb
@@ -335,8 +341,9 @@ async def write_progress(
 
 
 _RELEASE = """
-WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS v(id, token)
+WITH v AS MATERIALIZED (
+    SELECT *, 'running'::text AS held, $3::text AS holder
+    FROM unnest($1::uuid[], $2::bigint[]) AS v(id, token)
 ), released AS (
     UPDATE jobs j SET
         status = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
@@ -344,8 +351,8 @@ WITH v AS (
         started_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE j.started_at END,
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
         enqueued_at = now(), dispatched_at = NULL
-    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status || '' = 'running'
-        AND j.worker = $3
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = v.held
+        AND j.worker = v.holder
     RETURNING j.id, j.queue, j.priority, j.attempts, j.status, j.cancel_requested_by
 ), ev AS (
     INSERT INTO job_events (job_id, event, attempt, worker, actor)

@@ -38,8 +38,9 @@ _DELAY = (
 _CANCEL = "(j.cancel_requested_at IS NOT NULL)"  # asked to cancel: never handed back
 _ENDS = f"({_CANCEL} OR {_EXPIRED})"
 _HAND_BACK = f"""
-WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, error)
+WITH v AS MATERIALIZED (
+    SELECT *, 'running'::text AS held, $4::text AS holder
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS v(id, token, error)
 ), moved AS (
     UPDATE jobs j SET
         status = CASE WHEN {_CANCEL} THEN 'cancelled' WHEN {_EXPIRED} THEN 'dead'
@@ -52,8 +53,8 @@ WITH v AS (
         finished_at = CASE WHEN {_ENDS} THEN now() END,
         started_at = CASE WHEN {_ENDS} THEN j.started_at END,
         worker = NULL, lease_expires_at = NULL
-    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status || '' = 'running'
-        AND j.worker = $4
+    FROM v WHERE j.id = v.id AND j.claim_token = v.token AND j.status = v.held
+        AND j.worker = v.holder
     RETURNING j.id, j.status, j.attempts, j.type, j.queue, j.next_attempt_at,
         CASE WHEN j.status = 'dead' THEN j.errors::text END AS errors, j.cancel_requested_by
 ), ev AS (
