@@ -37,25 +37,46 @@ def plan_db(backends: Backends) -> Iterator[str]:
         yield url
 
 
+async def _queued_table(plan_db: str) -> tuple[asyncpg.Connection, list[UUID]]:
+    """A connection, and 20,000 queued jobs with the statistics taken now."""
+    conn = await asyncpg.connect(asyncpg_dsn(plan_db))
+    await conn.execute("TRUNCATE jobs, job_events")
+    ids = [new_job_id() for _ in range(ROWS)]
+    await conn.execute(
+        "INSERT INTO jobs (id, type, queue, status, payload, enqueued_at, dispatched_at)"
+        " SELECT i, 'demo.echo', 'plans', 'queued', '{}', now(), now()"
+        " FROM unnest($1::uuid[]) i",
+        ids,
+    )
+    await conn.execute("VACUUM ANALYZE jobs")
+    return conn, ids
+
+
 @pytest.fixture
 async def running(plan_db: str) -> AsyncIterator[tuple[asyncpg.Connection, list[attempts.Claim]]]:
     """A connection and 500 attempts running, with statistics taken before any ran."""
-    conn = await asyncpg.connect(asyncpg_dsn(plan_db))
+    conn, ids = await _queued_table(plan_db)
     try:
-        await conn.execute("TRUNCATE jobs, job_events")
-        ids = [new_job_id() for _ in range(ROWS)]
-        await conn.execute(
-            "INSERT INTO jobs (id, type, queue, status, payload, enqueued_at, dispatched_at)"
-            " SELECT i, 'demo.echo', 'plans', 'queued', '{}', now(), now()"
-            " FROM unnest($1::uuid[]) i",
-            ids,
-        )
-        await conn.execute("VACUUM ANALYZE jobs")
         claims = await attempts.claim_many(conn, ids[:BATCH], WORKER, 60)
         assert len(claims) == BATCH
         yield conn, claims
     finally:
         await conn.close()
+
+
+async def _explain(conn: asyncpg.Connection, sql: str, types: str, values: list[Any]) -> str:
+    """EXPLAIN ANALYZE of ``sql`` prepared with ``types`` and run with ``values``, under the
+    connection's plan_cache_mode; what it wrote is rolled back."""
+    literals = ", ".join(_literal(v) for v in values)
+    await conn.execute(f"PREPARE s({types}) AS {sql}")
+    writes = conn.transaction()
+    await writes.start()
+    try:
+        rows = await conn.fetch(f"EXPLAIN (ANALYZE) EXECUTE s({literals})")
+    finally:
+        await writes.rollback()
+        await conn.execute("DEALLOCATE s")
+    return "\n".join(r[0] for r in rows)
 
 
 def _ids(c: Sequence[attempts.Claim]) -> list[UUID]:
@@ -147,17 +168,22 @@ async def test_a_batch_finds_its_rows_by_id_whatever_the_statistics_say(
 ) -> None:
     conn, claims = running
     sql, types, args = STATEMENTS[name]
-    values = args(claims)
-    literals = ", ".join(_literal(v) for v in values)
     await conn.execute(f"SET plan_cache_mode = {mode}")
-    await conn.execute(f"PREPARE s({types}) AS {sql}")
-    writes = conn.transaction()  # EXPLAIN ANALYZE runs the statement: its writes roll back
-    await writes.start()
-    try:
-        rows = await conn.fetch(f"EXPLAIN (ANALYZE) EXECUTE s({literals})")
-    finally:
-        await writes.rollback()
-        await conn.execute("DEALLOCATE s")
-    plan = "\n".join(r[0] for r in rows)
+    plan = await _explain(conn, sql, types, args(claims))
     assert "ix_jobs_lease" not in plan, plan
+    assert _join_filter_removed(plan) < 10 * BATCH, plan
+
+
+@pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_claim_finds_its_rows_by_id(plan_db: str, mode: str) -> None:
+    """The claim, on the same table: 500 of 20,000 queued jobs, each found once."""
+    conn, ids = await _queued_table(plan_db)
+    try:
+        await conn.execute(f"SET plan_cache_mode = {mode}")
+        plan = await _explain(
+            conn, attempts._CLAIM, "uuid[], text, float8", [ids[:BATCH], WORKER, 60.0]
+        )
+    finally:
+        await conn.close()
+    assert "rows=500 " in plan, plan  # the claim's CTE returned every job asked for
     assert _join_filter_removed(plan) < 10 * BATCH, plan
