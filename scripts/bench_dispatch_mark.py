@@ -29,10 +29,11 @@ import uuid
 from pathlib import Path
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from benchmark import infra
 
 from app.db.migrate import upgrade
 from app.jobs.ids import new_job_id
@@ -61,9 +62,8 @@ CONFIRM = (
 )
 
 
-def _dsn(url: str, database: str) -> str:
-    u = make_url(url).set(drivername="postgresql", database=database)
-    return u.render_as_string(hide_password=False)
+def _dsn(server: str, database: str) -> str:
+    return infra.dsn(infra.with_database(server, database))
 
 
 async def _apart(dsn: str) -> None:
@@ -114,12 +114,10 @@ async def main() -> None:
     )
     tag = uuid.uuid4().hex[:8]
     variants = {"as shipped": f"bench_mark_a_{tag}", "undispatched apart": f"bench_mark_b_{tag}"}
-    admin = await asyncpg.connect(_dsn(server, make_url(server).database or "postgres"))
     try:
         for name in variants.values():
-            await admin.execute(f'CREATE DATABASE "{name}"')
-            url = make_url(server).set(database=name).render_as_string(hide_password=False)
-            await asyncio.to_thread(upgrade, url)
+            await infra.create_database(server, name)
+            await asyncio.to_thread(upgrade, infra.with_database(server, name))
         await _apart(_dsn(server, variants["undispatched apart"]))
         rates: dict[str, list[tuple[float, float, float]]] = {label: [] for label in variants}
         for _ in range(args.repeat):
@@ -135,8 +133,7 @@ async def main() -> None:
             )
     finally:
         for name in variants.values():
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+            await infra.drop_database(server, name)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 _WRK_SCRIPT = """
@@ -168,6 +169,21 @@ async def _post(pool: _Pool, path: str, body: bytes, sent: Sent | None = None) -
     return status
 
 
+async def _paced(
+    one: Callable[[float], Coroutine[Any, Any, None]], rate: float, seconds: float
+) -> list[asyncio.Task[None]]:
+    """Start ``one(due)`` at each due time, ``rate`` per second for ``seconds``, whatever the
+    earlier ones take (open loop); the tasks, still running."""
+    tasks: list[asyncio.Task[None]] = []
+    start = time.time() + 0.05
+    for i in range(max(1, int(rate * seconds))):
+        due = start + i / rate
+        if (delay := due - time.time()) > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(due)))
+    return tasks
+
+
 async def open_loop(
     host: str,
     port: int,
@@ -191,14 +207,8 @@ async def open_loop(
         sent.append(s)
         s.status = await _post(pool, path, body(due), s)
 
-    tasks: list[asyncio.Task[None]] = []
     with steady_heap():
-        start = time.time() + 0.05
-        for i in range(max(1, int(rate * seconds))):
-            due = start + i / rate
-            if (delay := due - time.time()) > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(due)))
+        tasks = await _paced(one, rate, seconds)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), grace)
     for t in tasks:
@@ -218,14 +228,8 @@ async def open_loop_calls(
         async with gate:
             await call(due)
 
-    tasks = []
     with steady_heap():
-        start = time.time() + 0.05
-        for i in range(max(1, int(rate * seconds))):
-            due = start + i / rate
-            if (delay := due - time.time()) > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(due)))
+        tasks = await _paced(one, rate, seconds)
         await asyncio.gather(*tasks)
     return len(tasks)
 
